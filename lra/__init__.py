@@ -1,0 +1,1 @@
+"""Long Range Arena: data pipelines, models and training-loop pieces built on `topk`."""
