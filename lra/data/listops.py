@@ -1,0 +1,121 @@
+"""ListOps: `listops-1000/basic_{train,val,test}.tsv` of the LRA release, with a fixed vocabulary.
+
+Each row is `Source<TAB>Target`, e.g. `( ( ( ( [MAX 2 ) 9 ) 4 ) ] )<TAB>9`; a `Source<TAB>Target`
+header line is optional. Parentheses only encode the generator's binary nesting and are dropped,
+as in LRA. Unlike LRA, whose token ids followed Python set order and so changed between
+processes (lra.md §7.4), the ids here are fixed by `TOKENS`.
+"""
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from lra.data.pipeline import Split, fit_length
+
+# Token id = index + 1; id 0 is padding. Never reorder: saved models depend on these ids.
+TOKENS = ('[MIN', '[MAX', '[MED', '[SM', ']', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
+VOCAB_SIZE = len(TOKENS) + 1
+NUM_CLASSES = 10
+MAX_LENGTH = 2000
+DIRNAME = 'listops-1000'
+FILES = {'train': 'basic_train.tsv', 'validation': 'basic_val.tsv', 'test': 'basic_test.tsv'}
+
+# Parsing maps every operator to one letter so that each token is one byte, and then tokenises a
+# row with numpy (ListOps train has ~10^8 tokens): bytes between separators must be single tokens.
+_OPERATOR_BYTES = {b'[MIN': b'a', b'[MAX': b'b', b'[MED': b'c', b'[SM': b'd'}
+_ID_OF_BYTE = np.full(256, -1, np.int16)
+_ID_OF_BYTE[[_OPERATOR_BYTES.get(t.encode(), t.encode())[0] for t in TOKENS]] = np.arange(
+    1, len(TOKENS) + 1)
+_IS_SEPARATOR = np.zeros(256, bool)
+_IS_SEPARATOR[list(b'() \t\n\r\x0b\x0c')] = True
+
+
+def encode(source: str) -> np.ndarray | None:
+  """Token ids uint8 [n] of one ListOps expression, or None if it has an unknown token."""
+  data = source.encode('utf-8')
+  if any(letter in data for letter in _OPERATOR_BYTES.values()):
+    return None
+  for operator, letter in _OPERATOR_BYTES.items():
+    data = data.replace(operator, letter)
+  data = np.frombuffer(data, np.uint8)
+  separator = np.concatenate([[True], _IS_SEPARATOR[data]])
+  num_tokens = np.count_nonzero(separator[:-1] & ~separator[1:])
+  ids = _ID_OF_BYTE[data[~separator[1:]]]
+  if len(ids) != num_tokens or (ids < 0).any():
+    return None
+  return ids.astype(np.uint8)
+
+
+def read_tsv(path: str, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Reads one ListOps TSV file.
+
+  Args:
+    path: TSV file with `Source` and `Target` columns and an optional header line.
+    max_length: sequences are truncated to this many tokens.
+
+  Returns:
+    (tokens uint8 [total], offsets int64 [n + 1], targets int32 [n]); example i has token ids
+    tokens[offsets[i]:offsets[i + 1]].
+  """
+  sequences, targets = [], []
+  with open(path, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, start=1):
+      line = line.rstrip('\r\n')
+      if line_number == 1 and line.split('\t') == ['Source', 'Target']:
+        continue
+      if not line.strip():
+        continue
+      columns = line.split('\t')
+      if len(columns) != 2:
+        raise ValueError(f'{path}, line {line_number}: expected 2 tab-separated columns '
+                         f'(Source, Target), got {len(columns)}')
+      target = _parse_label(columns[1], path, line_number)
+      ids = encode(columns[0])
+      if ids is None or not len(ids):
+        raise ValueError(f'{path}, line {line_number}: Source must be a non-empty sequence of '
+                         f'the tokens {" ".join(TOKENS)} and parentheses')
+      sequences.append(ids[:max_length])
+      targets.append(target)
+  if not targets:
+    raise ValueError(f'{path} contains no examples')
+  offsets = np.zeros(len(sequences) + 1, np.int64)
+  np.cumsum([len(s) for s in sequences], out=offsets[1:])
+  return np.concatenate(sequences), offsets, np.asarray(targets, np.int32)
+
+
+def _parse_label(text: str, path: str, line_number: int) -> int:
+  try:
+    target = int(text)
+  except ValueError:
+    target = -1
+  if not 0 <= target < NUM_CLASSES:
+    raise ValueError(f'{path}, line {line_number}: Target must be an integer in '
+                     f'[0, {NUM_CLASSES}), got {text!r}')
+  return target
+
+
+def build_splits(root: str, max_length: int) -> dict[str, Split]:
+  """Splits of ListOps read from `<root>/listops-1000/`; see module docstring."""
+  splits = {}
+  for name, filename in FILES.items():
+    path = os.path.join(root, DIRNAME, filename)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f'ListOps file not found: {path}. Download and unpack the LRA release '
+          '(https://storage.googleapis.com/long-range-arena/lra_release.gz) and pass its '
+          'lra_release folder as data_dir, or generate a data set with '
+          f'`python -m lra.data.listops_gen --output_dir={root}`.')
+    splits[name] = _split(*read_tsv(path, max_length), max_length)
+  return splits
+
+
+def _split(tokens: np.ndarray, offsets: np.ndarray, targets: np.ndarray,
+           max_length: int) -> Split:
+  tokens, offsets, targets = (tf.constant(a) for a in (tokens, offsets, targets))
+
+  def decode(index: tf.Tensor) -> dict[str, tf.Tensor]:
+    ids = tokens[offsets[index]:offsets[index + 1]]
+    return {'inputs': fit_length(ids, max_length), 'targets': targets[index]}
+
+  num_examples = int(targets.shape[0])
+  return Split(tf.data.Dataset.range(num_examples), decode, shuffle_buffer=num_examples)

@@ -1,0 +1,321 @@
+"""Tests of lra.data: registry, pipelines (ListOps, retrieval, Pathfinder, TFDS tasks)."""
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from lra.data import TASK_NAMES, TaskInfo, get_task, listops, task_info
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LISTOPS_HEADER = 'Source\tTarget\n'
+LISTOPS_ROWS = ['( ( ( ( [MAX 2 ) 9 ) 4 ) ] )\t9', '( ( ( [SM 3 ) 8 ) ] )\t1',
+                '( ( ( [MIN ( ( ( [MED 1 ) 5 ) ] ) ) 7 ) ] )\t3', '6\t6',
+                '( ( ( ( [MED 0 ) 2 ) 4 ) ] )\t2']
+
+
+def write(path, text: str) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+  return str(path)
+
+
+def listops_dir(root, train_rows=LISTOPS_ROWS * 4, header=True):
+  head = LISTOPS_HEADER if header else ''
+  for name, rows in (('train', train_rows), ('val', LISTOPS_ROWS), ('test', LISTOPS_ROWS[:3])):
+    write(os.path.join(root, 'listops-1000', f'basic_{name}.tsv'), head + '\n'.join(rows) + '\n')
+  return str(root)
+
+
+def batches(dataset, n=None):
+  iterator = dataset.as_numpy_iterator()
+  return list(iterator) if n is None else [next(iterator) for _ in range(n)]
+
+
+def ids(*tokens):
+  return [listops.TOKENS.index(t) + 1 for t in tokens]
+
+
+# ---------------------------------------------------------------- registry
+
+def test_task_info_defaults():
+  assert TASK_NAMES == ('listops', 'text', 'retrieval', 'image', 'pathfinder32', 'pathfinder64',
+                        'pathfinder128', 'pathfinder256', 'pathx')
+  assert task_info('listops') == TaskInfo('listops', 16, 10, 2000, False)
+  assert task_info('text') == TaskInfo('text', 257, 2, 1000, False)
+  assert task_info('retrieval') == TaskInfo('retrieval', 257, 2, 4000, True)
+  assert task_info('image') == TaskInfo('image', 256, 10, 1024, False)
+  assert task_info('pathfinder64', difficulty='easy') == TaskInfo('pathfinder64', 256, 2, 4096)
+  assert task_info('pathx').max_length == 128 * 128
+  assert task_info('text', max_length=4000).max_length == 4000
+
+
+@pytest.mark.parametrize('call, match', [
+    (lambda: task_info('cifar'), 'listops, text, retrieval, image, pathfinder32'),
+    (lambda: task_info('listops', difficulty='hard'), "Unknown task_options.*'difficulty'"),
+    (lambda: task_info('pathfinder32', difficulty='medium'), "'easy', 'intermediate', 'hard'"),
+    (lambda: task_info('pathfinder32', foo=1), r"\['foo'\].*\['difficulty'\]"),
+    (lambda: task_info('text', max_length=0), 'max_length must be positive'),
+])
+def test_task_info_rejects_bad_arguments(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_get_task_rejects_missing_data_dir(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nowhere'):
+    get_task('listops', str(tmp_path / 'nowhere'), batch_size=2)
+
+
+# ---------------------------------------------------------------- ListOps
+
+def test_listops_batches(tmp_path):
+  task = get_task('listops', listops_dir(tmp_path), batch_size=3, eval_batch_size=2)
+  assert task.info == task_info('listops')
+  batch = batches(task.train(), 1)[0]
+  assert batch['inputs'].shape == (3, 2000) and batch['inputs'].dtype == np.int32
+  assert batch['targets'].shape == (3,) and batch['targets'].dtype == np.int32
+  validation = batches(task.validation())
+  assert [len(b['targets']) for b in validation] == [2, 2, 1]
+  first = validation[0]['inputs'][0]
+  np.testing.assert_array_equal(first[:6], ids('[MAX', '2', '9', '4', ']') + [0])
+  assert not first[5:].any()
+  assert [b['targets'].tolist() for b in validation] == [[9, 1], [3, 6], [2]]
+  assert sum(len(b['targets']) for b in batches(task.test())) == 3
+
+
+def test_listops_without_header_and_truncation(tmp_path):
+  task = get_task('listops', listops_dir(tmp_path, header=False), batch_size=2, max_length=3)
+  inputs = np.concatenate([b['inputs'] for b in batches(task.validation())])
+  np.testing.assert_array_equal(inputs[0], ids('[MAX', '2', '9'))
+  np.testing.assert_array_equal(inputs[3], ids('6') + [0, 0])
+  assert inputs.shape == (5, 3)
+
+
+def test_listops_accepts_folder_containing_lra_release(tmp_path):
+  listops_dir(tmp_path / 'lra_release')
+  task = get_task('listops', str(tmp_path), batch_size=2)
+  assert sum(len(b['targets']) for b in batches(task.validation())) == 5
+
+
+def test_train_shuffle_is_seeded_and_reshuffles_each_epoch(tmp_path):
+  rows = [f'( ( [SM {i % 10} ) ] )\t{i % 10}' for i in range(10)]
+  root = listops_dir(tmp_path, train_rows=rows)
+  make = lambda seed: get_task('listops', root, batch_size=5, max_length=4, seed=seed).train()
+  first = [b['inputs'][:, 1].tolist() for b in batches(make(0), 6)]
+  assert first == [b['inputs'][:, 1].tolist() for b in batches(make(0), 6)]
+  assert first != [b['inputs'][:, 1].tolist() for b in batches(make(1), 6)]
+  epochs = [sorted(first[i] + first[i + 1]) for i in (0, 2, 4)]
+  assert all(epoch == sorted(ids(*map(str, range(10)))) for epoch in epochs)
+  assert first[0] + first[1] != first[2] + first[3]  # a new order each epoch
+
+
+def test_train_skip_batches_continues_the_same_stream(tmp_path):
+  task = get_task('listops', listops_dir(tmp_path), batch_size=3, seed=7)
+  full = batches(task.train(), 12)
+  resumed = batches(task.train(skip_batches=9), 3)
+  for expected, got in zip(full[9:], resumed, strict=True):
+    np.testing.assert_array_equal(expected['inputs'], got['inputs'])
+    np.testing.assert_array_equal(expected['targets'], got['targets'])
+  with pytest.raises(ValueError, match='skip_batches'):
+    task.train(-1)
+
+
+def test_listops_missing_file_names_path_and_generator(tmp_path):
+  with pytest.raises(FileNotFoundError) as error:
+    get_task('listops', str(tmp_path), batch_size=2)
+  message = str(error.value)
+  assert os.path.join(str(tmp_path), 'listops-1000', 'basic_train.tsv') in message
+  assert 'python -m lra.data.listops_gen' in message and 'lra_release.gz' in message
+
+
+@pytest.mark.parametrize('row, match', [
+    ('( [MAX 2 ] )\t3\textra', 'line 3: expected 2 tab-separated columns'),
+    ('( [MAX 2 ] )\tnine', "line 3: Target must be an integer in \\[0, 10\\), got 'nine'"),
+    ('( [MAX 2 ] )\t10', 'line 3: Target must be'),
+    ('( [MAX 23 ] )\t2', 'line 3: Source must be'),
+    ('( [MAX a ] )\t2', 'line 3: Source must be'),
+])
+def test_listops_malformed_rows(tmp_path, row, match):
+  root = listops_dir(tmp_path, train_rows=LISTOPS_ROWS[:1] + [row])
+  with pytest.raises(ValueError, match=match) as error:
+    get_task('listops', root, batch_size=2)
+  assert 'basic_train.tsv' in str(error.value)
+
+
+def test_listops_empty_split_is_an_error(tmp_path):
+  root = listops_dir(tmp_path)
+  write(os.path.join(root, 'listops-1000', 'basic_test.tsv'), LISTOPS_HEADER)
+  with pytest.raises(ValueError, match='basic_test.tsv contains no examples'):
+    get_task('listops', root, batch_size=2)
+
+
+def test_vocabulary_and_train_stream_are_the_same_in_a_new_process(tmp_path):
+  expression = '( ( ( [MIN 0 ) ( ( [MED 1 2 ) ] ) ) [SM 3 4 5 6 7 8 9 [MAX ] )'
+  expected = [1, 6, 3, 7, 8, 5, 4, 9, 10, 11, 12, 13, 14, 15, 2, 5]
+  assert listops.encode(expression).tolist() == expected
+  root = listops_dir(tmp_path)
+  stream = lambda task: [b['inputs'][:, 0].tolist() for b in batches(task.train(2), 4)]
+  script = ('from lra.data import get_task, listops\n'
+            f'print(listops.encode({expression!r}).tolist())\n'
+            f'task = get_task("listops", {root!r}, batch_size=3, seed=3)\n'
+            'print([b["inputs"][:, 0].tolist() for b, _ in zip(task.train(2).as_numpy_iterator(),'
+            ' range(4))])')
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, check=True, env={**os.environ, 'PYTHONHASHSEED': '12345'})
+  here = stream(get_task('listops', root, batch_size=3, seed=3))
+  assert result.stdout.split('\n')[:2] == [str(expected), str(here)]
+
+
+# ---------------------------------------------------------------- retrieval
+
+def retrieval_dir(root, train_rows):
+  rows = ['1\t7\t8\tab\tc', '0.0\tx\ty\tdocument two\t\u00e9']
+  for name, split_rows in (('train', train_rows), ('eval', rows), ('test', rows[:1])):
+    write(os.path.join(root, 'tsv_data', f'new_aan_pairs.{name}.tsv'),
+          '\n'.join(split_rows) + '\n')
+  return str(root)
+
+
+def test_retrieval_batches(tmp_path):
+  root = retrieval_dir(tmp_path, ['1\ta\tb\tx\ty'] * 5)
+  task = get_task('retrieval', root, batch_size=2, max_length=5)
+  assert task.info.dual
+  train = batches(task.train(), 1)[0]
+  assert set(train) == {'inputs1', 'inputs2', 'targets'}
+  assert train['inputs1'].shape == (2, 5) and train['inputs1'].dtype == np.int32
+  validation = batches(task.validation())
+  assert len(validation) == 1
+  batch = validation[0]
+  np.testing.assert_array_equal(batch['inputs1'], [[ord('a') + 1, ord('b') + 1, 0, 0, 0],
+                                                   [ord(c) + 1 for c in 'docum']])
+  np.testing.assert_array_equal(batch['inputs2'], [[ord('c') + 1, 0, 0, 0, 0],
+                                                   [0xC3 + 1, 0xA9 + 1, 0, 0, 0]])
+  np.testing.assert_array_equal(batch['targets'], [1, 0])
+  assert sum(len(b['targets']) for b in batches(task.test())) == 1
+
+
+@pytest.mark.parametrize('row, match', [
+    ('1\ta\tb\tx', 'line 2: expected 5 tab-separated columns'),
+    ('2\ta\tb\tx\ty', "line 2: label must be 0 or 1, got b'2'"),
+    ('yes\ta\tb\tx\ty', 'line 2: label must be 0 or 1'),
+])
+def test_retrieval_malformed_rows(tmp_path, row, match):
+  root = retrieval_dir(tmp_path, ['1\ta\tb\tx\ty', row])
+  with pytest.raises(ValueError, match=match) as error:
+    get_task('retrieval', root, batch_size=2)
+  assert 'new_aan_pairs.train.tsv' in str(error.value)
+
+
+def test_retrieval_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match='tsv_data/new_aan_pairs.train.tsv'):
+    get_task('retrieval', str(tmp_path), batch_size=2)
+
+
+# ---------------------------------------------------------------- Pathfinder
+
+def pathfinder_dir(root, size=4, folder='curv_contour_length_14', num_images=20):
+  """Release-layout folder; image i has every pixel = i, label i % 2; sample_3 is empty."""
+  base = os.path.join(root, f'pathfinder{size}', folder)
+  for k in range(2):  # two metadata files; '10' sorts after '1' numerically only
+    name = ('1', '10')[k]
+    lines = []
+    for i in range(k * num_images // 2, (k + 1) * num_images // 2):
+      image_dir = os.path.join(base, 'imgs', name)
+      os.makedirs(image_dir, exist_ok=True)
+      path = os.path.join(image_dir, f'sample_{i}.png')
+      if i == 3:
+        open(path, 'wb').close()
+      else:
+        Image.fromarray(np.full((size, size), i, np.uint8)).save(path)
+      lines.append(f'imgs/{name} sample_{i}.png {i} {i % 2} 1 14\n')
+    write(os.path.join(base, 'metadata', f'{name}.npy'), ''.join(lines))
+  return str(root)
+
+
+def test_pathfinder_splits_pixels_and_skipped_images(tmp_path, caplog):
+  pathfinder_dir(tmp_path / 'lra_release', size=32, num_images=21)
+  with caplog.at_level(logging.WARNING):
+    task = get_task('pathfinder32', str(tmp_path), batch_size=4, eval_batch_size=3,
+                    max_length=16)
+  assert 'skipped 1 missing or empty image files' in caplog.text
+  values = {name: [int(x) for b in batches(getattr(task, name)()) for x in b['inputs'][:, 0]]
+            for name in ('validation', 'test')}
+  # 20 readable images (sample_3 empty) in metadata order 0..20: 16 train, 2 val, 2 test.
+  assert values == {'validation': [17, 18], 'test': [19, 20]}
+  batch = batches(task.validation())[0]
+  np.testing.assert_array_equal(batch['inputs'], np.full((2, 16), [[17], [18]]))
+  np.testing.assert_array_equal(batch['targets'], [1, 0])
+  train = batches(task.train(), 4)
+  seen = sorted(int(x) for b in train for x in b['inputs'][:, 0])
+  assert seen == [i for i in range(17) if i != 3]
+  assert all(b['inputs'].dtype == np.int32 and b['inputs'].shape == (4, 16) for b in train)
+
+
+def test_pathfinder_task_paths_and_corrupt_image(tmp_path):
+  pathfinder_dir(tmp_path, size=32, folder='curv_baseline', num_images=12)
+  task = get_task('pathfinder32', str(tmp_path), batch_size=2, difficulty='easy')
+  assert task.info.max_length == 1024
+  # 11 readable images: 8 train, 1 validation, 2 test (samples 10 and 11).
+  assert [b['inputs'].shape for b in batches(task.test())] == [(2, 1024)]
+  # A non-empty file that is not a PNG is dropped when decoded.
+  write(os.path.join(tmp_path, 'pathfinder32', 'curv_baseline', 'imgs', '10', 'sample_11.png'),
+        'not a png')
+  task = get_task('pathfinder32', str(tmp_path), batch_size=2, difficulty='easy')
+  assert [b['inputs'][:, 0].tolist() for b in batches(task.test())] == [[10]]
+  with pytest.raises(FileNotFoundError, match='pathfinder128/curv_contour_length_14/metadata'):
+    get_task('pathx', str(tmp_path), batch_size=2)
+
+
+def test_pathfinder_malformed_metadata(tmp_path):
+  pathfinder_dir(tmp_path, size=32, num_images=10)
+  write(os.path.join(tmp_path, 'pathfinder32', 'curv_contour_length_14', 'metadata', '1.npy'),
+        'imgs/1 sample_0.png 0 1\nimgs/1 sample_1.png 1\n')
+  with pytest.raises(ValueError, match=r'metadata/1.npy, line 2: expected'):
+    get_task('pathfinder32', str(tmp_path), batch_size=2)
+
+
+# ---------------------------------------------------------------- TFDS tasks
+
+def test_text_from_mock_tfds(tmp_path):
+  with tfds.testing.mock_data(num_examples=6):
+    task = get_task('text', str(tmp_path), batch_size=4, eval_batch_size=4, max_length=64)
+    train = batches(task.train(), 2)
+    validation = batches(task.validation())
+    texts = [x['text'] for x in tfds.as_numpy(tfds.load('imdb_reviews', split='test'))]
+  assert task.info == task_info('text', max_length=64)
+  expected = np.zeros(64, np.int32)
+  expected[:len(texts[0][:64])] = np.frombuffer(texts[0][:64], np.uint8) + 1
+  np.testing.assert_array_equal(validation[0]['inputs'][0], expected)
+  for batch in train + validation:
+    assert batch['inputs'].dtype == np.int32 and batch['inputs'].shape[1] == 64
+    assert set(np.unique(batch['targets'])) <= {0, 1}
+    assert batch['inputs'].min() >= 0 and batch['inputs'].max() <= 256
+    # Bytes come first, then only padding.
+    for row in batch['inputs']:
+      length = int((row > 0).sum())
+      assert row[:length].all() and not row[length:].any()
+  assert [len(b['targets']) for b in validation] == [4, 2]
+
+
+def test_image_from_mock_tfds(tmp_path):
+  with tfds.testing.mock_data(num_examples=5):
+    task = get_task('image', str(tmp_path), batch_size=2, eval_batch_size=3)
+    batch = batches(task.train(), 1)[0]
+    test = batches(task.test())
+  assert batch['inputs'].shape == (2, 1024) and batch['inputs'].dtype == np.int32
+  assert batch['inputs'].max() <= 255 and batch['inputs'].min() >= 0
+  assert set(np.unique(batch['targets'])) <= set(range(10))
+  assert sum(len(b['targets']) for b in test) == 5
+
+
+def test_missing_tfds_dataset_says_how_to_build(tmp_path):
+  os.makedirs(tmp_path / 'tfds')
+  command = f'tfds build imdb_reviews --data_dir={tmp_path}/tfds'
+  with pytest.raises(FileNotFoundError, match=command):
+    get_task('text', str(tmp_path), batch_size=2)
