@@ -1,0 +1,315 @@
+"""Tests for topk.dot_product_attention, chunked_attention, topk_attention, make_attention_fn."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import topk
+from topk import inputs
+
+B, LQ, LK, H, D = 2, 7, 9, 2, 4
+
+
+def _inputs(seed=0, lq=LQ, lk=LK, dv=D, dtype=jnp.float32):
+  r = np.random.default_rng(seed)
+  q = jnp.asarray(r.normal(size=(B, lq, H, D)), dtype)
+  k = jnp.asarray(r.normal(size=(B, lk, H, D)), dtype)
+  v = jnp.asarray(r.normal(size=(B, lk, H, dv)), dtype)
+  return q, k, v
+
+
+def _case(name, seed=1):
+  """Returns (our kwargs, the equivalent flax kwargs) for a masking/bias case."""
+  r = np.random.default_rng(seed)
+  causal = nn.make_causal_mask(jnp.ones((B, LQ))).astype(bool)  # [B, 1, LQ, LQ]; LQ < LK
+  causal = jnp.pad(causal, ((0, 0), (0, 0), (0, 0), (0, LK - LQ)))
+  kpm = jnp.asarray(r.random((B, LK)) > 0.3).at[:, 0].set(True)
+  qpm = jnp.asarray([[1, 1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]], bool)
+  full = jnp.asarray(r.random((B, 1, LQ, LK)) > 0.4).at[0, 0, 2].set(False)  # one empty row
+  bias = jnp.asarray(r.normal(size=(1, H, LQ, LK)), jnp.float32)
+  cases = {
+      'plain': ({}, {}),
+      'mask': ({'mask': full}, {'mask': full}),
+      'float_mask_query_broadcast': ({'mask': full[:, :, :1].astype(jnp.float32)},
+                                     {'mask': full[:, :, :1]}),
+      'bias_and_mask': ({'bias': bias, 'mask': full}, {'bias': bias, 'mask': full}),
+      'causal': ({'is_causal': True}, {'mask': causal}),
+      'key_padding': ({'key_padding_mask': kpm}, {'mask': kpm[:, None, None, :]}),
+      'query_padding': ({'query_padding_mask': qpm}, {'mask': qpm[:, None, :, None]}),
+      'all_forms': ({'is_causal': True, 'key_padding_mask': kpm, 'query_padding_mask': qpm,
+                     'mask': full, 'bias': bias},
+                    {'mask': causal & kpm[:, None, None, :] & qpm[:, None, :, None] & full,
+                     'bias': bias}),
+  }
+  return cases[name]
+
+
+def _loss_grads(fn, q, k, v, **kwargs):
+  """Value and gradients w.r.t. q, k, v (and bias if given) of a fixed random projection."""
+  bias = kwargs.pop('bias', None)
+  shape = jax.eval_shape(lambda q, k, v, b: fn(q, k, v, bias=b, **kwargs), q, k, v, bias).shape
+  proj = jnp.asarray(np.random.default_rng(9).normal(size=shape), jnp.float32)
+
+  def loss(q, k, v, bias):
+    out = fn(q, k, v, bias=bias, **kwargs)
+    return jnp.sum(out.astype(jnp.float32) * proj), out
+
+  # One jitted value-and-grad per call: far fewer compilations than eager dispatch.
+  grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, bias)
+  return out, grads
+
+
+def _assert_trees_close(test, a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol,
+                               rtol=atol)
+
+
+def _reference_topk(q, k, v, k_keep, mask=None, bias=None):
+  """Dense scores, all but the top k (of the masked scores) set to -inf, then softmax."""
+  s = jnp.einsum('bqhd,bkhd->bhqk', q / np.sqrt(q.shape[-1]), k)
+  if bias is not None:
+    s = s + bias
+  if mask is not None:
+    s = jnp.where(mask, s, inputs.NEG)
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(s), k_keep)
+  kept = jnp.any(jax.nn.one_hot(idx, s.shape[-1], dtype=bool), axis=-2)
+  w = jax.nn.softmax(jnp.where(kept, s, -jnp.inf), axis=-1)
+  return jnp.einsum('bhqk,bkhd->bqhd', w, v), kept
+
+
+class EqualsFlaxTest(parameterized.TestCase):
+  """k >= kv_len top-k and chunked attention equal flax's dense attention, gradients included."""
+
+  @parameterized.parameters('plain', 'float_mask_query_broadcast', 'bias_and_mask', 'causal',
+                            'key_padding', 'query_padding', 'all_forms')
+  def test_float32(self, case):
+    ours, theirs = _case(case)
+    q, k, v = _inputs()
+    ref = _loss_grads(nn.dot_product_attention, q, k, v, **theirs)
+    dense_kwargs = {**ours}
+    if set(ours) <= {'mask', 'bias'}:
+      _assert_trees_close(self, _loss_grads(topk.dot_product_attention, q, k, v, **dense_kwargs),
+                          ref, 1e-6)
+    # Chunk 3 does not divide q_len; 16 exceeds it.
+    for fn in (functools.partial(topk.chunked_attention, query_chunk_size=3),
+               functools.partial(topk.topk_attention, k=LK, query_chunk_size=16),
+               functools.partial(topk.topk_attention, k=LK + 5, query_chunk_size=3)):
+      _assert_trees_close(self, _loss_grads(fn, q, k, v, **ours), ref, 1e-5)
+
+  @parameterized.parameters('plain', 'all_forms')
+  def test_bfloat16(self, case):
+    ours, theirs = _case(case)
+    q, k, v = _inputs(dtype=jnp.bfloat16)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = _loss_grads(nn.dot_product_attention, *up, **theirs)
+    for fn in (functools.partial(topk.chunked_attention, query_chunk_size=3),
+               functools.partial(topk.topk_attention, k=LK, query_chunk_size=3)):
+      out, grads = _loss_grads(fn, q, k, v, **ours)
+      self.assertEqual(out.dtype, jnp.bfloat16)
+      self.assertEqual(grads[0].dtype, jnp.bfloat16)
+      _assert_trees_close(self, (out, grads), ref, 5e-2)
+
+  def test_dense_equals_flax_exactly_with_dropout(self):
+    q, k, v = _inputs()
+    ours, theirs = _case('mask')
+    rng = jax.random.key(3)
+    for broadcast in (True, False):
+      kw = dict(dropout_rng=rng, dropout_rate=0.3, broadcast_dropout=broadcast)
+      ours_fn = jax.jit(functools.partial(topk.dot_product_attention, **ours, **kw))
+      flax_fn = jax.jit(functools.partial(nn.dot_product_attention, **theirs, **kw))
+      np.testing.assert_array_equal(ours_fn(q, k, v), flax_fn(q, k, v))
+
+  def test_dtype_argument(self):
+    q, k, v = _inputs()
+    out = topk.topk_attention(q, k, v, k=3, dtype=jnp.bfloat16)
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    self.assertEqual(out.shape, (B, LQ, H, D))
+
+  def test_extra_batch_dims_and_value_depth(self):
+    r = np.random.default_rng(4)
+    q = jnp.asarray(r.normal(size=(2, 3, 5, H, D)), jnp.float32)
+    k = jnp.asarray(r.normal(size=(2, 3, 6, H, D)), jnp.float32)
+    v = jnp.asarray(r.normal(size=(2, 3, 6, H, 3)), jnp.float32)
+    mask = jnp.asarray(r.random((3, 1, 5, 6)) > 0.3)
+    ref = nn.dot_product_attention(q, k, v, mask=mask)
+    out = topk.topk_attention(q, k, v, mask=mask, k=6, query_chunk_size=2)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+class TopKTest(parameterized.TestCase):
+  """k < kv_len against a plain dense top-k reference."""
+
+  @parameterized.parameters(
+      dict(k_keep=1, masked=False, use_bias=False),
+      dict(k_keep=4, masked=True, use_bias=False),
+      dict(k_keep=4, masked=True, use_bias=True),
+  )
+  def test_matches_reference(self, k_keep, masked, use_bias):
+    q, k, v = _inputs(seed=5)
+    ours, theirs = _case('all_forms' if masked else 'plain')
+    if not use_bias:
+      ours.pop('bias', None)
+      theirs.pop('bias', None)
+    mask, bias = theirs.get('mask'), theirs.get('bias')
+
+    def ref_fn(q, k, v, bias=None, mask=None):
+      return _reference_topk(q, k, v, k_keep, mask=mask, bias=bias)[0]
+
+    ref = _loss_grads(ref_fn, q, k, v, bias=bias, mask=mask)
+    ours_fn = functools.partial(topk.topk_attention, k=k_keep, query_chunk_size=3)
+    _assert_trees_close(self, _loss_grads(ours_fn, q, k, v, **ours), ref, 1e-5)
+
+  def test_masked_keys_never_weighted(self):
+    # Causal rows have fewer than k valid keys: masked keys must get no weight, no NaN.
+    q, k, v = _inputs(seed=6)
+    v = v.at[:, 1:].set(1e6)  # any weight on a future key would show
+    out = topk.topk_attention(q, k, v, k=5, is_causal=True, query_chunk_size=4)
+    np.testing.assert_allclose(out[:, 0], v[:, 0], atol=1e-5)
+    fully_masked = topk.topk_attention(q, k, v, k=3, mask=jnp.zeros((LQ, LK), bool))
+    self.assertTrue(np.all(np.isfinite(fully_masked)))
+    relu = topk.topk_attention(q, k, v, k=3, mask=jnp.zeros((LQ, LK), bool), kernel='relu')
+    np.testing.assert_array_equal(relu, 0.0)
+
+  def test_unselected_keys_get_exactly_zero_gradient(self):
+    q, k, v = _inputs(seed=7)
+    q = q[:, :1]
+    k_keep = 3
+    grads = jax.grad(lambda k, v: jnp.sum(topk.topk_attention(q, k, v, k=k_keep) ** 2),
+                     argnums=(0, 1))(k, v)
+    _, kept = _reference_topk(q, k, v, k_keep)  # [B, H, 1, LK]
+    kept = jnp.swapaxes(kept[:, :, 0], 1, 2)[..., None]  # [B, LK, H, 1]
+    for g in grads:
+      np.testing.assert_array_equal(jnp.where(kept, 0.0, g), 0.0)
+      self.assertTrue(np.all(np.any(jnp.where(kept, g, 0.0) != 0, axis=(1, 3))))
+
+
+class DropoutTest(parameterized.TestCase):
+
+  @parameterized.parameters(('chunked', True), ('topk', False))
+  def test_deterministic_given_rng_and_gradients_match_reference(self, kind, broadcast):
+    fn = topk.make_attention_fn(kind, query_chunk_size=3, **({'k': LK} if kind == 'topk' else {}))
+    q, k, v = _inputs(seed=8)
+    mask = _case('mask')[0]['mask']
+    kw = dict(mask=mask, dropout_rate=0.4, broadcast_dropout=broadcast)
+    run = jax.jit(lambda q, k, v, rng: fn(q, k, v, dropout_rng=rng, **kw))
+    out1 = run(q, k, v, jax.random.key(1))
+    np.testing.assert_array_equal(out1, run(q, k, v, jax.random.key(1)))
+    self.assertGreater(np.abs(out1 - run(q, k, v, jax.random.key(2))).max(), 1e-3)
+    np.testing.assert_allclose(fn(q, k, v, dropout_rng=jax.random.key(1), deterministic=True, **kw),
+                               nn.dot_product_attention(q, k, v, mask=mask), atol=1e-5)
+
+    # Read the effective weights (dropout included) with identity values; the dropout mask does
+    # not depend on the values, so the reference is (softmax * that fixed multiplier) @ v.
+    eye = jnp.broadcast_to(jnp.eye(LK)[None, :, None, :], (B, LK, H, LK))
+    weights = run(q, k, eye, jax.random.key(1))  # [B, LQ, H, LK]
+    probs = jnp.swapaxes(nn.dot_product_attention_weights(q, k, mask=mask), 1, 2)
+    multiplier = jnp.where(probs > 0, weights / jnp.where(probs > 0, probs, 1.0), 0.0)
+
+    def ref_fn(q, k, v, bias=None):
+      p = jnp.swapaxes(nn.dot_product_attention_weights(q, k, bias=bias, mask=mask), 1, 2)
+      return jnp.einsum('bqhk,bkhd->bqhd', p * multiplier, v)
+
+    ours = _loss_grads(functools.partial(fn, dropout_rng=jax.random.key(1), **kw), q, k, v)
+    _assert_trees_close(self, ours, _loss_grads(ref_fn, q, k, v), 1e-5)
+
+
+class KernelsTest(parameterized.TestCase):
+
+  @parameterized.parameters('relu', 'relu2', 'elu1')
+  def test_forms_agree(self, kernel):
+    q, k, v = _inputs(seed=10)
+    mask = _case('mask')[0]['mask']
+    ref = _loss_grads(functools.partial(topk.dot_product_attention, kernel=kernel), q, k, v,
+                      mask=mask)
+    for fn in (functools.partial(topk.chunked_attention, query_chunk_size=3, kernel=kernel),
+               functools.partial(topk.topk_attention, k=LK, query_chunk_size=3, kernel=kernel)):
+      _assert_trees_close(self, _loss_grads(fn, q, k, v, mask=mask), ref, 1e-5)
+
+
+class MultiHeadTest(parameterized.TestCase):
+
+  @parameterized.parameters(('vanilla', {}), ('chunked', {'query_chunk_size': 3}),
+                            ('topk', {'k': LK, 'query_chunk_size': 4}))
+  def test_drop_in_for_flax_module(self, kind, options):
+    x = jnp.asarray(np.random.default_rng(11).normal(size=(B, LK, 8)), jnp.float32)
+    mask = nn.make_attention_mask(jnp.arange(LK) < 6 * jnp.ones((B, 1)),
+                                  jnp.arange(LK) < 6 * jnp.ones((B, 1)))
+    default = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=8)
+    params = default.init(jax.random.key(0), x, x, mask=mask)
+    ours = nn.MultiHeadDotProductAttention(
+        num_heads=H, qkv_features=8, attention_fn=topk.make_attention_fn(kind, **options))
+    np.testing.assert_allclose(ours.apply(params, x, x, mask=mask),
+                               default.apply(params, x, x, mask=mask), atol=1e-5)
+
+
+def _temp_bytes(fn, length):
+  spec = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
+  grad = jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2))
+  return jax.jit(grad).lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+
+class MemoryTest(parameterized.TestCase):
+  """Compiled forward+backward temp memory: quadratic for vanilla, linear for the others."""
+
+  @parameterized.parameters(('vanilla', {}, 12.0, None),
+                            ('chunked', {'query_chunk_size': 64}, None, 6.0),
+                            ('topk', {'k': 16, 'query_chunk_size': 64}, None, 6.0))
+  def test_growth_from_l_to_4l(self, kind, options, min_ratio, max_ratio):
+    fn = topk.make_attention_fn(kind, **options)
+    ratio = _temp_bytes(fn, 1024) / _temp_bytes(fn, 256)
+    if min_ratio is not None:
+      self.assertGreater(ratio, min_ratio)
+    if max_ratio is not None:
+      self.assertLess(ratio, max_ratio)
+
+
+class BadInputTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (dict(k=0), 'k must be an integer >= 1'),
+      (dict(k=2.5), 'k must be an integer >= 1'),
+      (dict(k=True), 'k must be an integer >= 1'),
+      (dict(k=2, query_chunk_size=0), 'query_chunk_size must be'),
+      (dict(k=2, kernel='nope'), 'Unknown attention kernel'),
+      (dict(k=2, mask=jnp.ones((3, LQ, LK), bool)), r'mask of shape \(3, 7, 9\) does not'),
+      (dict(k=2, bias=jnp.ones((LQ, 4))), r'bias of shape \(7, 4\) does not'),
+      (dict(k=2, mask=jnp.ones((LQ, LK), jnp.complex64)), 'mask must be bool or 0/1'),
+      (dict(k=2, key_padding_mask=jnp.ones((B, LQ), bool)), 'key_padding_mask of shape'),
+      (dict(k=2, query_padding_mask=jnp.ones((B, LK), bool)), 'query_padding_mask of shape'),
+      (dict(k=2, dropout_rate=0.1), 'dropout_rng is required'),
+      (dict(k=2, dropout_rate=1.0), 'dropout_rate must be in'),
+  )
+  def test_raises(self, kwargs, message):
+    q, k, v = _inputs()
+    with self.assertRaisesRegex(ValueError, message):
+      topk.topk_attention(q, k, v, **kwargs)
+
+  @parameterized.parameters(
+      ((B, LQ, H + 1, D), (B, LK, H, D), 'same number of heads'),
+      ((B, LQ, H, D + 1), (B, LK, H, D), 'same head_dim'),
+      ((B + 1, LQ, H, D), (B, LK, H, D), 'same batch dims'),
+      ((LQ, H), (LK, H), 'same rank >= 3'),
+  )
+  def test_shape_mismatch(self, q_shape, k_shape, message):
+    with self.assertRaisesRegex(ValueError, message):
+      topk.chunked_attention(jnp.ones(q_shape), jnp.ones(k_shape), jnp.ones(k_shape))
+
+  def test_make_attention_fn_validates(self):
+    with self.assertRaisesRegex(ValueError, r"valid kinds: \['chunked', 'topk', 'vanilla'\]"):
+      topk.make_attention_fn('flash')
+    with self.assertRaisesRegex(ValueError, 'needs the option k'):
+      topk.make_attention_fn('topk')
+    with self.assertRaisesRegex(ValueError, r"Unknown options \['k'\]"):
+      topk.make_attention_fn('chunked', k=3)
+    with self.assertRaisesRegex(ValueError, 'k must be an integer'):
+      topk.make_attention_fn('topk', k=-1)
+    with self.assertRaisesRegex(ValueError, 'Unknown attention kernel'):
+      topk.make_attention_fn('vanilla', kernel='cosine')
+
+
+if __name__ == '__main__':
+  absltest.main()

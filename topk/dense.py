@@ -1,0 +1,69 @@
+"""Dense (vanilla) attention: every query against every key, the reference all forms must match."""
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from topk import inputs, kernels
+
+
+def attend_block(can: inputs.Canonical, i: jax.Array, q_chunk: jax.Array,
+                 kernel: Callable[[jax.Array], jax.Array], dropout: inputs.Dropout | None,
+                 dropout_rng: jax.Array | None, precision: Any) -> jax.Array:
+  """Attends query chunk `i` (`[B, H, C, D]`) to all keys; returns float32 `[B, H, C, Dv]`."""
+  weights = kernel(chunk_scores_of(can, i, q_chunk, precision))
+  if dropout is not None:
+    weights = weights * dropout.multiplier(dropout_rng, weights.shape)
+  return jnp.einsum('bhqk,bhkd->bhqd', weights.astype(can.dtype), can.value, precision=precision,
+                    preferred_element_type=jnp.float32)
+
+
+def chunk_scores_of(can: inputs.Canonical, i: jax.Array, q_chunk: jax.Array,
+                    precision: Any) -> jax.Array:
+  """Masked float32 scores `[B, H, C, Lk]` of query chunk `i`."""
+  return inputs.chunk_scores(can, i, q_chunk, can.key, can.bias, precision)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          bias: jax.Array | None = None, mask: jax.Array | None = None,
+                          broadcast_dropout: bool = True, dropout_rng: jax.Array | None = None,
+                          dropout_rate: float = 0.0, deterministic: bool = False,
+                          dtype: Any = None, precision: Any = None, module: Any = None, *,
+                          kernel: str = 'softmax') -> jax.Array:
+  """Dense attention with flax.linen.dot_product_attention's semantics.
+
+  For float32 inputs and kernel='softmax' this computes what flax computes, in the same order
+  (scaled query, scores + bias, masked entries at float32's minimum, softmax, flax's dropout
+  mask), so a fully masked row gets uniform weights. Scores and kernel are float32 for every
+  input dtype (flax keeps bfloat16 scores in bfloat16).
+
+  Args:
+    query: `[batch..., q_len, heads, d]`.
+    key: `[batch..., kv_len, heads, d]`.
+    value: `[batch..., kv_len, heads, d_v]`.
+    bias: optional, broadcastable to `[batch..., heads, q_len, kv_len]`.
+    mask: optional bool or 0/1, broadcastable like bias; False/0 = masked out.
+    broadcast_dropout: share one dropout mask over batch dims and heads.
+    dropout_rng: PRNG key for dropout.
+    dropout_rate: attention-weight dropout rate.
+    deterministic: disables dropout.
+    dtype: computation/output dtype (default: promoted input dtype).
+    precision: einsum precision.
+    module: if given, the weights `[batch..., heads, q_len, kv_len]` are sown into its
+      'intermediates' collection as 'attention_weights' (flax's sow_weights).
+    kernel: weight kernel name from `topk.kernels`.
+
+  Returns:
+    `[batch..., q_len, heads, d_v]` in the computation dtype.
+  """
+  kernel_fn = kernels.get_kernel(kernel)
+  dropout = inputs.make_dropout(dropout_rng, dropout_rate, deterministic, broadcast_dropout)
+  can = inputs.canonicalize(query, key, value, bias=bias, mask=mask, dtype=dtype)
+  if module is not None:
+    weights = kernel_fn(chunk_scores_of(can, 0, can.query, precision))
+    module.sow('intermediates', 'attention_weights',
+               weights.reshape(can.batch_shape + weights.shape[1:]).astype(can.dtype))
+  out = attend_block(can, 0, can.query, kernel_fn, dropout,
+                     None if dropout is None else dropout.rng, precision)
+  return inputs.to_output(can, out)

@@ -1,0 +1,270 @@
+"""Validated, canonical attention inputs and the per-query-chunk pieces all attention forms share.
+
+Public functions take flax's layout: query `[batch..., q_len, heads, d]`, key/value
+`[batch..., kv_len, heads, d(_v)]`, mask/bias broadcastable to `[batch..., heads, q_len, kv_len]`.
+Internally the batch dims are flattened and heads moved in front of the length:
+query `[B, H, Lq_pad, D]` (queries zero-padded to a multiple of the chunk size),
+key `[B, H, Lk, D]`, value `[B, H, Lk, Dv]`, mask/bias `[B|1, H|1, Lq_pad|1, Lk|1]`. Scores are
+float32 whatever the input dtype; masked scores are float32's most negative finite value (flax).
+"""
+import dataclasses
+import functools
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Score of a masked entry (flax's convention; `topk.kernels` maps it to zero weight).
+NEG = float(np.finfo(np.float32).min)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+  """Returns `value` as an int, or raises ValueError unless it is an integer >= 1."""
+  if isinstance(value, bool):
+    raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
+  try:
+    value = operator.index(value)
+  except TypeError:
+    raise ValueError(f'{name} must be an integer >= 1, got {value!r}.') from None
+  if value < 1:
+    raise ValueError(f'{name} must be an integer >= 1, got {value}.')
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+  """Attention-dropout settings; absent (None) when dropout is off."""
+  rng: jax.Array
+  rate: float
+  broadcast: bool  # one mask shared by all batch entries and heads (flax's broadcast_dropout)
+
+  def multiplier(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Returns keep/keep_prob (float32), broadcastable to `shape` = `[B, H, rows, cols]`."""
+    keep_prob = 1.0 - self.rate
+    mask_shape = (1, 1) + tuple(shape[2:]) if self.broadcast else tuple(shape)
+    keep = jax.random.bernoulli(rng, keep_prob, mask_shape)
+    return keep.astype(jnp.float32) / jnp.float32(keep_prob)
+
+
+def make_dropout(dropout_rng: jax.Array | None, dropout_rate: float, deterministic: bool,
+                 broadcast_dropout: bool) -> Dropout | None:
+  """Validates the dropout arguments; returns None when no dropout is applied."""
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}.')
+  if deterministic or dropout_rate == 0.0:
+    return None
+  if dropout_rng is None:
+    raise ValueError('dropout_rng is required when deterministic=False and dropout_rate > 0.')
+  return Dropout(dropout_rng, float(dropout_rate), bool(broadcast_dropout))
+
+
+@dataclasses.dataclass(frozen=True)
+class Canonical:
+  """Attention inputs in the internal layout (see module docstring)."""
+  query: jax.Array  # [B, H, Lq_pad, D]
+  key: jax.Array  # [B, H, Lk, D]
+  value: jax.Array  # [B, H, Lk, Dv]
+  mask: jax.Array | None  # bool [B|1, H|1, Lq_pad|1, Lk|1]
+  bias: jax.Array | None  # float32 [B|1, H|1, Lq_pad|1, Lk|1]
+  key_padding_mask: jax.Array | None  # bool [B, Lk]
+  query_padding_mask: jax.Array | None  # bool [B, Lq_pad]
+  is_causal: bool
+  batch_shape: tuple[int, ...]
+  q_len: int
+  chunk: int  # queries per chunk; Lq_pad = num_chunks * chunk
+  dtype: Any  # computation and output dtype
+
+  @property
+  def num_chunks(self) -> int:
+    return self.query.shape[2] // self.chunk
+
+
+def _check_mask_dtype(x: jax.Array, name: str) -> None:
+  if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)
+          or jnp.issubdtype(x.dtype, jnp.floating)):
+    raise ValueError(f'{name} must be bool or 0/1 numbers, got dtype {x.dtype}.')
+
+
+def _canonical_4d(x: Any, name: str, full_shape: tuple[int, ...], q_pad: int,
+                  pad_value: Any) -> jax.Array:
+  """Reshapes x (broadcastable to `[batch..., H, Lq, Lk]`) to `[B|1, H|1, Lq_pad|1, Lk|1]`."""
+  x = jnp.asarray(x)
+  try:
+    ok = x.ndim <= len(full_shape) and np.broadcast_shapes(x.shape, full_shape) == full_shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f'{name} of shape {x.shape} does not broadcast to [batch..., heads, q_len, '
+                     f'kv_len] = {full_shape}.')
+  x = x.reshape((1,) * (len(full_shape) - x.ndim) + x.shape)
+  batch_shape, tail = full_shape[:-3], x.shape[-3:]
+  if all(d == 1 for d in x.shape[:-3]):
+    # Keep a batch-free mask/bias small instead of copying it per batch entry.
+    x = x.reshape((1,) + tail)
+  else:
+    x = jnp.broadcast_to(x, batch_shape + tail).reshape((-1,) + tail)
+  if x.shape[2] != 1 and q_pad:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, q_pad), (0, 0)), constant_values=pad_value)
+  return x
+
+
+def _canonical_padding(x: Any, name: str, batch_shape: tuple[int, ...], length: int,
+                       length_name: str) -> jax.Array:
+  """Returns a `[batch..., length]`-broadcastable padding mask as bool `[B, length]`."""
+  x = jnp.asarray(x)
+  _check_mask_dtype(x, name)
+  full = batch_shape + (length,)
+  try:
+    ok = x.ndim <= len(full) and np.broadcast_shapes(x.shape, full) == full
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f'{name} of shape {x.shape} does not broadcast to [batch..., {length_name}] '
+                     f'= {full}.')
+  return jnp.broadcast_to(x != 0, full).reshape(-1, length)
+
+
+def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: Any = None,
+                 mask: Any = None, dtype: Any = None, query_chunk_size: int | None = None,
+                 is_causal: bool = False, key_padding_mask: Any = None,
+                 query_padding_mask: Any = None) -> Canonical:
+  """Validates the inputs and returns them in the internal layout.
+
+  Args:
+    query: `[batch..., q_len, heads, d]`.
+    key: `[batch..., kv_len, heads, d]`.
+    value: `[batch..., kv_len, heads, d_v]`.
+    bias: optional, broadcastable to `[batch..., heads, q_len, kv_len]`.
+    mask: optional bool or 0/1, same broadcasting; False/0 = masked out.
+    dtype: computation/output dtype; default: the promoted dtype of query, key and value.
+    query_chunk_size: queries per chunk (None: all at once); clipped to q_len.
+    is_causal: mask keys after the query position (positions aligned at 0).
+    key_padding_mask: optional bool or 0/1 `[batch..., kv_len]`.
+    query_padding_mask: optional bool or 0/1 `[batch..., q_len]`.
+
+  Returns:
+    The `Canonical` inputs.
+  """
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  if query.ndim < 3 or not query.ndim == key.ndim == value.ndim:
+    raise ValueError('query, key and value must have the same rank >= 3 ([batch..., length, '
+                     f'heads, depth]); got shapes {query.shape}, {key.shape}, {value.shape}.')
+  if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+    raise ValueError('query, key and value must have the same batch dims; got shapes '
+                     f'{query.shape}, {key.shape}, {value.shape}.')
+  if not query.shape[-2] == key.shape[-2] == value.shape[-2]:
+    raise ValueError('query, key and value must have the same number of heads (axis -2); got '
+                     f'shapes {query.shape}, {key.shape}, {value.shape}.')
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError('query and key must have the same head_dim (axis -1); got shapes '
+                     f'{query.shape}, {key.shape}.')
+  if key.shape[-3] != value.shape[-3]:
+    raise ValueError('key and value must have the same kv_len (axis -3); got shapes '
+                     f'{key.shape}, {value.shape}.')
+  batch_shape = tuple(query.shape[:-3])
+  q_len, heads = query.shape[-3], query.shape[-2]
+  kv_len = key.shape[-3]
+  full_shape = batch_shape + (heads, q_len, kv_len)
+
+  chunk = q_len if query_chunk_size is None else min(
+      check_positive_int(query_chunk_size, 'query_chunk_size'), max(q_len, 1))
+  chunk = max(chunk, 1)
+  q_pad = -q_len % chunk
+
+  dtype = jnp.result_type(query, key, value) if dtype is None else jnp.dtype(dtype)
+
+  def to_bhld(x: jax.Array, pad: int = 0) -> jax.Array:
+    x = x.astype(dtype).reshape((-1,) + x.shape[-3:])
+    if pad:
+      x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    return jnp.swapaxes(x, 1, 2)
+
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    _check_mask_dtype(mask, 'mask')
+    mask = _canonical_4d(mask != 0, 'mask', full_shape, q_pad, True)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if not jnp.issubdtype(bias.dtype, jnp.number):
+      raise ValueError(f'bias must be numeric, got dtype {bias.dtype}.')
+    bias = _canonical_4d(bias.astype(jnp.float32), 'bias', full_shape, q_pad, 0.0)
+  if key_padding_mask is not None:
+    key_padding_mask = _canonical_padding(key_padding_mask, 'key_padding_mask', batch_shape,
+                                          kv_len, 'kv_len')
+  if query_padding_mask is not None:
+    query_padding_mask = _canonical_padding(query_padding_mask, 'query_padding_mask',
+                                            batch_shape, q_len, 'q_len')
+    query_padding_mask = jnp.pad(query_padding_mask, ((0, 0), (0, q_pad)), constant_values=True)
+
+  return Canonical(
+      query=to_bhld(query, q_pad), key=to_bhld(key), value=to_bhld(value), mask=mask, bias=bias,
+      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+      is_causal=bool(is_causal), batch_shape=batch_shape, q_len=q_len, chunk=chunk, dtype=dtype)
+
+
+def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  """Slices rows [start, start + size) of axis 2 unless that axis broadcasts (size 1)."""
+  return x if x.shape[2] == 1 else jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
+
+
+def chunk_validity(can: Canonical, i: jax.Array) -> jax.Array | None:
+  """Returns which (query, key) pairs of query chunk `i` may attend, bool broadcastable to
+  `[B, H, C, Lk]`, or None when nothing is masked. Never builds a q_len x kv_len array."""
+  size, start = can.chunk, i * can.chunk
+  parts = []
+  if can.mask is not None:
+    parts.append(_rows(can.mask, start, size))
+  if can.is_causal:
+    q_pos = start + jnp.arange(size)
+    parts.append((jnp.arange(can.key.shape[2])[None, :] <= q_pos[:, None])[None, None])
+  if can.key_padding_mask is not None:
+    parts.append(can.key_padding_mask[:, None, None, :])
+  if can.query_padding_mask is not None:
+    q_valid = jax.lax.dynamic_slice_in_dim(can.query_padding_mask, start, size, axis=1)
+    parts.append(q_valid[:, None, :, None])
+  return functools.reduce(jnp.logical_and, parts) if parts else None
+
+
+def scale_query(query: jax.Array) -> jax.Array:
+  """Divides by sqrt(head_dim) in the query's dtype, exactly as flax does."""
+  return query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+
+
+def chunk_scores(can: Canonical, i: jax.Array, q_chunk: jax.Array, key: jax.Array,
+                 bias: jax.Array | None, precision: Any) -> jax.Array:
+  """Returns the scaled, biased, masked float32 scores `[B, H, C, Lk]` of query chunk `i`.
+
+  Args:
+    can: the canonical inputs (masks).
+    i: chunk index.
+    q_chunk: `[B, H, C, D]`, rows `i*C ... i*C + C - 1` of the query.
+    key: `[B, H, Lk, D]`.
+    bias: `[B|1, H|1, Lq_pad|1, Lk|1]` float32 or None.
+    precision: einsum precision.
+  """
+  scores = jnp.einsum('bhqd,bhkd->bhqk', scale_query(q_chunk), key, precision=precision,
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    scores = scores + _rows(bias, i * can.chunk, can.chunk)
+  valid = chunk_validity(can, i)
+  return scores if valid is None else jnp.where(valid, scores, NEG)
+
+
+def to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+  """`[B, H, L, ...]` -> `[L / chunk, B, H, chunk, ...]`."""
+  b, h, length = x.shape[:3]
+  return jnp.moveaxis(x.reshape((b, h, length // chunk, chunk) + x.shape[3:]), 2, 0)
+
+
+def from_chunks(x: jax.Array) -> jax.Array:
+  """Inverse of `to_chunks`."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+
+
+def to_output(can: Canonical, out: jax.Array) -> jax.Array:
+  """`[B, H, Lq_pad, Dv]` -> `[batch..., q_len, H, Dv]` in the computation dtype."""
+  out = jnp.swapaxes(out[:, :, :can.q_len], 1, 2)
+  return out.reshape(can.batch_shape + out.shape[1:]).astype(can.dtype)
