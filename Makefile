@@ -3,10 +3,11 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup build demo test bench lint clean
 
-# Create the virtual environment and install the pinned stack (re-runs when requirements change).
-setup: $(STAMP)
+# Create the virtual environment, install the pinned stack (re-runs when requirements change)
+# and build the CPU top-k selection kernel.
+setup: $(STAMP) build
 
 $(STAMP): requirements.txt
 	$(PY) -m venv $(VENV)
@@ -14,8 +15,20 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# Exact top-k selection for CPU (topk/select.py loads it; falls back to lax.top_k without it).
+# No -march=native: the library must run on any x86-64-v2 machine, not just the build host.
+SELECT_LIB := build/libtopk_select.so
+SELECT_ARCH := $(if $(filter x86_64,$(shell uname -m)),-march=x86-64-v2)
+
+build: $(SELECT_LIB)
+
+$(SELECT_LIB): csrc/topk_select.cc $(STAMP)
+	mkdir -p build
+	$(CXX) -O3 $(SELECT_ARCH) -fPIC -shared -std=c++17 -pthread \
+	  -isystem "$$($(PYTHON) -c 'import jax.ffi; print(jax.ffi.include_dir())')" -o $@ $<
+
 demo: setup
-	$(PYTHON) -m benchmarks.attention --lengths 256,512,1024,2048 --repeats 3
+	$(PYTHON) -m lra.demo
 
 test: setup
 	$(PYTHON) -m pytest -n 2 tests
