@@ -1,0 +1,180 @@
+"""Shared defaults, the `arg` parser, the smoke preset, sweeps and validation of task configs.
+
+A task config is `configs/<task>.py:get_config(arg)`, where `arg` is a comma list such as
+`topk,k=64,smoke`: bare tokens pick a choice (attention kind, presets) and `name=value` sets an
+argument. Any field can still be overridden with `--config.<field>=...`; configs are locked, so
+misspelt fields are rejected, and `validate` checks values before training.
+"""
+import functools
+import itertools
+import types
+from typing import Any
+
+import ml_collections
+
+from lra.models import ATTENTION_KINDS, FFN_KINDS, POOLINGS
+from topk.kernels import KERNELS
+
+SCHEDULES = ('rsqrt', 'cosine', 'constant')
+
+# Arguments every task accepts: name -> default, or a tuple of choices (the first is the default).
+ARGS = {
+    'attention': ATTENTION_KINDS,  # attention.kind
+    'smoke': False,  # tiny model and data: a few CPU-seconds per run
+    'k': 0,  # attention.k; 0 keeps the default (128, or 8 under smoke)
+    'query_chunk_size': 0,  # attention.query_chunk_size; 0 keeps the default
+}
+
+# Sweep grids: attention.k and attention.query_chunk_size (full runs / smoke runs).
+SWEEP_KS = (32, 64, 128, 256)
+SWEEP_CHUNKS = (256, 1024)
+SMOKE_SWEEP_KS = (4, 16)
+SMOKE_SWEEP_CHUNKS = (16,)
+
+
+def _convert(name: str, text: str, spec: Any) -> Any:
+  if isinstance(spec, tuple):
+    matches = [choice for choice in spec if str(choice) == text]
+    if not matches:
+      raise ValueError(f'config arg {name}={text!r}; expected one of {list(spec)}.')
+    return matches[0]
+  if isinstance(spec, bool):
+    if text not in ('true', 'false'):
+      raise ValueError(f'config arg {name}={text!r}; expected true or false.')
+    return text == 'true'
+  try:
+    return type(spec)(text)
+  except ValueError:
+    raise ValueError(f'config arg {name}={text!r}; expected {type(spec).__name__}.') from None
+
+
+def parse_arg(arg: str | None, **spec: Any) -> types.SimpleNamespace:
+  """Parses `arg` ('topk,k=64,smoke') against `spec` (name -> default or tuple of choices).
+
+  A bare token selects a choice of a tuple argument or turns a bool argument on; `name=value`
+  sets any argument, converted to the type of its default.
+
+  Raises:
+    ValueError: on an unknown token or name, or a value of the wrong type; lists what is valid.
+  """
+  values = {name: s[0] if isinstance(s, tuple) else s for name, s in spec.items()}
+  bare = {str(c): name for name, s in spec.items() if isinstance(s, tuple) for c in s}
+  bare.update({name: name for name, s in spec.items() if isinstance(s, bool)})
+  for token in filter(None, (arg or '').split(',')):
+    name, is_pair, text = token.partition('=')
+    if not is_pair:
+      if token not in bare:
+        raise ValueError(f'config arg {token!r} is unknown; valid tokens: {sorted(bare)}, or '
+                         f'name=value with a name in {sorted(spec)}.')
+      name = bare[token]
+      text = token if isinstance(spec[name], tuple) else 'true'
+    if name not in spec:
+      raise ValueError(f'config arg {name!r} is unknown; valid names: {sorted(spec)}.')
+    values[name] = _convert(name, text, spec[name])
+  return types.SimpleNamespace(**values)
+
+
+def base_config(attention: str) -> ml_collections.ConfigDict:
+  """Fields whose defaults all tasks share; each task config adds the rest (CONTRACT.md)."""
+  config = ml_collections.ConfigDict()
+  config.task_options = ml_collections.ConfigDict()  # extra kwargs for lra.data.get_task
+  config.data_dir = ''  # root of the LRA release / TFDS data
+  config.seed = 0
+  config.num_eval_steps = -1  # validation batches per evaluation; -1 = whole split
+  config.keep_checkpoints = 2  # periodic checkpoints kept, plus the best
+  config.log_every = 50  # steps between progress lines
+  config.grad_clip_norm = 0.0  # global-norm gradient clipping; 0 = off
+  # lra.models.TransformerConfig fields; the task adds sizes, pooling and positions.
+  config.model = ml_collections.ConfigDict(dict(
+      dropout_rate=0.1, attention_dropout_rate=0.1, mask_padding=True, dtype='float32'))
+  # k = 128 as in the top-k paper's LRA runs; queries are processed in chunks of 1024.
+  config.attention = ml_collections.ConfigDict(dict(
+      kind=attention, k=128, query_chunk_size=1024, kernel='softmax'))
+  config.ffn = ml_collections.ConfigDict(dict(kind='dense', k=128, query_chunk_size=1024))
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """Shrinks `config` in place to a model and run that train a few steps on CPU in seconds."""
+  config.max_length = min(config.max_length, 64)
+  config.batch_size = config.eval_batch_size = 8
+  config.num_train_steps = 4
+  config.eval_frequency = config.checkpoint_every = 2
+  config.num_eval_steps = 2
+  config.log_every = 1
+  config.warmup_steps = 2
+  config.model.update(emb_dim=32, num_heads=2, qkv_dim=32, mlp_dim=64,
+                      num_layers=min(config.model.num_layers, 2))
+  # Small k and chunks so that smoke runs select and chunk for real.
+  config.attention.update(k=8, query_chunk_size=16)
+  config.ffn.update(k=16, query_chunk_size=16)
+
+
+def finalize(config: ml_collections.ConfigDict, arg: types.SimpleNamespace
+             ) -> ml_collections.ConfigDict:
+  """Applies the common `arg` (smoke preset, then k/query_chunk_size), validates and locks."""
+  if arg.smoke:
+    apply_smoke(config)
+  if arg.k:
+    config.attention.k = arg.k
+  if arg.query_chunk_size:
+    config.attention.query_chunk_size = arg.query_chunk_size
+  validate(config)
+  config.lock()
+  return config
+
+
+def attention_sweep(arg: types.SimpleNamespace) -> list[dict[str, Any]]:
+  """Override dicts for a sweep of `arg.attention`, after a vanilla baseline point.
+
+  'topk' sweeps k x query_chunk_size, 'chunked' sweeps query_chunk_size, 'vanilla' is the
+  baseline alone.
+  """
+  ks, chunks = (SMOKE_SWEEP_KS, SMOKE_SWEEP_CHUNKS) if arg.smoke else (SWEEP_KS, SWEEP_CHUNKS)
+  points = [{'attention.kind': 'vanilla'}]
+  if arg.attention == 'chunked':
+    points += [{'attention.kind': 'chunked', 'attention.query_chunk_size': c} for c in chunks]
+  elif arg.attention == 'topk':
+    points += [{'attention.kind': 'topk', 'attention.k': k, 'attention.query_chunk_size': c}
+               for k, c in itertools.product(ks, chunks)]
+  return points
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+  if not ok:
+    raise ValueError(f'config.{field}={value!r}; expected {expected}.')
+
+
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the values of a run config (train.py calls it after command-line overrides).
+
+  Raises:
+    ValueError: naming the first bad field and what was expected.
+  """
+  for field in ('batch_size', 'eval_batch_size', 'max_length', 'num_train_steps',
+                'eval_frequency', 'checkpoint_every', 'keep_checkpoints', 'log_every',
+                'attention.k', 'attention.query_chunk_size', 'ffn.k', 'ffn.query_chunk_size'):
+    value = functools.reduce(getattr, field.split('.'), config)
+    _check(_positive_int(value), field, value, 'an int >= 1')
+  _check(config.num_eval_steps == -1 or _positive_int(config.num_eval_steps), 'num_eval_steps',
+         config.num_eval_steps, '-1 (whole split) or an int >= 1')
+  _check(config.learning_rate > 0, 'learning_rate', config.learning_rate, '> 0')
+  for field in ('warmup_steps', 'weight_decay', 'grad_clip_norm'):
+    _check(config[field] >= 0, field, config[field], '>= 0')
+  _check(config.schedule in SCHEDULES, 'schedule', config.schedule, f'one of {SCHEDULES}')
+  _check(config.attention.kind in ATTENTION_KINDS, 'attention.kind', config.attention.kind,
+         f'one of {ATTENTION_KINDS}')
+  _check(config.attention.kernel in KERNELS, 'attention.kernel', config.attention.kernel,
+         f'one of {sorted(KERNELS)}')
+  _check(config.ffn.kind in FFN_KINDS, 'ffn.kind', config.ffn.kind, f'one of {FFN_KINDS}')
+  _check(config.model.classifier_pool in POOLINGS, 'model.classifier_pool',
+         config.model.classifier_pool, f'one of {POOLINGS}')
+  for field in ('dropout_rate', 'attention_dropout_rate'):
+    rate = config.model[field]
+    _check(0.0 <= rate < 1.0, 'model.' + field, rate, 'a rate in [0, 1)')
+  _check(config.model.qkv_dim % config.model.num_heads == 0, 'model.num_heads',
+         config.model.num_heads, f'a divisor of model.qkv_dim={config.model.qkv_dim}')

@@ -1,0 +1,314 @@
+"""LRA Transformer classifiers (single input and dual encoder) with injected attention.
+
+A faithful port of the LRA repository's vanilla Transformer (`models/transformer/` and
+`models/layers/common_layers.py`): token embedding, a CLS token prepended before the position
+encoding, pre-LN blocks with bias-free attention, a final LayerNorm and a ReLU MLP head. The
+attention kernel and the feed-forward layer come from `topk`, so every attention kind and FFN
+kind shares one parameter tree: a vanilla checkpoint loads unchanged into a top-k model.
+
+Shapes: B batch, L tokens (L+1 with a CLS token), D emb_dim, C num_classes.
+"""
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import topk
+
+if TYPE_CHECKING:  # lra.data imports TensorFlow, which configs and sweeps do not need.
+  from lra.data import TaskInfo
+
+ATTENTION_KINDS = ('vanilla', 'chunked', 'topk')
+# Options each attention kind takes from the config; the others are ignored for that kind.
+_ATTENTION_OPTIONS = {
+    'vanilla': ('kernel',),
+    'chunked': ('query_chunk_size', 'kernel'),
+    'topk': ('k', 'query_chunk_size', 'kernel'),
+}
+FFN_KINDS = ('dense', 'topk')
+POOLINGS = ('CLS', 'MEAN')
+INTERACTIONS = ('concat', 'nli')
+DTYPES = ('float32', 'bfloat16')
+
+# Initialisers of the original encoder (common_layers.py / transformer.py).
+_EMBED_INIT = nn.initializers.normal(stddev=1.0)
+_POS_INIT = nn.initializers.normal(stddev=0.02)
+_KERNEL_INIT = nn.initializers.xavier_uniform()
+_BIAS_INIT = nn.initializers.normal(stddev=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the LRA Transformer.
+
+  Attributes:
+    vocab_size: number of token ids; id 0 is padding.
+    num_classes: number of output logits.
+    max_len: longest input sequence, CLS token excluded.
+    emb_dim: model width D.
+    num_heads: attention heads; must divide qkv_dim.
+    num_layers: encoder blocks.
+    qkv_dim: total width of the query/key/value projections.
+    mlp_dim: hidden width of the block MLP and of the classifier head.
+    dropout_rate: dropout after the position encoding, attention and MLP.
+    attention_dropout_rate: dropout on attention weights.
+    classifier_pool: 'CLS' (first position) or 'MEAN' (mean over all positions, padding included,
+      as the original).
+    learned_pos: learned position table (init N(0, 0.02)) instead of a fixed sinusoidal one.
+    mask_padding: treat token id 0 as padding in attention. The original does, even for pixel
+      tasks where 0 is a black pixel.
+    interaction: dual encoder only: 'concat' joins [u, v] (the original's default), 'nli' joins
+      [u, v, u * v, u - v].
+    attention_kind: 'vanilla' | 'chunked' | 'topk' (see `topk.make_attention_fn`).
+    attention_k: keys kept per query (topk).
+    attention_query_chunk_size: queries per chunk (chunked, topk).
+    attention_kernel: scores-to-weights kernel, see `topk.kernels`.
+    ffn_kind: 'dense' MLP or 'topk' (`topk.TopKFeedForward`, same parameters).
+    ffn_k: hidden units kept per token (ffn_kind='topk').
+    ffn_query_chunk_size: tokens per chunk (ffn_kind='topk').
+    dtype: computation dtype name; parameters stay float32 and logits are float32.
+  """
+
+  vocab_size: int
+  num_classes: int
+  max_len: int
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_layers: int = 6
+  qkv_dim: int = 512
+  mlp_dim: int = 2048
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  classifier_pool: str = 'CLS'
+  learned_pos: bool = False
+  mask_padding: bool = True
+  interaction: str = 'concat'
+  attention_kind: str = 'vanilla'
+  attention_k: int = 128
+  attention_query_chunk_size: int = 1024
+  attention_kernel: str = 'softmax'
+  ffn_kind: str = 'dense'
+  ffn_k: int = 128
+  ffn_query_chunk_size: int = 1024
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    choices = {'classifier_pool': POOLINGS, 'interaction': INTERACTIONS,
+               'attention_kind': ATTENTION_KINDS, 'ffn_kind': FFN_KINDS, 'dtype': DTYPES}
+    for name, valid in choices.items():
+      if getattr(self, name) not in valid:
+        raise ValueError(f'TransformerConfig.{name}={getattr(self, name)!r}; expected one of '
+                         f'{valid}.')
+    for name in ('vocab_size', 'num_classes', 'max_len', 'emb_dim', 'num_heads', 'num_layers',
+                 'qkv_dim', 'mlp_dim', 'attention_k', 'attention_query_chunk_size', 'ffn_k',
+                 'ffn_query_chunk_size'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'TransformerConfig.{name}={value!r}; expected an int >= 1.')
+    if self.qkv_dim % self.num_heads:
+      raise ValueError(f'TransformerConfig.num_heads={self.num_heads} must divide '
+                       f'qkv_dim={self.qkv_dim}.')
+    for name in ('dropout_rate', 'attention_dropout_rate'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f'TransformerConfig.{name}={getattr(self, name)!r}; expected [0, 1).')
+
+  def attention_fn(self):
+    """The `attention_fn` for `nn.MultiHeadDotProductAttention`."""
+    options = {'k': self.attention_k, 'query_chunk_size': self.attention_query_chunk_size,
+               'kernel': self.attention_kernel}
+    return topk.make_attention_fn(
+        self.attention_kind,
+        **{name: options[name] for name in _ATTENTION_OPTIONS[self.attention_kind]})
+
+
+def sinusoidal_table(length: int, dim: int) -> np.ndarray:
+  """Fixed position table `[1, length, dim]`: sin on even features, cos on odd, base 10000."""
+  position = np.arange(length, dtype=np.float32)[:, None]
+  inv_freq = np.exp(np.arange(0, dim, 2, dtype=np.float32) * -(np.log(10000.0) / dim))
+  table = np.zeros((length, dim), dtype=np.float32)
+  table[:, 0::2] = np.sin(position * inv_freq)
+  table[:, 1::2] = np.cos(position * inv_freq)[:, :dim // 2]
+  return table[None]
+
+
+class MlpBlock(nn.Module):
+  """Dense feed-forward `[..., D] -> [..., out_dim]`: Dense, GELU, dropout, Dense, dropout.
+
+  Its submodules are `Dense_0`/`Dense_1`, the tree of `topk.TopKFeedForward`.
+  """
+
+  mlp_dim: int
+  out_dim: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_KERNEL_INIT,
+                 bias_init=_BIAS_INIT)(x)
+    x = nn.gelu(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_KERNEL_INIT,
+                 bias_init=_BIAS_INIT)(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN Transformer block `[B, L, D] -> [B, L, D]`."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, keep: jax.Array | None, *, train: bool) -> jax.Array:
+    """`keep` is bool `[B, L]`, False at padding, or None for no masking."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    attention_fn, mask = cfg.attention_fn(), None
+    if keep is not None and cfg.attention_kind == 'vanilla':
+      # Query AND key padding, [B, 1, L, L]: a padded query attends uniformly, as the original.
+      mask = nn.make_attention_mask(keep, keep, dtype=jnp.bool_)
+    elif keep is not None:
+      # The same masking from [B, L] vectors, so long inputs never build an L x L mask.
+      attention_fn = functools.partial(attention_fn, key_padding_mask=keep,
+                                       query_padding_mask=keep)
+    h = nn.LayerNorm(dtype=dtype, name='attention_norm')(x)
+    h = nn.MultiHeadDotProductAttention(
+        num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
+        dtype=dtype, kernel_init=_KERNEL_INIT, use_bias=False, broadcast_dropout=False,
+        dropout_rate=cfg.attention_dropout_rate, attention_fn=attention_fn,
+        name='attention')(h, mask=mask, deterministic=not train)
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=not train)
+
+    h = nn.LayerNorm(dtype=dtype, name='mlp_norm')(x)
+    if cfg.ffn_kind == 'topk':
+      # Its defaults are the dense block's initialisers and GELU.
+      ffn = topk.TopKFeedForward(
+          mlp_dim=cfg.mlp_dim, k=cfg.ffn_k, out_dim=cfg.emb_dim,
+          query_chunk_size=cfg.ffn_query_chunk_size, dropout_rate=cfg.dropout_rate, dtype=dtype,
+          name='mlp')
+    else:
+      ffn = MlpBlock(cfg.mlp_dim, cfg.emb_dim, cfg.dropout_rate, dtype=dtype, name='mlp')
+    return x + ffn(h, deterministic=not train)
+
+
+class Encoder(nn.Module):
+  """Token ids `[B, L]` -> encodings `[B, L (+1 with CLS), D]` after the final LayerNorm.
+
+  Attributes:
+    config: model hyper-parameters.
+    add_cls: prepend a learned CLS vector (zeros init) before the position encoding.
+  """
+
+  config: TransformerConfig
+  add_cls: bool
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+    cfg = self.config
+    if inputs.ndim != 2 or inputs.shape[1] > cfg.max_len:
+      raise ValueError(f'inputs: expected int [batch, length <= max_len={cfg.max_len}], got '
+                       f'shape {inputs.shape}.')
+    x = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_EMBED_INIT, name='embed')(
+        inputs.astype(jnp.int32))
+    keep = inputs > 0  # [B, L]
+    max_len = cfg.max_len
+    if self.add_cls:
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, cfg.emb_dim))
+      x = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), x], axis=1)
+      # The original gives CLS the first token's mask entry (so a black first pixel masks it).
+      keep = jnp.concatenate([keep[:, :1], keep], axis=1)
+      max_len += 1
+    length = x.shape[1]
+    if cfg.learned_pos:
+      x = x + self.param('pos_embedding', _POS_INIT, (1, max_len, cfg.emb_dim))[:, :length]
+    else:
+      x = x + sinusoidal_table(length, cfg.emb_dim)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+    x = x.astype(jnp.dtype(cfg.dtype))
+
+    for i in range(cfg.num_layers):
+      x = EncoderBlock(cfg, name=f'encoderblock_{i}')(x, keep if cfg.mask_padding else None,
+                                                      train=train)
+    return nn.LayerNorm(dtype=jnp.dtype(cfg.dtype), name='encoder_norm')(x)
+
+
+def _pool(x: jax.Array, pooling: str) -> jax.Array:
+  """`[B, L, D] -> [B, D]`: position 0, or the mean over every position (padding included)."""
+  return x[:, 0] if pooling == 'CLS' else jnp.mean(x, axis=1)
+
+
+class Classifier(nn.Module):
+  """Single-input classifier: `batch['inputs']` int `[B, L]` -> float32 logits `[B, C]`."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
+    cfg = self.config
+    x = Encoder(cfg, add_cls=cfg.classifier_pool == 'CLS', name='encoder')(
+        batch['inputs'], train=train)
+    x = nn.relu(nn.Dense(cfg.mlp_dim, name='mlp')(_pool(x, cfg.classifier_pool)))
+    return nn.Dense(cfg.num_classes, name='logits')(x).astype(jnp.float32)
+
+
+class DualClassifier(nn.Module):
+  """Siamese matcher: `batch['inputs1']`, `batch['inputs2']` int `[B, L]` -> logits `[B, C]`.
+
+  One shared encoder (no CLS token, no cross attention) encodes each document; 'CLS' pooling
+  takes each document's first position, as the original.
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
+    cfg = self.config
+    encoder = Encoder(cfg, add_cls=False, name='encoder')
+    u = _pool(encoder(batch['inputs1'], train=train), cfg.classifier_pool)
+    v = _pool(encoder(batch['inputs2'], train=train), cfg.classifier_pool)
+    x = jnp.concatenate([u, v, u * v, u - v] if cfg.interaction == 'nli' else [u, v], axis=-1)
+    x = nn.relu(nn.Dense(cfg.mlp_dim, name='mlp')(x))
+    x = nn.relu(nn.Dense(cfg.mlp_dim // 2, name='mlp2')(x))
+    return nn.Dense(cfg.num_classes, name='logits')(x).astype(jnp.float32)
+
+
+def _prefixed(group: ml_collections.ConfigDict, prefix: str, valid: tuple[str, ...],
+              where: str) -> dict[str, Any]:
+  unknown = sorted(set(group.keys()) - set(valid))
+  if unknown:
+    raise ValueError(f'{where}: unknown keys {unknown}; valid keys: {list(valid)}.')
+  return {prefix + name: value for name, value in group.items()}
+
+
+# ---- Edge: the only place this package reads a ConfigDict. ----
+def build_model(config: ml_collections.ConfigDict, info: 'TaskInfo') -> nn.Module:
+  """Builds the classifier for `info` from `config.model`, `config.attention` and `config.ffn`.
+
+  Args:
+    config: run config (see configs/common.py); other fields are ignored.
+    info: the task; gives vocab_size, num_classes, max_length and whether it is dual-input.
+
+  Returns:
+    `DualClassifier` for dual-input tasks, else `Classifier`.
+
+  Raises:
+    ValueError: on unknown keys in those groups or invalid values.
+  """
+  attention_keys = ('kind', 'k', 'query_chunk_size', 'kernel')
+  ffn_keys = ('kind', 'k', 'query_chunk_size')
+  not_model = {'vocab_size', 'num_classes', 'max_len'}
+  not_model |= {'attention_' + key for key in attention_keys} | {'ffn_' + key for key in ffn_keys}
+  model_keys = tuple(f.name for f in dataclasses.fields(TransformerConfig)
+                     if f.name not in not_model)
+  fields = _prefixed(config.model, '', model_keys, 'config.model')
+  fields.update(_prefixed(config.attention, 'attention_', attention_keys, 'config.attention'))
+  fields.update(_prefixed(config.ffn, 'ffn_', ffn_keys, 'config.ffn'))
+  model_config = TransformerConfig(vocab_size=info.vocab_size, num_classes=info.num_classes,
+                                   max_len=info.max_length, **fields)
+  return DualClassifier(model_config) if info.dual else Classifier(model_config)
