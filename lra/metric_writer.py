@@ -1,0 +1,50 @@
+"""Writes scalar metrics to `metrics.jsonl` and to TensorBoard event files in a workdir.
+
+We do not use `clu.metric_writers`: in clu 0.0.12 it imports the `tensorboard` package, which the
+pinned stack does not install. `tf.summary.write` with the scalars-plugin metadata produces the
+same event records without it.
+"""
+
+import json
+import os
+from collections.abc import Mapping
+
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+
+
+class MetricWriter:
+  """Appends `{"step": int, "split": str, <name>: float, ...}` lines and TensorBoard scalars.
+
+  TensorBoard tags are `<split>/<name>`, e.g. `validation/accuracy`. A writer created with
+  `enabled=False` (processes other than 0 in a multi-process run) writes nothing.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self._enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    # Appending keeps the history of an interrupted run when it resumes in the same workdir.
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    values = {name: float(value) for name, value in values.items()}
+    self._jsonl.write(json.dumps({'step': int(step), 'split': split, **values}) + '\n')
+    self._jsonl.flush()
+    with self._summary.as_default():
+      for name, value in values.items():
+        tf.summary.write(f'{split}/{name}', tf.constant(value, tf.float32), step=int(step),
+                         metadata=_SCALAR_METADATA)
+    self._summary.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      self._summary.close()

@@ -1,0 +1,483 @@
+"""Training and evaluation loop for LRA classification (issue 6).
+
+One trainer for every task and attention kind. Data parallelism uses `jax.jit` over a 1-D
+('data',) mesh of all devices: batches are sharded on their first axis, the train state is
+replicated. This module is the marked edge where a `ConfigDict` is read (field names in
+CONTRACT.md); everything below `train_and_evaluate` / `evaluate` takes plain values.
+
+A workdir holds:
+  config.json            the run's config, written at start
+  metrics.jsonl          one JSON object per line: {"step", "split", <metric>: value, ...}
+  tensorboard/           the same scalars as TensorBoard events (`<split>/<metric>`)
+  checkpoints/<step>/    periodic orbax checkpoints (the last `keep_checkpoints`)
+  best_checkpoint/<step>/  the best-validation-accuracy checkpoint
+  results.json           final metrics (see `train_and_evaluate`)
+  eval_results_<tag>.json  written by `evaluate`
+
+Resuming: `train_and_evaluate` on a workdir with checkpoints continues from the latest one. The
+data stream skips the batches already consumed and the dropout key is the seed's key folded with
+the step, so an interrupted and resumed run reproduces the uninterrupted one.
+"""
+
+import datetime
+import functools
+import itertools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lra import data, models
+from lra.checkpointing import RunCheckpoints
+from lra.metric_writer import MetricWriter
+from lra.optim import make_optimizer, make_schedule
+
+Batch = dict[str, np.ndarray]
+Metrics = dict[str, float]
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D ('data',) mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ('data',))
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+  """Places a global batch (every array `[B, ...]`) on the mesh, split along B.
+
+  Every process holds the same global batch (the input pipeline is seeded identically) and
+  contributes the rows its own devices own.
+
+  Raises:
+    ValueError: B is not divisible by the number of devices.
+  """
+  sharding = NamedSharding(mesh, P('data'))
+  out = {}
+  for name, array in batch.items():
+    if array.shape[0] % mesh.size:
+      raise ValueError(f'batch of {array.shape[0]} examples ({name!r}) does not divide among '
+                       f'{mesh.size} devices; choose a multiple of {mesh.size}')
+    index = sharding.addressable_devices_indices_map(array.shape)
+    rows = [rows_slice for rows_slice, *_ in index.values()]
+    start = min(s.start or 0 for s in rows)
+    stop = max(array.shape[0] if s.stop is None else s.stop for s in rows)
+    out[name] = jax.make_array_from_process_local_data(sharding, array[start:stop], array.shape)
+  return out
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy `[B]` of float logits `[B, C]` and int targets `[B]`."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array], *,
+               dropout_key: jax.Array, schedule: optax.Schedule
+               ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """One optimizer update on a batch; returns the new state and scalar metrics of the batch.
+
+  The dropout key is `dropout_key` folded with the step, so a resumed run draws the same masks.
+  """
+  step_key = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': step_key})
+    return cross_entropy(logits, batch['targets']).mean(), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['targets']),
+      'learning_rate': schedule(state.step),
+  }
+  return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: Callable[..., jax.Array]
+              ) -> dict[str, jax.Array]:
+  """Sums of loss, correct predictions and weight over a padded batch.
+
+  `batch['weights']` `[B]` is 1 for real examples and 0 for padding rows; padding rows are
+  excluded with `where`, not multiplied, so a NaN on an all-padding row cannot leak in.
+  """
+  logits = apply_fn({'params': params}, batch, train=False)
+  real = batch['weights'] > 0
+  loss = jnp.where(real, cross_entropy(logits, batch['targets']), 0.0)
+  correct = jnp.where(real, jnp.argmax(logits, -1) == batch['targets'], False)
+  return {'loss': loss.sum(), 'correct': correct.sum(), 'count': real.sum()}
+
+
+def pad_batch(batch: Batch, size: int) -> Batch:
+  """Pads every array of `batch` with zero rows to `size` and adds float `weights` `[size]`."""
+  rows = next(iter(batch.values())).shape[0]
+  if rows > size:
+    raise ValueError(f'eval batch has {rows} examples, more than the padded size {size}')
+  padded = {name: np.concatenate([a, np.zeros((size - rows, *a.shape[1:]), a.dtype)])
+            for name, a in batch.items()}
+  padded['weights'] = (np.arange(size) < rows).astype(np.float32)
+  return padded
+
+
+class Trainer:
+  """The jitted steps of one model on one mesh, and evaluation over a dataset.
+
+  Attributes:
+    mesh: the device mesh.
+    state_sharding: sharding tree of the train state (replicated).
+  """
+
+  def __init__(self, model: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               example_batch: Batch, *, seed: int, mesh: Mesh, eval_batch_size: int):
+    self.mesh = mesh
+    self._model = model
+    self._tx = tx
+    self._example = example_batch
+    init_key, self._dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+    self._init_key = init_key
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.eval_shape(self._init, init_key)
+    self.state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    batch_sharding = NamedSharding(mesh, P('data'))
+    self._train_step = jax.jit(
+        functools.partial(train_step, dropout_key=self._dropout_key, schedule=schedule),
+        in_shardings=(self.state_sharding, batch_sharding),
+        out_shardings=(self.state_sharding, replicated), donate_argnums=0)
+    self._eval_step = jax.jit(
+        functools.partial(eval_step, apply_fn=model.apply),
+        in_shardings=(self.state_sharding.params, batch_sharding), out_shardings=replicated)
+    # Every eval batch is padded to one size that the devices divide, so it compiles once.
+    self._eval_size = math.ceil(eval_batch_size / mesh.size) * mesh.size
+
+  def _init(self, key: jax.Array) -> train_state.TrainState:
+    variables = self._model.init({'params': key, 'dropout': key}, self._example, train=False)
+    return train_state.TrainState.create(apply_fn=self._model.apply, params=variables['params'],
+                                         tx=self._tx)
+
+  def init_state(self) -> train_state.TrainState:
+    """A freshly initialised, replicated train state (same seed -> same parameters)."""
+    return jax.jit(self._init, out_shardings=self.state_sharding)(self._init_key)
+
+  def step(self, state: train_state.TrainState, batch: Batch
+           ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+    """Dispatches one train step; the returned metrics are still on device."""
+    return self._train_step(state, shard_batch(batch, self.mesh))
+
+  def evaluate(self, params: Any, batches: Iterator[Batch]) -> Metrics:
+    """Exact mean loss and accuracy over all examples of `batches`."""
+    totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+    for batch in batches:
+      sums = self._eval_step(params, shard_batch(pad_batch(batch, self._eval_size), self.mesh))
+      for name, value in jax.device_get(sums).items():
+        totals[name] += float(value)
+    if totals['count'] == 0:
+      raise ValueError('evaluation split is empty')
+    return {'loss': totals['loss'] / totals['count'],
+            'accuracy': totals['correct'] / totals['count']}
+
+
+def num_params(params: Any) -> int:
+  """Number of scalars in a parameter tree."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------- config edge
+
+
+def _example_batch(info: data.TaskInfo) -> Batch:
+  tokens = np.zeros((1, info.max_length), np.int32)
+  inputs = {'inputs1': tokens, 'inputs2': tokens} if info.dual else {'inputs': tokens}
+  return {**inputs, 'targets': np.zeros((1,), np.int32)}
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  # Field values are checked by configs.common.validate; this is the check that needs devices.
+  if config.batch_size % jax.device_count():
+    raise ValueError(f'config.batch_size={config.batch_size} does not divide among '
+                     f'{jax.device_count()} devices')
+
+
+def _setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
+  """Builds the task, model, optimizer and trainer a config describes."""
+  _check_config(config)
+  task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
+                       eval_batch_size=config.eval_batch_size, max_length=config.max_length,
+                       seed=config.seed, **config.task_options)
+  model = models.build_model(config, task.info)
+  schedule = make_schedule(config.schedule, config.learning_rate, config.warmup_steps,
+                           config.num_train_steps)
+  tx = make_optimizer(schedule, weight_decay=config.weight_decay,
+                      grad_clip_norm=config.grad_clip_norm)
+  trainer = Trainer(model, tx, schedule, _example_batch(task.info), seed=config.seed,
+                    mesh=make_mesh(), eval_batch_size=config.eval_batch_size)
+  return task, trainer
+
+
+def _limit(iterator: Iterator[Batch], num_batches: int) -> Iterator[Batch]:
+  return iterator if num_batches == -1 else itertools.islice(iterator, num_batches)
+
+
+def _write_json(path: str, value: Any) -> None:
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(value, f, indent=2)
+      f.write('\n')
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks once per step.
+
+  Used as a context manager; handlers are only installed from the main thread (Python allows no
+  other) and the previous handlers come back on exit. `resend()` then delivers the signal again,
+  so the process ends the way it would have without us (after the checkpoint is written).
+  """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> '_StopRequest':
+    if threading.current_thread() is threading.main_thread():
+      for signum in self._SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc_info: Any) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def resend(self) -> None:
+    if self.signum is not None:
+      signal.raise_signal(self.signum)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class _TrainMetrics:
+  """Host-side accumulator of per-step train metrics, fetched one step behind dispatch so the
+  host never waits for the step it has just launched."""
+
+  def __init__(self):
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self._sums: dict[str, float] = {}
+    self._steps = 0
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
+
+  def fetch(self, keep_last: bool) -> None:
+    """Fetches pending metrics (all but the newest if `keep_last`).
+
+    Raises:
+      FloatingPointError: a step's loss is NaN or infinite.
+    """
+    ready = self._pending[:-1] if keep_last else self._pending
+    self._pending = self._pending[len(ready):]
+    for step, metrics in ready:
+      values = jax.device_get(metrics)
+      if not np.isfinite(values['loss']):
+        raise FloatingPointError(f'training loss is {values["loss"]} at step {step}')
+      for name, value in values.items():
+        self._sums[name] = self._sums.get(name, 0.0) + float(value)
+      self._steps += 1
+
+  def summary(self) -> Metrics:
+    """Means since the last summary (every train batch has the same size), then resets."""
+    means = {name: total / self._steps for name, total in self._sums.items()}
+    self._sums, self._steps = {}, 0
+    return means
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config`'s model on its task in `workdir`, resuming from the latest checkpoint there.
+
+  Every `eval_frequency` steps (and at the last step) the model is evaluated on the validation
+  split (`num_eval_steps` batches, -1 = all) and the best-accuracy state is checkpointed. At the
+  end, the final state and the best state are each evaluated on the full validation and test
+  splits in this process.
+
+  Returns:
+    The contents of results.json: {'step', 'validation': {'accuracy', 'loss'}, 'test': {...}
+    (both of the final state), 'best_step', 'best': {'validation': ..., 'test': ...} (of the
+    best-validation state), 'wall_time_s' (this process), 'num_params', 'config'}.
+    After SIGTERM/SIGINT: a checkpoint of the current step is saved, no results are computed
+    and the signal is re-delivered once the handlers are restored, so the process ends as it
+    would have without them.
+  Raises:
+    FloatingPointError: the training loss became NaN or infinite (the message names the step).
+  """
+  start_time = time.time()
+  task, trainer = _setup(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2) + '\n')
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  stop = _StopRequest()
+  try:
+    state = trainer.init_state()
+    count = num_params(state.params)
+    logging.info('Model has %d parameters.', count)
+    if checkpoints.latest_step() is not None:
+      _, state = checkpoints.restore('latest', state)
+      logging.info('Resuming from step %d in %s.', int(state.step), workdir)
+    with stop:
+      state = _train_loop(config, task, trainer, state, writer, checkpoints, stop)
+    if stop.signum is not None:
+      logging.warning('Stopped by signal %d at step %d; checkpoint saved. Rerun to resume.',
+                      stop.signum, int(state.step))
+      return {'step': int(state.step), 'stopped_by_signal': stop.signum}
+    results = _final_results(task, trainer, state, writer, checkpoints)
+    results.update(wall_time_s=time.time() - start_time, num_params=count,
+                   config=config.to_dict())
+    _write_json(os.path.join(workdir, 'results.json'), results)
+    return results
+  finally:
+    writer.close()
+    checkpoints.close()
+    stop.resend()
+
+
+def _train_loop(config: ml_collections.ConfigDict, task: Any, trainer: Trainer,
+                state: train_state.TrainState, writer: MetricWriter,
+                checkpoints: RunCheckpoints, stop: _StopRequest) -> train_state.TrainState:
+  """Runs steps from `state.step` to `num_train_steps` (or until a stop signal)."""
+  total = config.num_train_steps
+  first = int(state.step)
+  batches = task.train(skip_batches=first).as_numpy_iterator()
+  metrics = _TrainMetrics()
+  clock, clock_step = time.time(), first
+  for step in range(first + 1, total + 1):
+    state, step_metrics = trainer.step(state, next(batches))
+    metrics.add(step, step_metrics)
+    metrics.fetch(keep_last=True)
+    last = step == total
+    # Read the flag once: a signal arriving during this step's hooks is handled at the next step.
+    stopping = stop.signum is not None
+    do_log = step % config.log_every == 0 or last
+    do_eval = step % config.eval_frequency == 0 or last
+    do_save = step % config.checkpoint_every == 0 or last or stopping
+    if not (do_log or do_eval or do_save):
+      continue
+    metrics.fetch(keep_last=False)
+    if do_log:
+      summary = metrics.summary()
+      rate = (step - clock_step) / max(time.time() - clock, 1e-9)
+      summary['steps_per_second'] = rate
+      writer.write(step, 'train', summary)
+      eta = (total - step) / rate
+      logging.info('step %d/%d: loss %.4f accuracy %.4f lr %.3g, %.2f steps/s, ETA %s', step,
+                   total, summary['loss'], summary['accuracy'], summary['learning_rate'], rate,
+                   datetime.timedelta(seconds=round(eta)))
+    if do_eval:
+      validation = trainer.evaluate(state.params, _limit(task.validation().as_numpy_iterator(),
+                                                         config.num_eval_steps))
+      writer.write(step, 'validation', validation)
+      improved = checkpoints.save_best(step, state, validation['accuracy'])
+      logging.info('step %d validation: loss %.4f accuracy %.4f%s', step, validation['loss'],
+                   validation['accuracy'], ' (best so far)' if improved else '')
+    if do_save:
+      checkpoints.save(step, state)
+    if stopping:
+      break
+    clock, clock_step = time.time(), step  # steps/s counts training time only
+  return state
+
+
+def _evaluate_splits(task: Any, trainer: Trainer, params: Any) -> dict[str, Metrics]:
+  return {'validation': trainer.evaluate(params, task.validation().as_numpy_iterator()),
+          'test': trainer.evaluate(params, task.test().as_numpy_iterator())}
+
+
+def _final_results(task: Any, trainer: Trainer, state: train_state.TrainState,
+                   writer: MetricWriter, checkpoints: RunCheckpoints) -> dict[str, Any]:
+  step = int(state.step)
+  final = _evaluate_splits(task, trainer, state.params)
+  best_step = checkpoints.best_step()
+  if best_step is None or best_step == step:
+    best = final
+  else:
+    _, best_state = checkpoints.restore('best', state)
+    best = _evaluate_splits(task, trainer, best_state.params)
+  for split, values in final.items():
+    writer.write(step, f'final_{split}', values)
+  logging.info('final step %d: %s; best step %s: %s', step, final, best_step, best)
+  return {'step': step, **final, 'best_step': best_step, 'best': best}
+
+
+# ----------------------------------------------------------------------------- evaluation mode
+
+
+def eval_tag(config: ml_collections.ConfigDict) -> str:
+  """Names an evaluation by its attention and FFN settings, e.g. 'topk_k32' or 'vanilla'."""
+  tag = config.attention.kind
+  if config.attention.kind == 'topk':
+    tag += f'_k{config.attention.k}'
+  if config.ffn.kind == 'topk':
+    tag += f'_ffntopk_k{config.ffn.k}'
+  return tag
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             checkpoint: str = 'best') -> dict[str, Any]:
+  """Evaluates a trained workdir's checkpoint with `config`'s model on validation and test.
+
+  The config may differ from the training config in its attention and FFN settings (all kinds
+  share one parameter tree), e.g. a vanilla-trained checkpoint evaluated with top-k attention.
+  Writes `eval_results_<eval_tag(config)>.json` to the workdir.
+
+  Args:
+    config: the run config, possibly with other attention/ffn settings.
+    workdir: a training workdir.
+    checkpoint: 'best' (falls back to the latest when none exists) or 'latest'.
+  Returns:
+    {'step', 'checkpoint' (the one used), 'tag', 'validation': {'accuracy', 'loss'},
+     'test': {...}, 'attention', 'ffn'}.
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint.
+  """
+  task, trainer = _setup(config)
+  checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  try:
+    if checkpoint == 'best' and checkpoints.best_step() is None:
+      logging.warning('No best checkpoint in %s (no validation ran); using the latest.', workdir)
+      checkpoint = 'latest'
+    step, state = checkpoints.restore(checkpoint, trainer.init_state())
+  finally:
+    checkpoints.close()
+  tag = eval_tag(config)
+  results = {'step': step, 'checkpoint': checkpoint, 'tag': tag,
+             **_evaluate_splits(task, trainer, state.params),
+             'attention': config.attention.to_dict(), 'ffn': config.ffn.to_dict()}
+  logging.info('evaluation %s of step %d: %s', tag, step, results)
+  _write_json(os.path.join(workdir, f'eval_results_{tag}.json'), results)
+  return results

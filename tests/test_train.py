@@ -1,0 +1,315 @@
+"""Tests of the training loop (lra.train), its optimizer (lra.optim) and train.py.
+
+End-to-end runs use the real smoke configs on fixture data in the release formats (ListOps from
+the generator, retrieval TSVs, Pathfinder PNGs) or TFDS mock data. One 4-step ListOps run is shared
+by the resume, sharding and evaluation tests.
+"""
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from lra import train
+from lra.data import listops_gen
+from lra.optim import make_optimizer, make_schedule
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory) -> dict[str, str]:
+  """Shares compiled steps between the runs of this module and its subprocesses (returns their
+  environment variables): most runs compile the same smoke model, and compiling dominates."""
+  options = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
+             'jax_persistent_cache_min_compile_time_secs': 0.0}
+  previous = {name: getattr(jax.config, name) for name in options}
+  for name, value in options.items():
+    jax.config.update(name, value)
+  yield {name.upper(): str(value) for name, value in options.items()}
+  for name, value in previous.items():
+    jax.config.update(name, value)
+
+
+def smoke_config(module: str, data_dir: str, arg: str = 'smoke', **overrides
+                 ) -> ml_collections.ConfigDict:
+  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  config.data_dir = data_dir
+  for name, value in overrides.items():
+    parent = config
+    *path, leaf = name.split('.')
+    for part in path:
+      parent = parent[part]
+    parent[leaf] = value
+  return config
+
+
+def read_metrics(workdir: str) -> dict[tuple[int, str], dict[str, float]]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  return {(line.pop('step'), line.pop('split')): line for line in lines}
+
+
+def read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+# 21 validation and 13 test examples: the last eval batch of 8 is partial.
+@pytest.fixture(scope='module')
+def listops_data(tmp_path_factory) -> str:
+  root = str(tmp_path_factory.mktemp('listops_data'))
+  listops_gen.write_splits(root, seed=0, num_train=64, num_valid=21, num_test=13, min_length=3,
+                           max_length=40)
+  return root
+
+
+@pytest.fixture(scope='module')
+def listops_run(listops_data, tmp_path_factory):
+  """4 uninterrupted steps; validation after steps 2 and 4 on the whole split."""
+  config = smoke_config('listops', listops_data, num_eval_steps=-1)
+  workdir = str(tmp_path_factory.mktemp('listops_run'))
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_schedules():
+  rsqrt = make_schedule('rsqrt', 0.05, 100, 1000)
+  assert float(rsqrt(0)) == 0.0
+  np.testing.assert_allclose(rsqrt(50), 0.05 * 0.5 / 10, rtol=1e-6)
+  np.testing.assert_allclose(rsqrt(100), 0.05 / 10, rtol=1e-6)  # LRA's peak: base/sqrt(warmup)
+  np.testing.assert_allclose(rsqrt(400), 0.05 / 20, rtol=1e-6)
+  cosine = make_schedule('cosine', 1e-3, 10, 110)
+  np.testing.assert_allclose([cosine(5), cosine(10), cosine(65)], [5e-4, 1e-3, 5e-4], rtol=1e-5)
+  constant = make_schedule('constant', 0.1, 0, 10)
+  np.testing.assert_allclose([constant(0), constant(9)], [0.1, 0.1])
+  with pytest.raises(ValueError, match="schedule must be one of.*'linear'"):
+    make_schedule('linear', 0.1, 0, 10)
+
+
+def test_adam_and_decoupled_weight_decay():
+  params = {'w': jnp.array([2.0, -4.0])}
+  tx = make_optimizer(optax.constant_schedule(0.1), weight_decay=0.5, grad_clip_norm=0.0)
+  # A zero gradient leaves only the decay: p - lr * wd * p.
+  updates, _ = tx.update({'w': jnp.zeros(2)}, tx.init(params), params)
+  np.testing.assert_allclose(optax.apply_updates(params, updates)['w'], [1.9, -3.8], rtol=1e-6)
+  # First Adam step moves every parameter by lr against the gradient's sign.
+  tx = make_optimizer(optax.constant_schedule(0.1), weight_decay=0.0, grad_clip_norm=1.0)
+  updates, _ = tx.update({'w': jnp.array([30.0, -0.1])}, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], [-0.1, 0.1], rtol=1e-5)
+  with pytest.raises(ValueError, match='grad_clip_norm'):
+    make_optimizer(optax.constant_schedule(0.1), weight_decay=0.0, grad_clip_norm=-1.0)
+
+
+def test_pad_batch():
+  batch = {'inputs': np.ones((3, 4), np.int32), 'targets': np.array([1, 2, 3], np.int32)}
+  padded = train.pad_batch(batch, 8)
+  assert padded['inputs'].shape == (8, 4) and padded['inputs'][3:].sum() == 0
+  np.testing.assert_array_equal(padded['weights'], [1, 1, 1, 0, 0, 0, 0, 0])
+  with pytest.raises(ValueError, match='more than the padded size 2'):
+    train.pad_batch(batch, 2)
+
+
+# ----------------------------------------------------------------------------- every task
+
+
+def test_listops_run_writes_workdir(listops_run):
+  config, workdir, results = listops_run
+  assert sorted(os.listdir(workdir)) == ['best_checkpoint', 'checkpoints', 'config.json',
+                                         'metrics.jsonl', 'results.json', 'tensorboard']
+  assert read_json(os.path.join(workdir, 'results.json')) == json.loads(json.dumps(results))
+  assert read_json(os.path.join(workdir, 'config.json'))['task'] == 'listops'
+  assert results['step'] == 4 and results['num_params'] > 0
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  assert os.listdir(os.path.join(workdir, 'best_checkpoint')) == [str(results['best_step'])]
+  metrics = read_metrics(workdir)
+  assert {(step, 'train') for step in range(1, 5)} <= set(metrics)
+  assert metrics[(1, 'train')]['learning_rate'] == 0.0  # warmup starts at 0, as LRA
+  # Whole-split validation at the last step is what results.json reports for the final state.
+  assert metrics[(4, 'validation')] == pytest.approx(results['validation'], rel=1e-6)
+  best_val = metrics[(results['best_step'], 'validation')]['accuracy']
+  assert best_val == max(metrics[(s, 'validation')]['accuracy'] for s in (2, 4))
+  assert results['best']['validation'] == pytest.approx(metrics[(results['best_step'],
+                                                                 'validation')], rel=1e-6)
+  for split in ('validation', 'test'):
+    assert 0.0 <= results[split]['accuracy'] <= 1.0 and np.isfinite(results[split]['loss'])
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def retrieval_data(root: str) -> str:
+  rows = [f'{i % 2}\ta{i}\tb{i}\t{"xy" * i}\t{"yz" * (i + 1)}' for i in range(12)]
+  for split, n in (('train', 12), ('eval', 5), ('test', 3)):
+    path = os.path.join(root, 'tsv_data', f'new_aan_pairs.{split}.tsv')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      f.write('\n'.join(rows[:n]) + '\n')
+  return root
+
+
+def pathfinder_data(root: str) -> str:
+  base = os.path.join(root, 'pathfinder32', 'curv_contour_length_14')
+  os.makedirs(os.path.join(base, 'imgs', '0'))
+  os.makedirs(os.path.join(base, 'metadata'))
+  lines = []
+  for i in range(20):
+    Image.fromarray(np.full((32, 32), 10 * i, np.uint8)).save(
+        os.path.join(base, 'imgs', '0', f'sample_{i}.png'))
+    lines.append(f'imgs/0 sample_{i}.png {i} {i % 2} 1 14\n')
+  with open(os.path.join(base, 'metadata', '0.npy'), 'w') as f:
+    f.writelines(lines)
+  return root
+
+
+@pytest.mark.parametrize('module, arg, make_data', [
+    ('retrieval', 'topk,smoke', retrieval_data),
+    ('pathfinder', 'size=32,smoke', pathfinder_data),
+    ('text', 'chunked,smoke', None),
+])
+def test_every_task_trains(module, arg, make_data, tmp_path):
+  data_dir = make_data(str(tmp_path / 'data')) if make_data else str(tmp_path / 'data')
+  config = smoke_config(module, data_dir, arg, num_train_steps=2)
+  with tfds.testing.mock_data(num_examples=10):
+    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['step'] == 2 and results['best_step'] == 2
+  assert 0.0 <= results['test']['accuracy'] <= 1.0 and np.isfinite(results['test']['loss'])
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path):
+  _, full_workdir, full = listops_run
+  workdir = str(tmp_path)
+  config = smoke_config('listops', listops_data, num_eval_steps=-1, num_train_steps=2)
+  first = train.train_and_evaluate(config, workdir)
+  assert first['step'] == 2
+  config.num_train_steps = 4
+  resumed = train.train_and_evaluate(config, workdir)
+  expected, actual = read_metrics(full_workdir), read_metrics(workdir)
+  for key in [(s, 'train') for s in range(1, 5)] + [(2, 'validation'), (4, 'validation')]:
+    expected[key].pop('steps_per_second', None)
+    actual[key].pop('steps_per_second', None)
+    assert actual[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+  for split in ('validation', 'test'):
+    assert resumed[split] == pytest.approx(full[split], rel=1e-6), split
+    assert resumed['best'][split] == pytest.approx(full['best'][split], rel=1e-6), split
+  assert resumed['best_step'] == full['best_step']
+
+
+# ----------------------------------------------------------------------------- sharding
+
+_SHARDED_SCRIPT = """
+import json, sys
+import jax
+from configs import listops
+from lra import train
+assert jax.device_count() == 8, jax.devices()
+config = listops.get_config('smoke')
+config.data_dir, config.num_eval_steps = sys.argv[1], -1
+config.batch_size = 12
+try:
+  train.train_and_evaluate(config, sys.argv[2] + '_bad')
+except ValueError as error:
+  print('VALUE_ERROR', error)
+config.batch_size = 8
+results = train.train_and_evaluate(config, sys.argv[2])
+print('RESULTS', json.dumps({k: results[k] for k in ('validation', 'test', 'best')}))
+"""
+
+
+def test_eight_device_run_equals_one_device_run(listops_run, listops_data, tmp_path,
+                                                compilation_cache):
+  _, one_device_workdir, one_device = listops_run
+  workdir = str(tmp_path / 'run')
+  env = {**os.environ, **compilation_cache, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  process = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT, listops_data, workdir],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert 'VALUE_ERROR config.batch_size=12 does not divide among 8 devices' in process.stdout
+  line = next(line for line in process.stdout.splitlines() if line.startswith('RESULTS '))
+  eight_device = json.loads(line[len('RESULTS '):])
+  for split in ('validation', 'test'):
+    for results in ('final', 'best'):
+      expected = one_device if results == 'final' else one_device['best']
+      actual = eight_device if results == 'final' else eight_device['best']
+      assert actual[split] == pytest.approx(expected[split], rel=1e-5, abs=1e-6), (results, split)
+  expected, actual = read_metrics(one_device_workdir), read_metrics(workdir)
+  for step in range(1, 5):
+    for name in ('loss', 'accuracy'):
+      assert actual[(step, 'train')][name] == pytest.approx(expected[(step, 'train')][name],
+                                                            rel=1e-5, abs=1e-6), (step, name)
+
+
+# ----------------------------------------------------------------------------- evaluation mode
+
+
+def test_evaluate_vanilla_checkpoint_with_exact_topk(listops_run):
+  config, workdir, results = listops_run
+  # k covers all 65 keys (64 tokens + CLS), so top-k must reproduce dense attention.
+  topk_config = smoke_config('listops', config.data_dir, 'topk,k=128,smoke')
+  evaluated = train.evaluate(topk_config, workdir)
+  assert evaluated['tag'] == 'topk_k128' and evaluated['step'] == results['best_step']
+  assert read_json(os.path.join(workdir, 'eval_results_topk_k128.json'))['test'] == (
+      evaluated['test'])
+  for split in ('validation', 'test'):
+    assert evaluated[split]['accuracy'] == results['best'][split]['accuracy']
+    assert evaluated[split]['loss'] == pytest.approx(results['best'][split]['loss'], rel=1e-5)
+
+
+def test_evaluate_without_checkpoint_is_an_error(listops_data, tmp_path):
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    train.evaluate(smoke_config('listops', listops_data), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- failures, signals
+
+
+def test_non_finite_loss_names_the_step(listops_data, tmp_path):
+  # Without warmup the first update already blows the parameters up.
+  config = smoke_config('listops', listops_data, learning_rate=1e30, warmup_steps=0,
+                        schedule='constant', num_train_steps=8)
+  with pytest.raises(FloatingPointError, match=r'training loss is (nan|inf|-inf) at step [2-8]'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step(listops_data, tmp_path,
+                                                        compilation_cache):
+  workdir = str(tmp_path / 'run')
+  command = [sys.executable, 'train.py', '--config=configs/listops.py:smoke',
+             f'--config.data_dir={listops_data}', f'--workdir={workdir}',
+             '--config.num_train_steps=100000', '--config.eval_frequency=100000',
+             '--config.checkpoint_every=100000']
+  process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **compilation_cache},
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  try:
+    deadline = time.monotonic() + 240
+    while not (os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3):
+      assert process.poll() is None, process.stderr.read()[-3000:]
+      assert time.monotonic() < deadline, 'no training progress'
+      time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == -signal.SIGTERM, stderr[-3000:]
+  last_logged = max(step for step, split in read_metrics(workdir) if split == 'train')
+  # log_every=1 in smoke configs: the step the signal stopped at is the last one logged.
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(last_logged)], stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))

@@ -1,0 +1,53 @@
+r"""Trains or evaluates an LRA model. The loop itself lives in `lra.train`.
+
+Train (resumes automatically from the workdir's latest checkpoint):
+  python train.py --config=configs/listops.py:topk,k=64 --workdir=runs/listops_topk
+Evaluate a trained workdir with other attention settings (writes eval_results_<tag>.json):
+  python train.py --mode=eval --config=configs/listops.py:vanilla --workdir=runs/listops_vanilla \
+      --config.attention.kind=topk --config.attention.k=32
+Several processes (multi-host GPU, or several processes on one host): start one per host with
+`--multiprocess`; `jax.distributed.initialize` then auto-detects SLURM, Open MPI and Cloud TPU, or
+reads JAX_COORDINATOR_ADDRESS together with --num_processes and --process_id.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train: train_and_evaluate; eval: evaluate a trained workdir.')
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
+                                'Checkpoint that --mode=eval evaluates.')
+_MULTIPROCESS = flags.DEFINE_bool('multiprocess', False,
+                                  'Call jax.distributed.initialize() before anything else.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --multiprocess, if not '
+                                      'auto-detected.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --multiprocess, if not auto-detected.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that flag parsing stays fast and TF never sees the GPUs.
+  import jax
+  import tensorflow as tf
+
+  from configs.common import validate
+  from lra import train
+
+  tf.config.set_visible_devices([], 'GPU')  # tf.data only; leave accelerator memory to JAX
+  if _MULTIPROCESS.value:
+    jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  logging.info('JAX process %d/%d, local devices: %s, all devices: %d', jax.process_index(),
+               jax.process_count(), jax.local_devices(), jax.device_count())
+  validate(_CONFIG.value)
+  if _MODE.value == 'train':
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  else:
+    train.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
