@@ -175,7 +175,8 @@ def _exact_one(value: np.ndarray, target: np.ndarray, valid: np.ndarray, r: int)
   return best[1], best[2]
 
 
-def value_aware_exact(value, target, r: int, mask=None) -> SparseApproximation:
+def value_aware_exact(value: np.ndarray | jax.Array, target: np.ndarray | jax.Array, r: int,
+                      mask: np.ndarray | jax.Array | None = None) -> SparseApproximation:
   """Exact value-aware optimal r-sparse approximation by enumerating supports (small n only).
 
   Enumerates every support of at most `r` unmasked keys and solves least squares on its
