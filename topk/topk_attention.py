@@ -1,19 +1,21 @@
 """Top-k attention (Gupta et al., 2021): each query attends only to its k highest-scoring keys.
 
-Two passes over query chunks. The selection pass computes a chunk's `[C, kv_len]` scores, keeps
-the indices of the k largest (`topk.select.top_k`) and whether each kept key is valid; it is not
-differentiated. The attend pass gathers the kept keys and values, recomputes the k kept scores,
-applies the kernel to them only (so the normaliser sums over kept keys), applies dropout to the
-kept weights and mixes the kept values. Its `jax.custom_vjp` keeps only q, k, v, the indices,
-the validity flags and the gathered bias (all O(q_len * k)) and, chunk by chunk, gathers the
-kept keys/values again and scatter-adds their gradients, never forming a `[C, kv_len]` array.
+One pass over query chunks: a chunk's `[C, kv_len]` scores go to `topk.select.top_k`, which
+returns the k largest scores with their key indices; the kernel is applied to those kept scores
+only (so the normaliser sums over kept keys), dropout to the kept weights, and the kept values
+are mixed. No key is gathered and no score recomputed in the forward. A
+`jax.custom_vjp` keeps q, k, v, the bias, the kept indices, scores and validity flags (all
+O(q_len * k) besides the inputs) and, chunk by chunk, gathers the kept keys/values again and
+scatter-adds their gradients, never forming a `[C, kv_len]` array; the selection itself is not
+differentiated. The bias gradient is the exact transpose of gathering it at the kept keys.
 
-Masking: masked scores are float32's minimum before selection, so valid keys are kept first;
-kept-but-masked entries are masked again explicitly and get zero weight. A row with no valid key
-at all gets uniform weights over its k kept keys under softmax (with k >= kv_len exactly flax's
-uniform row), zero weights under the other kernels; never NaN.
+Masking: masked scores are float32's minimum before selection, so valid keys are kept first and
+kept-but-masked entries get zero weight (and zero gradient). A row with no valid key at all gets
+uniform weights over its k kept keys under softmax (with k >= kv_len exactly flax's uniform
+row), zero weights under the other kernels; never NaN.
 """
 from collections.abc import Callable
+import dataclasses
 from typing import Any
 
 import jax
@@ -35,7 +37,7 @@ def _scatter_add(acc: jax.Array, idx: jax.Array, updates: jax.Array) -> jax.Arra
 def _gather_bias(bias: jax.Array, idx: jax.Array) -> jax.Array:
   """Bias `[B|1, H|1, Lq_pad|1, Lk|1]` at kept keys `idx [B, H, Lq_pad, k]` -> `[B, H, Lq_pad, k]`.
 
-  A plain (differentiable) gather, so bias gradients are exact scatter-adds of the kept entries.
+  A plain gather: its transpose (a scatter-add of the kept entries) is the exact bias gradient.
   """
   b, h, length, _ = idx.shape
   index = (jnp.arange(b)[:, None, None, None] if bias.shape[0] != 1 else 0,
@@ -45,45 +47,42 @@ def _gather_bias(bias: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.broadcast_to(bias[index], idx.shape)
 
 
-def _select(can: inputs.Canonical, k: int, precision: Any) -> tuple[jax.Array, jax.Array | None]:
-  """Returns the kept key indices int32 `[B, H, Lq_pad, k]` and their validity (bool, same shape;
-  None when nothing is masked)."""
-  key = jax.lax.stop_gradient(can.key)
-  bias = None if can.bias is None else jax.lax.stop_gradient(can.bias)
+def _mix_rows(weights: jax.Array, idx: jax.Array, value: jax.Array, dtype: Any) -> jax.Array:
+  """`sum_j weights[..., j] * value[idx[..., j]]` in float32: `weights, idx [B, H, C, k]`,
+  `value [B, H, Lk, Dv]` -> `[B, H, C, Dv]`.
 
-  def one_chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array | None]:
-    i, q_chunk = args
-    scores = inputs.chunk_scores(can, i, q_chunk, key, bias, precision)
-    _, idx = select.top_k(scores, k)
-    valid = inputs.chunk_validity(can, i)
-    if valid is not None:
-      valid = jnp.take_along_axis(jnp.broadcast_to(valid, scores.shape), idx, axis=-1)
-    return idx, valid
+  One kept rank at a time: XLA on CPU fuses each rank's row gather into the multiply-add, which
+  is several times cheaper than gathering all kept rows and contracting them in a batched dot.
+  """
+  weights = weights.astype(dtype).astype(jnp.float32)
 
-  chunks = inputs.to_chunks(jax.lax.stop_gradient(can.query), can.chunk)
-  idx, valid = jax.lax.map(one_chunk, (jnp.arange(can.num_chunks), chunks))
-  return inputs.from_chunks(idx), None if valid is None else inputs.from_chunks(valid)
+  def add_rank(j, acc):
+    rows = _gather(value, idx[..., j]).astype(jnp.float32)
+    return acc + weights[..., j, None] * rows
+
+  zeros = jnp.zeros(idx.shape[:-1] + value.shape[-1:], jnp.float32)
+  return jax.lax.fori_loop(0, idx.shape[-1], add_rank, zeros, unroll=8)
 
 
-def _attend_kept(can: inputs.Canonical, idx: jax.Array, valid: jax.Array | None,
-                 bias_kept: jax.Array | None, kernel: Callable[[jax.Array], jax.Array],
-                 dropout: inputs.Dropout | None, precision: Any) -> jax.Array:
-  """Attention over the kept keys only; returns float32 `[B, H, Lq_pad, Dv]`."""
+def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Array],
+            dropout: inputs.Dropout | None, precision: Any) -> jax.Array:
+  """Top-k attention of the canonical inputs; returns float32 `[B, H, Lq_pad, Dv]`."""
   chunk = can.chunk
 
-  def kept_out(q_chunk, k_kept, v_kept, bias_chunk, valid_chunk, multiplier):
-    # q_chunk [B,H,C,D], k_kept [B,H,C,k,D], v_kept [B,H,C,k,Dv], others [B,H,C,k].
-    scores = jnp.einsum('bhcd,bhckd->bhck', inputs.scale_query(q_chunk), k_kept,
-                        precision=precision, preferred_element_type=jnp.float32)
-    if bias_chunk is not None:
-      scores = scores + bias_chunk
-    if valid_chunk is not None:
-      scores = jnp.where(valid_chunk, scores, inputs.NEG)
-    weights = kernel(scores)
-    if multiplier is not None:
-      weights = weights * multiplier
-    return jnp.einsum('bhck,bhckd->bhcd', weights.astype(can.dtype), v_kept, precision=precision,
-                      preferred_element_type=jnp.float32)
+  def kept_weights(kept, multiplier):
+    # kept [B,H,C,k] masked scores -> weights [B,H,C,k], dropout applied.
+    weights = kernel(kept)
+    return weights if multiplier is None else weights * multiplier
+
+  def mix(kept, v_kept, multiplier):
+    # As `_mix_rows` on gathered values v_kept [B,H,C,k,Dv]; the backward needs them anyway.
+    return jnp.einsum('bhck,bhckd->bhcd', kept_weights(kept, multiplier).astype(can.dtype),
+                      v_kept, precision=precision, preferred_element_type=jnp.float32)
+
+  def kept_scores(q_chunk, k_kept):
+    # The differentiable part of a kept score; bias and masking are added around it.
+    return jnp.einsum('bhcd,bhckd->bhck', inputs.scale_query(q_chunk), k_kept,
+                      precision=precision, preferred_element_type=jnp.float32)
 
   def multiplier(rng, i, shape):
     # Same per-chunk key in forward and backward, so the backward sees the forward's mask.
@@ -92,47 +91,67 @@ def _attend_kept(can: inputs.Canonical, idx: jax.Array, valid: jax.Array | None,
   def chunked(x):
     return None if x is None else inputs.to_chunks(x, chunk)
 
-  def forward(q, k, v, bias_kept, idx, valid, rng):
-    def one_chunk(args):
-      i, q_chunk, idx_chunk, bias_chunk, valid_chunk = args
-      return kept_out(q_chunk, _gather(k, idx_chunk), _gather(v, idx_chunk), bias_chunk,
-                      valid_chunk, multiplier(rng, i, idx_chunk.shape))
+  def forward(q, key, v, bias, masks, rng):
+    # Masks travel as arguments (not closed over) so the custom_vjp sees every array it uses.
+    mask, key_padding_mask, query_padding_mask = masks
+    c = dataclasses.replace(can, query=q, key=key, value=v, bias=bias, mask=mask,
+                            key_padding_mask=key_padding_mask,
+                            query_padding_mask=query_padding_mask)
 
-    xs = (jnp.arange(can.num_chunks), chunked(q), chunked(idx), chunked(bias_kept),
-          chunked(valid))
-    return inputs.from_chunks(jax.lax.map(one_chunk, xs))
+    def one_chunk(args):
+      i, q_chunk = args
+      scores = inputs.chunk_scores(c, i, q_chunk, key, bias, precision)
+      kept, idx = select.top_k(scores, k)
+      valid = inputs.chunk_validity(c, i)
+      if valid is not None:
+        valid = jnp.take_along_axis(jnp.broadcast_to(valid, scores.shape), idx, axis=-1)
+      weights = kept_weights(kept, multiplier(rng, i, idx.shape))
+      out = _mix_rows(weights, idx, v, can.dtype)
+      return out, (idx, kept, valid)
+
+    out, kept = jax.lax.map(one_chunk, (jnp.arange(can.num_chunks), chunked(q)))
+    return inputs.from_chunks(out), jax.tree.map(inputs.from_chunks, kept)
 
   @jax.custom_vjp
-  def attend(q, k, v, bias_kept, idx, valid, rng):
-    return forward(q, k, v, bias_kept, idx, valid, rng)
+  def attend(q, key, v, bias, masks, rng):
+    return forward(q, key, v, bias, masks, rng)[0]
 
-  def attend_fwd(q, k, v, bias_kept, idx, valid, rng):
-    return forward(q, k, v, bias_kept, idx, valid, rng), (q, k, v, bias_kept, idx, valid, rng)
+  def attend_fwd(q, key, v, bias, masks, rng):
+    out, (idx, kept, valid) = forward(q, key, v, bias, masks, rng)
+    return out, (q, key, v, bias, idx, kept, valid, rng)
 
   def attend_bwd(residuals, d_out):
-    q, k, v, bias_kept, idx, valid, rng = residuals
+    q, key, v, bias, idx, kept, valid, rng = residuals
 
     def one_chunk(carry, args):
       dk, dv = carry
-      i, q_chunk, idx_chunk, bias_chunk, valid_chunk, d_out_chunk = args
+      i, q_chunk, idx_chunk, kept_chunk, valid_chunk, d_out_chunk = args
+      k_kept, v_kept = _gather(key, idx_chunk), _gather(v, idx_chunk)
       mult = multiplier(rng, i, idx_chunk.shape)
-      _, vjp = jax.vjp(lambda qc, kk, vk, bc: kept_out(qc, kk, vk, bc, valid_chunk, mult),
-                       q_chunk, _gather(k, idx_chunk), _gather(v, idx_chunk), bias_chunk)
-      dq_chunk, dk_kept, dv_kept, dbias_chunk = vjp(d_out_chunk)
+      _, mix_vjp = jax.vjp(lambda s, vk: mix(s, vk, mult), kept_chunk, v_kept)
+      d_scores, dv_kept = mix_vjp(d_out_chunk)
+      if valid_chunk is not None:
+        d_scores = jnp.where(valid_chunk, d_scores, 0.0)
+      _, score_vjp = jax.vjp(kept_scores, q_chunk, k_kept)
+      dq_chunk, dk_kept = score_vjp(d_scores)
       dk = _scatter_add(dk, idx_chunk, dk_kept.astype(jnp.float32))
       dv = _scatter_add(dv, idx_chunk, dv_kept.astype(jnp.float32))
-      return (dk, dv), (dq_chunk, dbias_chunk)
+      return (dk, dv), (dq_chunk, d_scores)
 
-    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    xs = (jnp.arange(can.num_chunks), chunked(q), chunked(idx), chunked(bias_kept),
-          chunked(valid), chunked(d_out))
-    (dk, dv), (dq, dbias) = jax.lax.scan(one_chunk, zeros, xs)
-    dbias = None if dbias is None else inputs.from_chunks(dbias)
-    return (inputs.from_chunks(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-            dbias, None, None, None)
+    zeros = (jnp.zeros(key.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    xs = (jnp.arange(can.num_chunks), chunked(q), chunked(idx), chunked(kept), chunked(valid),
+          chunked(d_out))
+    (dk, dv), (dq, d_scores) = jax.lax.scan(one_chunk, zeros, xs)
+    dbias = None
+    if bias is not None:
+      _, bias_vjp = jax.vjp(lambda b: _gather_bias(b, idx), bias)
+      dbias, = bias_vjp(inputs.from_chunks(d_scores))
+    return (inputs.from_chunks(dq).astype(q.dtype), dk.astype(key.dtype), dv.astype(v.dtype),
+            dbias, None, None)
 
   attend.defvjp(attend_fwd, attend_bwd)
-  return attend(can.query, can.key, can.value, bias_kept, idx, valid,
+  return attend(can.query, can.key, can.value, can.bias,
+                (can.mask, can.key_padding_mask, can.query_padding_mask),
                 None if dropout is None else dropout.rng)
 
 
@@ -170,7 +189,5 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                             query_chunk_size=query_chunk_size, is_causal=is_causal,
                             key_padding_mask=key_padding_mask,
                             query_padding_mask=query_padding_mask)
-  idx, valid = _select(can, min(k, can.key.shape[2]), precision)
-  bias_kept = None if can.bias is None else _gather_bias(can.bias, idx)
-  out = _attend_kept(can, idx, valid, bias_kept, kernel_fn, dropout, precision)
+  out = _attend(can, min(k, can.key.shape[2]), kernel_fn, dropout, precision)
   return inputs.to_output(can, out)
