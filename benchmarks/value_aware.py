@@ -315,9 +315,11 @@ def _replacement(kernel: str, method: str, r: int, layer: str,
   return replace
 
 
-def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int | None = None
-              ) -> tuple[list[dict], list[dict]]:
-  """Error rows (averaged over batches) and accuracy rows of one run."""
+def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int | None = None,
+              accuracy_rs: list[int] | None = None) -> tuple[list[dict], list[dict]]:
+  """Error rows (averaged over batches) for budgets `rs` and accuracy rows of one run for
+  `accuracy_rs` (default `rs`): replacing whole layers solves every query, far costlier than the
+  sampled error table."""
   sums: dict[tuple, list[dict]] = {}
   layers: list[str] = []
   for batch in run.batches():
@@ -347,7 +349,7 @@ def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int |
                                                                      'all'))[0])]
   for layer in layers + ['all']:
     for method in REPLACED_METHODS:
-      for r in rs:
+      for r in rs if accuracy_rs is None else accuracy_rs:
         replace = _replacement(run.kernel, method, r, layer, query_chunk_size)
         predicted = predictions(run, replace)[0]
         accuracies.append(row(layer, r, method, predicted))
@@ -449,6 +451,8 @@ def main(argv: list[str] | None = None) -> str:
   parser.add_argument('--synthetic', action='store_true',
                       help='--random_init: random tokens instead of the validation split')
   parser.add_argument('--r', default='1,2,4,8,16,32', help='comma-separated budgets')
+  parser.add_argument('--accuracy_r', help='comma-separated budgets for the accuracy table '
+                      '(default: --r)')
   parser.add_argument('--num_batches', type=int, default=4, help='validation batches per run')
   parser.add_argument('--max_queries', type=int, default=1024,
                       help='(query, head) pairs per layer and batch for the error table')
@@ -457,8 +461,10 @@ def main(argv: list[str] | None = None) -> str:
   parser.add_argument('--out', default='benchmarks/out/value_aware')
   args = parser.parse_args(argv)
   rs = [int(r) for r in args.r.split(',')]
-  if not rs or min(rs) < 1:
-    raise ValueError(f'--r must list integers >= 1, got {args.r!r}.')
+  accuracy_rs = rs if args.accuracy_r is None else [int(r) for r in args.accuracy_r.split(',')]
+  if min(rs + accuracy_rs) < 1:
+    raise ValueError(f'--r and --accuracy_r must list integers >= 1, got {args.r!r} and '
+                     f'{args.accuracy_r!r}.')
   if args.num_batches < 1:
     raise ValueError(f'--num_batches must be >= 1, got {args.num_batches}.')
   if args.random_init == bool(args.workdir):
@@ -474,7 +480,7 @@ def main(argv: list[str] | None = None) -> str:
   errors, accuracies = [], []
   for make_run in runs:
     run_errors, run_accuracies = study_run(make_run(), rs, args.max_queries,
-                                           args.query_chunk_size)
+                                           args.query_chunk_size, accuracy_rs)
     errors += run_errors
     accuracies += run_accuracies
   os.makedirs(args.out, exist_ok=True)

@@ -14,8 +14,8 @@ kept-but-masked entries get zero weight (and zero gradient). A row with no valid
 uniform weights over its k kept keys under softmax (with k >= kv_len exactly flax's uniform
 row), zero weights under the other kernels; never NaN.
 """
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
