@@ -10,7 +10,11 @@ queries, keys and values on validation batches and reports, per layer and per r:
 Runs trained with different kernels (`config.attention.kernel`) are compared side by side.
 
   python -m benchmarks.value_aware --workdir runs/listops_softmax --workdir runs/listops_relu \
-    --r 1,2,4,8,16,32 --num_batches 4 --out benchmarks/out/value_aware
+    --r 1,2,4,8,16,32 --accuracy_r 1,4 --num_batches 4 --out benchmarks/out/value_aware
+
+The downstream-accuracy part solves the value-aware problem for every query of every layer (the
+error table samples `--max_queries`), so on CPU keep `--accuracy_r` short; full LRA sizes need a
+GPU.
 
 Smoke run on a random-init model and random tokens (no data or checkpoint needed):
 
