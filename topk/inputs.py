@@ -87,17 +87,22 @@ def _check_mask_dtype(x: jax.Array, name: str) -> None:
     raise ValueError(f'{name} must be bool or 0/1 numbers, got dtype {x.dtype}.')
 
 
-def _canonical_4d(x: Any, name: str, full_shape: tuple[int, ...], q_pad: int,
-                  pad_value: Any) -> jax.Array:
-  """Reshapes x (broadcastable to `[batch..., H, Lq, Lk]`) to `[B|1, H|1, Lq_pad|1, Lk|1]`."""
-  x = jnp.asarray(x)
+def _check_broadcasts(x: jax.Array, full_shape: tuple[int, ...], message: str) -> None:
+  """Raises ValueError(message) unless `x` broadcasts to exactly `full_shape`."""
   try:
     ok = x.ndim <= len(full_shape) and np.broadcast_shapes(x.shape, full_shape) == full_shape
   except ValueError:
     ok = False
   if not ok:
-    raise ValueError(f'{name} of shape {x.shape} does not broadcast to [batch..., heads, q_len, '
-                     f'kv_len] = {full_shape}.')
+    raise ValueError(message)
+
+
+def _canonical_4d(x: Any, name: str, full_shape: tuple[int, ...], q_pad: int,
+                  pad_value: Any) -> jax.Array:
+  """Reshapes x (broadcastable to `[batch..., H, Lq, Lk]`) to `[B|1, H|1, Lq_pad|1, Lk|1]`."""
+  x = jnp.asarray(x)
+  _check_broadcasts(x, full_shape, f'{name} of shape {x.shape} does not broadcast to '
+                    f'[batch..., heads, q_len, kv_len] = {full_shape}.')
   x = x.reshape((1,) * (len(full_shape) - x.ndim) + x.shape)
   batch_shape, tail = full_shape[:-3], x.shape[-3:]
   if all(d == 1 for d in x.shape[:-3]):
@@ -116,13 +121,8 @@ def _canonical_padding(x: Any, name: str, batch_shape: tuple[int, ...], length: 
   x = jnp.asarray(x)
   _check_mask_dtype(x, name)
   full = batch_shape + (length,)
-  try:
-    ok = x.ndim <= len(full) and np.broadcast_shapes(x.shape, full) == full
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(f'{name} of shape {x.shape} does not broadcast to [batch..., {length_name}] '
-                     f'= {full}.')
+  _check_broadcasts(x, full, f'{name} of shape {x.shape} does not broadcast to '
+                    f'[batch..., {length_name}] = {full}.')
   return jnp.broadcast_to(x != 0, full).reshape(-1, length)
 
 
