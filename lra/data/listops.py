@@ -10,7 +10,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from lra.data.pipeline import Split, fit_length
+from lra.data.pipeline import Split, fit_length, missing_release_file
 
 # Token id = index + 1; id 0 is padding. Never reorder: saved models depend on these ids.
 TOKENS = ('[MIN', '[MAX', '[MED', '[SM', ']', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
@@ -100,11 +100,9 @@ def build_splits(root: str, max_length: int) -> dict[str, Split]:
   for name, filename in FILES.items():
     path = os.path.join(root, DIRNAME, filename)
     if not os.path.isfile(path):
-      raise FileNotFoundError(
-          f'ListOps file not found: {path}. Download and unpack the LRA release '
-          '(https://storage.googleapis.com/long-range-arena/lra_release.gz) and pass its '
-          'lra_release folder as data_dir, or generate a data set with '
-          f'`python -m lra.data.listops_gen --output_dir={root}`.')
+      raise missing_release_file(
+          'ListOps file', path,
+          f', or generate a data set with `python -m lra.data.listops_gen --output_dir={root}`')
     splits[name] = _split(*read_tsv(path, max_length), max_length)
   return splits
 

@@ -11,7 +11,7 @@ import os
 import tensorflow as tf
 from absl import logging
 
-from lra.data.pipeline import Split, fit_length
+from lra.data.pipeline import Split, fit_length, missing_release_file
 
 VOCAB_SIZE = 256
 NUM_CLASSES = 2
@@ -32,10 +32,7 @@ def read_metadata(folder: str) -> tuple[list[str], list[int]]:
   """
   metadata_dir = os.path.join(folder, 'metadata')
   if not os.path.isdir(metadata_dir):
-    raise FileNotFoundError(
-        f'Pathfinder metadata folder not found: {metadata_dir}. Download and unpack the LRA '
-        'release (https://storage.googleapis.com/long-range-arena/lra_release.gz) and pass its '
-        'lra_release folder as data_dir.')
+    raise missing_release_file('Pathfinder metadata folder', metadata_dir)
   names = [n for n in os.listdir(metadata_dir) if n.endswith('.npy')]
   if not names:
     raise FileNotFoundError(f'No metadata/*.npy files in {metadata_dir}')

@@ -39,6 +39,14 @@ class Split:
   skip_errors: bool = False
 
 
+def missing_release_file(what: str, path: str, hint: str = '') -> FileNotFoundError:
+  """The error for a missing file or folder of the LRA release archive, saying how to get it."""
+  return FileNotFoundError(
+      f'{what} not found: {path}. Download and unpack the LRA release '
+      '(https://storage.googleapis.com/long-range-arena/lra_release.gz) and pass its '
+      f'lra_release folder as data_dir{hint}.')
+
+
 def fit_length(tokens: tf.Tensor, max_length: int) -> tf.Tensor:
   """Truncates or zero-pads a token vector [n] to int32 [max_length] (0 = padding)."""
   tokens = tf.cast(tokens[:max_length], tf.int32)

@@ -8,7 +8,7 @@ import os
 
 import tensorflow as tf
 
-from lra.data.pipeline import Split
+from lra.data.pipeline import Split, missing_release_file
 from lra.data.text import encode_bytes
 
 NUM_CLASSES = 2
@@ -61,10 +61,7 @@ def build_splits(root: str, max_length: int) -> dict[str, Split]:
   for name, filename in FILES.items():
     path = os.path.join(root, DIRNAME, filename)
     if not os.path.isfile(path):
-      raise FileNotFoundError(
-          f'AAN retrieval file not found: {path}. Download and unpack the LRA release '
-          '(https://storage.googleapis.com/long-range-arena/lra_release.gz) and pass its '
-          'lra_release folder as data_dir.')
+      raise missing_release_file('AAN retrieval file', path)
     check_tsv(path)
     splits[name] = Split(tf.data.TextLineDataset(path), decode,
                          shuffle_buffer=TRAIN_SHUFFLE_BUFFER)
