@@ -103,7 +103,7 @@ def load_run(workdir: str, num_batches: int, checkpoint: str = 'best') -> Run:
     raise FileNotFoundError(f'--workdir {workdir!r} has no config.json.')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  task, trainer = train._setup(config)  # pylint: disable=protected-access
+  task, trainer = train.setup(config)
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
     _, state = checkpoints.restore(checkpoint, trainer.init_state())

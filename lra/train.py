@@ -215,7 +215,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                      f'{jax.device_count()} devices')
 
 
-def _setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
+def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
   """Builds the task, model, optimizer and trainer a config describes."""
   _check_config(config)
   task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
@@ -335,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     FloatingPointError: the training loss became NaN or infinite (the message names the step).
   """
   start_time = time.time()
-  task, trainer = _setup(config)
+  task, trainer = setup(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -465,7 +465,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Raises:
     FileNotFoundError: the workdir has no checkpoint.
   """
-  task, trainer = _setup(config)
+  task, trainer = setup(config)
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
     if checkpoint == 'best' and checkpoints.best_step() is None:
