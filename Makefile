@@ -16,7 +16,8 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # Exact top-k selection for CPU (topk/select.py loads it; falls back to lax.top_k without it).
-# No -march=native: the library must run on any x86-64-v2 machine, not just the build host.
+# No -march=native: the library must run on any x86-64-v2 machine, not just the build host; its
+# AVX2 code is compiled per function and chosen at run time.
 SELECT_LIB := build/libtopk_select.so
 SELECT_ARCH := $(if $(filter x86_64,$(shell uname -m)),-march=x86-64-v2)
 
@@ -33,8 +34,11 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -n 2 tests
 
+# Attention memory/speed versus length, then issue 7's speed targets (with PyTorch's fused
+# attention as a reference when torch is installed in the venv: pip install torch==2.13.0).
 bench: setup
 	$(PYTHON) -m benchmarks.attention
+	$(PYTHON) -m benchmarks.select
 
 lint: setup
 	$(PYTHON) -m ruff check .

@@ -1,8 +1,11 @@
-"""Benchmark of top-k selection against the score product it follows (issue 7).
+"""Speed of top-k selection and top-k attention against exact baselines (issue 7's targets).
 
 Queries are processed in chunks as in `topk_attention`: per chunk, scores
-`[heads, chunk, L] = q_chunk @ k^T`, then the top `k` keys per query. Times are measured in one
-process, interleaved, and reported as ratios to the bare product, in wall and in CPU seconds.
+`[heads, chunk, L] = q_chunk @ k^T`, then the top `k` keys per query. All cases run in one
+process, interleaved round by round; each reports its best wall and CPU seconds, and ratios:
+forwards against the bare product, forward+backward passes against exact query-chunked
+attention. PyTorch's fused exact attention (`scaled_dot_product_attention`, forward+backward) is
+timed too when torch is installed (`pip install torch==2.13.0`; not a project requirement).
 
   python -m benchmarks.select [--length 4096 --heads 8 --head_dim 64 --chunk 256 --k 64]
 """
@@ -13,7 +16,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from topk import select, topk_attention
+import topk
+from topk import inputs, select
+
+Case = tuple[Callable[..., object], tuple]
 
 
 def _chunked(query: jax.Array, key: jax.Array, chunk: int,
@@ -32,7 +38,32 @@ def _chunked(query: jax.Array, key: jax.Array, chunk: int,
   return jax.lax.map(lambda q: select_fn(scores(q)), chunks)
 
 
-def _time(cases: dict[str, tuple[Callable, tuple]], repeats: int) -> dict[str, tuple[float, float]]:
+def _fwd_bwd(fn: Callable[..., jax.Array]) -> Callable[..., object]:
+  """Jitted gradient of `sum(fn(q, k, v))` for `q, k, v [L, heads, dim]` (a batch of one)."""
+  loss = lambda q, k, v: jnp.sum(fn(q[None], k[None], v[None]))
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _torch_case(query: jax.Array, key: jax.Array, value: jax.Array) -> Case | None:
+  """PyTorch's fused exact attention, forward+backward, or None without torch."""
+  try:
+    import numpy as np
+    import torch
+  except ImportError:
+    return None
+  q, k, v = (torch.tensor(np.asarray(x).transpose(1, 0, 2)[None], requires_grad=True)
+             for x in (query, key, value))  # [1, heads, L, dim]
+
+  def run() -> float:
+    for x in (q, k, v):
+      x.grad = None
+    torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    return float(q.grad[0, 0, 0, 0])
+
+  return run, ()
+
+
+def _time(cases: dict[str, Case], repeats: int) -> dict[str, tuple[float, float]]:
   """Best (wall, process CPU) seconds per case over `repeats` rounds, after a compiling call.
 
   Rounds visit every case in turn, so load from other processes hits all cases alike; CPU
@@ -50,39 +81,64 @@ def _time(cases: dict[str, tuple[Callable, tuple]], repeats: int) -> dict[str, t
   return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--length', type=int, default=4096)
   parser.add_argument('--heads', type=int, default=8)
   parser.add_argument('--head_dim', type=int, default=64)
   parser.add_argument('--chunk', type=int, default=256)
   parser.add_argument('--k', type=int, default=64)
-  parser.add_argument('--repeats', type=int, default=3)
-  args = parser.parse_args()
+  parser.add_argument('--repeats', type=int, default=5)
+  args = parser.parse_args(argv)
+  for name in ('length', 'heads', 'head_dim', 'chunk', 'k', 'repeats'):
+    inputs.check_positive_int(getattr(args, name), f'--{name}')
+  if args.length % args.chunk:
+    parser.error(f'--chunk ({args.chunk}) must divide --length ({args.length})')
 
   rng_q, rng_k, rng_v = jax.random.split(jax.random.key(0), 3)
   shape = (args.length, args.heads, args.head_dim)
   query, key, value = (jax.random.normal(r, shape) for r in (rng_q, rng_k, rng_v))
-  k = args.k
+  k, chunk = args.k, args.chunk
   selections = {
       'q@k^T': None,
       'q@k^T + lax.top_k': lambda s: jax.lax.top_k(s, k),
       f'q@k^T + select.top_k ({select.BACKEND})': lambda s: select.top_k(s, k),
   }
-  cases = {
-      name: (jax.jit(lambda q, kk, fn=fn: _chunked(q, kk, args.chunk, fn)), (query, key))
+  cases: dict[str, Case] = {
+      name: (jax.jit(lambda q, kk, fn=fn: _chunked(q, kk, chunk, fn)), (query, key))
       for name, fn in selections.items()}
-  # Batch of one: the flax layout [batch, L, heads, dim].
-  cases['topk_attention forward'] = (jax.jit(lambda q, kk, v: topk_attention(
-      q[None], kk[None], v[None], k=k, query_chunk_size=args.chunk, deterministic=True)),
-                                     (query, key, value))
-  print(f'L={args.length} heads={args.heads} head_dim={args.head_dim} chunk={args.chunk} '
-        f'k={k} backend={jax.default_backend()} devices={jax.device_count()}')
+  top = topk.make_attention_fn('topk', k=k, query_chunk_size=chunk)
+  exact = topk.make_attention_fn('chunked', query_chunk_size=chunk)
+  cases['topk_attention forward'] = (
+      jax.jit(lambda q, kk, v: top(q[None], kk[None], v[None])), (query, key, value))
+  cases['topk_attention fwd+bwd'] = (_fwd_bwd(top), (query, key, value))
+  cases['chunked_attention fwd+bwd'] = (_fwd_bwd(exact), (query, key, value))
+  torch_case = _torch_case(query, key, value)
+  if torch_case is not None:
+    cases['torch sdpa fwd+bwd'] = torch_case
+
+  print(f'L={args.length} heads={args.heads} head_dim={args.head_dim} chunk={chunk} k={k} '
+        f'backend={jax.default_backend()} selection={select.BACKEND} ({select.ISA})')
   times = _time(cases, args.repeats)
-  bare_wall, bare_cpu = times['q@k^T']
-  print(f'{"":>34}  {"wall s":>7} {"ratio":>6}  {"CPU s":>7} {"ratio":>6}')
+  bare, exact_bwd = times['q@k^T'], times['chunked_attention fwd+bwd']
+  print(f'{"":>36}  {"wall s":>7}  {"CPU s":>7}  ratio (wall / CPU)')
   for name, (wall, cpu) in times.items():
-    print(f'{name:>34}: {wall:7.3f} {wall / bare_wall:5.2f}x  {cpu:7.3f} {cpu / bare_cpu:5.2f}x')
+    base, base_name = (exact_bwd, 'chunked fwd+bwd') if 'bwd' in name else (bare, 'q@k^T')
+    print(f'{name:>36}: {wall:7.3f}  {cpu:7.3f}  {wall / base[0]:5.2f}x / {cpu / base[1]:5.2f}x '
+          f'{base_name}')
+
+  def target(name: str, case: str, base: tuple[float, float], limit: float) -> None:
+    ratio = times[case][0] / base[0]
+    print(f'{name}: {ratio:.2f} (target <= {limit}: {"PASS" if ratio <= limit else "FAIL"})')
+
+  target('topk_attention forward / q@k^T', 'topk_attention forward', bare, 1.5)
+  target('topk_attention fwd+bwd / chunked fwd+bwd', 'topk_attention fwd+bwd', exact_bwd, 0.6)
+  if torch_case is None:
+    print('torch not installed: PyTorch comparison skipped (pip install torch==2.13.0)')
+  else:
+    target('topk_attention fwd+bwd / torch sdpa fwd+bwd', 'topk_attention fwd+bwd',
+           times['torch sdpa fwd+bwd'], 1.0)
+  return times
 
 
 if __name__ == '__main__':

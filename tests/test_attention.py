@@ -113,7 +113,9 @@ class EqualsFlaxTest(parameterized.TestCase):
       self.assertEqual(grads[0].dtype, jnp.bfloat16)
       _assert_trees_close(self, (out, grads), ref, 5e-2)
 
-  def test_dense_equals_flax_exactly_with_dropout(self):
+  def test_dense_draws_flax_dropout_mask(self):
+    # The same mask as flax (a different one would change outputs by O(1)); the two programs
+    # are fused differently by XLA, which on some CPUs rounds the last bit differently.
     q, k, v = _inputs()
     ours, theirs = _case('mask')
     rng = jax.random.key(3)
@@ -121,7 +123,9 @@ class EqualsFlaxTest(parameterized.TestCase):
       kw = dict(dropout_rng=rng, dropout_rate=0.3, broadcast_dropout=broadcast)
       ours_fn = jax.jit(functools.partial(topk.dot_product_attention, **ours, **kw))
       flax_fn = jax.jit(functools.partial(nn.dot_product_attention, **theirs, **kw))
-      np.testing.assert_array_equal(ours_fn(q, k, v), flax_fn(q, k, v))
+      np.testing.assert_allclose(ours_fn(q, k, v), flax_fn(q, k, v), rtol=1e-6, atol=1e-6)
+      no_dropout = nn.dot_product_attention(q, k, v, **theirs)
+      self.assertGreater(np.abs(ours_fn(q, k, v) - no_dropout).max(), 1e-2)
 
   def test_dtype_argument(self):
     q, k, v = _inputs()

@@ -16,8 +16,19 @@ def _bits(x: jax.Array) -> np.ndarray:
   return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
 
 
-def _assert_matches_lax(scores: jax.Array, k: int, got=None) -> None:
-  values, indices = select.top_k(scores, k) if got is None else got
+def _portable(scores: jax.Array, k: int):
+  return select._ffi_top_k(scores, k, vectorized=False)
+
+
+# The public entry point (AVX2 kernel where available) and the kernel's portable code.
+SELECTORS = [
+    pytest.param(select.top_k, id='top_k'),
+    pytest.param(_portable, id='portable', marks=requires_kernel),
+]
+
+
+def _assert_matches_lax(scores: jax.Array, k: int, got=None, select_fn=select.top_k) -> None:
+  values, indices = select_fn(scores, k) if got is None else got
   want_values, want_indices = jax.lax.top_k(scores, k)
   assert values.dtype == scores.dtype and indices.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
@@ -42,44 +53,71 @@ def test_kernel_is_active_and_compiled_in(dtype):
 
 @pytest.mark.parametrize('shape', [(1,), (7,), (3, 33), (2, 3, 100), (2, 4096)])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_random_normal_matches_lax(shape, dtype):
+@pytest.mark.parametrize('select_fn', SELECTORS)
+def test_random_normal_matches_lax(shape, dtype, select_fn):
   scores = jax.random.normal(jax.random.key(sum(shape)), shape, dtype)
   n = shape[-1]
   for k in sorted({1, max(1, n // 16), max(1, n // 2), n}):
     _assert_matches_lax(scores, k)
 
 
-def test_every_k_matches_lax():
+@pytest.mark.parametrize('select_fn', SELECTORS)
+def test_every_k_matches_lax(select_fn):
   scores = jax.random.normal(jax.random.key(1), (5, 13))
   for k in range(14):
-    _assert_matches_lax(scores, k)
+    _assert_matches_lax(scores, k, select_fn=select_fn)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_ties_break_by_lower_index(dtype):
+@pytest.mark.parametrize('select_fn', SELECTORS)
+def test_ties_break_by_lower_index(dtype, select_fn):
   # Few distinct integer values: every selection cuts through a run of ties.
   scores = jax.random.randint(jax.random.key(2), (16, 300), 0, 4).astype(dtype)
   for k in (1, 5, 64, 150, 300):
-    _assert_matches_lax(scores, k)
-  _assert_matches_lax(jnp.zeros((3, 50), dtype), 7)
+    _assert_matches_lax(scores, k, select_fn=select_fn)
+  _assert_matches_lax(jnp.zeros((3, 50), dtype), 7, select_fn=select_fn)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_special_values_follow_total_order(dtype):
+@pytest.mark.parametrize('select_fn', SELECTORS)
+def test_special_values_follow_total_order(dtype, select_fn):
   # Matches XLA's CPU TopK: -NaN < -inf < -0 < +0 < inf < +NaN.
   row = jnp.array([1.0, -jnp.inf, jnp.nan, -0.0, 0.0, jnp.inf, -jnp.nan, -2.0, jnp.nan], dtype)
-  _, indices = select.top_k(row, 9)
+  _, indices = select_fn(row, 9)
   np.testing.assert_array_equal(indices, [2, 8, 5, 0, 4, 3, 7, 1, 6])
   for seed, k in enumerate((1, 10, 100, 500)):
-    _assert_matches_lax(_random_bits(seed, (6, 500), dtype), k)
+    _assert_matches_lax(_random_bits(seed, (6, 500), dtype), k, select_fn=select_fn)
 
 
-def test_masked_rows_with_fewer_valid_entries_than_k():
+@pytest.mark.parametrize('select_fn', SELECTORS)
+def test_masked_rows_with_fewer_valid_entries_than_k(select_fn):
   # As in causal or padded attention: most of a row is -inf or the dtype's minimum.
   scores = jax.random.normal(jax.random.key(3), (8, 256))
   valid = jnp.arange(256) < jnp.arange(1, 9)[:, None] * 5
-  _assert_matches_lax(jnp.where(valid, scores, -jnp.inf), 32)
-  _assert_matches_lax(jnp.where(valid, scores, jnp.finfo(jnp.float32).min), 32)
+  _assert_matches_lax(jnp.where(valid, scores, -jnp.inf), 32, select_fn=select_fn)
+  _assert_matches_lax(jnp.where(valid, scores, jnp.finfo(jnp.float32).min), 32,
+                      select_fn=select_fn)
+
+
+@pytest.mark.parametrize('select_fn', SELECTORS)
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_thresholds_of_every_sign_and_size(dtype, select_fn):
+  # The kernel compares raw bits when its bound is a non-negative number and keys otherwise:
+  # rows of negative scores, of huge ones near inf and NaN, and clustered (local) high scores.
+  scores = jax.random.normal(jax.random.key(10), (4, 1000))
+  for shifted in (scores - 10.0, scores * 1e38, jnp.where(scores > 1.5, jnp.inf, scores)):
+    for k in (1, 16, 64, 200):
+      _assert_matches_lax(shifted.astype(dtype), k, select_fn=select_fn)
+  local = -jnp.abs(jnp.arange(2048) - jnp.arange(0, 2048, 300)[:, None]).astype(dtype)
+  _assert_matches_lax(local, 64, select_fn=select_fn)
+
+
+@pytest.mark.parametrize('select_fn', SELECTORS)
+@pytest.mark.parametrize('n, k', [(5000, 250), (5000, 300), (10000, 2000), (9, 8), (31, 30)])
+def test_many_candidates_and_odd_lengths(n, k, select_fn):
+  # Around the switch from all-pairs ranking to nth_element + sort, and lengths that leave
+  # partial stripes and vectors.
+  _assert_matches_lax(jax.random.normal(jax.random.key(n + k), (3, n)), k, select_fn=select_fn)
 
 
 def test_many_rows_split_over_threads():

@@ -7,8 +7,9 @@ compared as float32, so its NaNs tie with, and come back as, the quiet NaN of th
 
 On CPU, float32 and bfloat16 scores go through an exact C++ kernel (`csrc/topk_select.cc`,
 built by `make build` into `build/libtopk_select.so`) registered through the XLA FFI; XLA's
-own CPU TopK is several times slower than the score product it follows. Other backends,
-other dtypes, or a missing library use `jax.lax.top_k`. `BACKEND` says which is active.
+own CPU TopK is several times slower than the score product it follows. The kernel uses AVX2
+where the processor has it (checked at run time) and portable code elsewhere. Other backends,
+other dtypes, or a missing library use `jax.lax.top_k`. `BACKEND` and `ISA` say which is active.
 """
 import ctypes
 import functools
@@ -24,31 +25,35 @@ _TARGET = 'topk_select'
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def _register() -> str:
-  """Registers the kernel for CPU if the library is built; returns the active backend."""
+def _register() -> tuple[str, str | None]:
+  """Registers the kernel for CPU if the library is built; returns the active backend and ISA."""
   log = logging.getLogger(__name__)
   if not LIBRARY.exists():
     log.warning('top-k selection: lax.top_k (%s not built; run `make build`)', LIBRARY)
-    return 'lax'
+    return 'lax', None
   try:
     library = ctypes.cdll.LoadLibrary(str(LIBRARY))
   except OSError as error:  # e.g. built on another machine; selection still works without it.
     log.warning('top-k selection: lax.top_k (cannot load %s: %s)', LIBRARY, error)
-    return 'lax'
+    return 'lax', None
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.TopkSelect), platform='cpu')
-  log.info('top-k selection: FFI kernel %s on CPU', LIBRARY)
-  return 'ffi'
+  library.TopkSelectIsa.restype = ctypes.c_char_p
+  isa = library.TopkSelectIsa().decode()
+  log.info('top-k selection: FFI kernel %s (%s) on CPU', LIBRARY, isa)
+  return 'ffi', isa
 
 
-BACKEND = _register()
+# 'ffi' or 'lax'; with 'ffi', the kernel's instruction set on this machine: 'avx2' or 'portable'.
+BACKEND, ISA = _register()
 
 
-def _ffi_top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def _ffi_top_k(scores: jax.Array, k: int, vectorized: bool = True) -> tuple[jax.Array, jax.Array]:
+  """The kernel's selection; `vectorized=False` forces its portable code (for tests)."""
   shape = scores.shape[:-1] + (k,)
   return jax.ffi.ffi_call(
       _TARGET,
       (jax.ShapeDtypeStruct(shape, scores.dtype), jax.ShapeDtypeStruct(shape, jnp.int32)),
-      vmap_method='broadcast_all')(scores)
+      vmap_method='broadcast_all')(scores, vectorized=vectorized)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
