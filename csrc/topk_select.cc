@@ -267,7 +267,10 @@ struct Avx2 {
     int64_t i = begin;
     for (; i + 8 <= end; i += 8) {
       // The next row is likely this worker's next: fetch it while this one is in cache.
-      _mm_prefetch(reinterpret_cast<const char*>(x + end + i), _MM_HINT_T0);
+      // (Integer arithmetic: past the last row, the address need not be in the buffer.)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x + i) +
+                                                 end * sizeof(typename D::T)),
+                   _MM_HINT_T0);
       const __m256i key = kRaw ? Raw8(x + i) : Keys8(x + i);
       const int pass =
           ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bound, key))) & 0xFF;
