@@ -15,8 +15,9 @@
 //  3. One pass keeps the entries at or above t (about k of them), compacted with a permutation
 //     table; raw bits are compared when t is non-negative. It also prefetches the next row.
 //  4. Each candidate's rank is the number of candidates above it under (key desc, index asc),
-//     counted in a branch-free all-pairs pass; ranks below k place the output directly. Large
-//     candidate sets (ties, masked rows) go to nth_element and a sort instead.
+//     counted in a branch-free all-pairs pass; ranks below k place the output directly. Many
+//     ties at t (masked keys) are resolved by a pass for the entries above t, the first ties
+//     following them; other large candidate sets go to nth_element and a sort.
 // Steps 1, 3 and 4 have AVX2 versions chosen at run time; the library is built for x86-64-v2 (or
 // the host's own ISA elsewhere), so it loads on any machine. Rows are shared out over XLA's
 // intra-op thread pool.
@@ -345,10 +346,38 @@ int32_t Threshold(const int32_t* maxima, int64_t w, int64_t k) {
   return static_cast<int32_t>(low);
 }
 
-// Top k of one row x[0, n), 1 <= k <= n.
+// Appends the keys and indices of x[0, n) with key >= t to (keys, kept); returns how many.
 template <typename D, typename Isa>
-void SelectRow(const typename D::T* x, int64_t n, int64_t k, typename D::T* values,
-               int32_t* indices, Scratch& scratch) {
+int64_t Candidates(const typename D::T* x, int64_t n, int32_t t, int32_t* keys, int32_t* kept) {
+  return t >= 0 && t <= D::kRawExactUpTo ? Isa::template Compact<D, true>(x, 0, n, t, keys, kept)
+                                         : Isa::template Compact<D, false>(x, 0, n, t, keys, kept);
+}
+
+// Writes the indices of the k largest of m >= k candidates (keys, kept), in index order, to
+// indices[0, k) in order.
+template <typename Isa>
+void Order(int32_t* keys, const int32_t* kept, int64_t m, int64_t k, int32_t* indices,
+           Scratch& scratch) {
+  if (m <= kRankLimit) {
+    const int64_t m8 = (m + 7) / 8 * 8;
+    std::fill(keys + m, keys + m8, INT32_MIN);
+    for (int64_t c = 0; c < m; ++c) {
+      const int64_t rank = Isa::Rank(keys, m8, c);
+      if (rank < k) indices[rank] = kept[c];
+    }
+    return;
+  }
+  int64_t* packed = scratch.packed.data();
+  for (int64_t c = 0; c < m; ++c) packed[c] = Pack(keys[c], kept[c]);
+  std::nth_element(packed, packed + (k - 1), packed + m, std::greater<int64_t>());
+  std::sort(packed, packed + k, std::greater<int64_t>());
+  for (int64_t j = 0; j < k; ++j) indices[j] = Unpack(packed[j]);
+}
+
+// Indices of the top k of one row x[0, n), 1 <= k <= n, in order.
+template <typename D, typename Isa>
+void TopIndices(const typename D::T* x, int64_t n, int64_t k, int32_t* indices,
+                Scratch& scratch) {
   const int64_t w = Blocks(n, k);
   int32_t* high = scratch.high.data();
   int32_t* low = scratch.low.data();
@@ -360,23 +389,27 @@ void SelectRow(const typename D::T* x, int64_t n, int64_t k, typename D::T* valu
   const int32_t t = Threshold<Isa>(high, w, k);
   int32_t* keys = scratch.keys.data();
   int32_t* kept = scratch.kept.data();
-  const bool raw = t >= 0 && t <= D::kRawExactUpTo;
-  int64_t m = raw ? Isa::template Compact<D, true>(x, 0, n, t, keys, kept)
-                  : Isa::template Compact<D, false>(x, 0, n, t, keys, kept);
-  if (m <= kRankLimit) {
-    const int64_t m8 = (m + 7) / 8 * 8;
-    std::fill(keys + m, keys + m8, INT32_MIN);
-    for (int64_t c = 0; c < m; ++c) {
-      const int64_t rank = Isa::Rank(keys, m8, c);
-      if (rank < k) indices[rank] = kept[c];
+  int64_t m = Candidates<D, Isa>(x, n, t, keys, kept);
+  if (m > std::max(kRankLimit, 2 * k) && t < INT32_MAX) {
+    // Many ties at t (masked keys, padded queries, constant rows): the entries above t are the
+    // candidates if there are k of them; otherwise all of them lead and the first ties follow.
+    m = Candidates<D, Isa>(x, n, t + 1, keys, kept);
+    if (m < k) {
+      Order<Isa>(keys, kept, m, m, indices, scratch);
+      for (int64_t i = 0; m < k; ++i) {
+        if (D::Key(x[i]) == t) indices[m++] = static_cast<int32_t>(i);
+      }
+      return;
     }
-  } else {
-    int64_t* packed = scratch.packed.data();
-    for (int64_t c = 0; c < m; ++c) packed[c] = Pack(keys[c], kept[c]);
-    std::nth_element(packed, packed + (k - 1), packed + m, std::greater<int64_t>());
-    std::sort(packed, packed + k, std::greater<int64_t>());
-    for (int64_t j = 0; j < k; ++j) indices[j] = Unpack(packed[j]);
   }
+  Order<Isa>(keys, kept, m, k, indices, scratch);
+}
+
+// Top k of one row x[0, n), 1 <= k <= n.
+template <typename D, typename Isa>
+void SelectRow(const typename D::T* x, int64_t n, int64_t k, typename D::T* values,
+               int32_t* indices, Scratch& scratch) {
+  TopIndices<D, Isa>(x, n, k, indices, scratch);
   for (int64_t j = 0; j < k; ++j) values[j] = D::Canonical(x[indices[j]]);
 }
 

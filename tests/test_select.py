@@ -101,6 +101,24 @@ def test_masked_rows_with_fewer_valid_entries_than_k(select_fn):
 
 @pytest.mark.parametrize('select_fn', SELECTORS)
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_long_rows_mostly_tied(dtype, select_fn):
+  # Padded or causal attention on long rows: fewer valid keys than k (then the first masked keys
+  # fill the top k), as many, or a few more; valid keys as a prefix or scattered; constant rows.
+  n = 2048
+  scores = jax.random.normal(jax.random.key(11), (12, n))
+  counts = jnp.array([0, 1, 31, 32, 33, 63, 64, 65, 100, 300, 1000, n])[:, None]
+  prefix = jnp.arange(n) < counts
+  scattered = jax.random.permutation(jax.random.key(12), prefix, axis=1, independent=True)
+  for valid in (prefix, scattered):
+    for masked in (-jnp.inf, jnp.finfo(jnp.float32).min, 0.0):
+      rows = jnp.where(valid, scores, masked).astype(dtype)
+      for k in (1, 64, 300):
+        _assert_matches_lax(rows, k, select_fn=select_fn)
+  _assert_matches_lax(jnp.full((2, n), 3.0, dtype), 64, select_fn=select_fn)
+
+
+@pytest.mark.parametrize('select_fn', SELECTORS)
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_thresholds_of_every_sign_and_size(dtype, select_fn):
   # The kernel compares raw bits when its bound is a non-negative number and keys otherwise:
   # rows of negative scores, of huge ones near inf and NaN, and clustered (local) high scores.
