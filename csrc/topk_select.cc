@@ -471,8 +471,8 @@ bool HasAvx2() {
 }
 
 template <typename D>
-void SelectRowsOn(bool vectorized, ffi::ThreadPool& pool, const void* in, void* values,
-                  int32_t* indices, int64_t rows, int64_t n, int64_t k) {
+void SelectRowsOn([[maybe_unused]] bool vectorized, ffi::ThreadPool& pool, const void* in,
+                  void* values, int32_t* indices, int64_t rows, int64_t n, int64_t k) {
 #if defined(__x86_64__)
   if (vectorized && HasAvx2()) return SelectRows<D, Avx2>(pool, in, values, indices, rows, n, k);
 #endif
