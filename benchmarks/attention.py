@@ -35,7 +35,8 @@ def _fwd(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   return jax.jit(fn)
 
 
-def _fwd_bwd(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, ...]]:
+def fwd_bwd(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, ...]]:
+  """Jitted gradient of `sum(fn(q, k, v))` with respect to q, k and v."""
   return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)),
                           argnums=(0, 1, 2)))
 
@@ -71,7 +72,7 @@ def _longest_fitting(fn: Callable[..., jax.Array], args: argparse.Namespace) -> 
   """Longest power-of-two multiple of the smallest length whose fwd+bwd fits the budget."""
   best, length = None, min(args.lengths)
   while length <= args.max_search_length:
-    if _memory(_fwd_bwd(fn), _spec(args, length))[1] > args.budget_mib * MIB:
+    if _memory(fwd_bwd(fn), _spec(args, length))[1] > args.budget_mib * MIB:
       break
     best, length = length, length * 2
   return best
@@ -134,13 +135,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
                  'fwd_bwd_temp_mib': float('nan'), 'fwd_bwd_ms': float('nan'),
                  'fwd_ms': 1e3 * _median_seconds(jax.jit(_qk), data, args.repeats)})
     for form, fn in forms.items():
-      fwd, fwd_bwd = _fwd(fn), _fwd_bwd(fn)
+      forward, both = _fwd(fn), fwd_bwd(fn)
       rows.append({
           'form': form, 'length': length,
-          'fwd_temp_mib': _memory(fwd, spec)[0] / MIB,
-          'fwd_bwd_temp_mib': _memory(fwd_bwd, spec)[0] / MIB,
-          'fwd_ms': 1e3 * _median_seconds(fwd, data, args.repeats),
-          'fwd_bwd_ms': 1e3 * _median_seconds(fwd_bwd, data, args.repeats),
+          'fwd_temp_mib': _memory(forward, spec)[0] / MIB,
+          'fwd_bwd_temp_mib': _memory(both, spec)[0] / MIB,
+          'fwd_ms': 1e3 * _median_seconds(forward, data, args.repeats),
+          'fwd_bwd_ms': 1e3 * _median_seconds(both, data, args.repeats),
       })
       r = rows[-1]
       print(f'{form:>10} L={length:>6}  temp fwd {r["fwd_temp_mib"]:9.1f} MiB  fwd+bwd '
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
           f'{_longest_fitting(fn, args)}')
 
   at = {(r['form'], r['length']): r for r in rows}
-  mem = {form: _memory(_fwd_bwd(fn), _spec(args, 8192))[0] for form, fn in forms.items()
+  mem = {form: _memory(fwd_bwd(fn), _spec(args, 8192))[0] for form, fn in forms.items()
          if form != 'chunked'}  # compile-only, so it is checked at 8192 whatever --lengths says
   print(_ratio_line('fwd+bwd temp memory at L=8192, topk / vanilla', mem['topk'], mem['vanilla'],
                     1 / 16))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import topk
+from benchmarks.attention import fwd_bwd
 from topk import inputs, select
 
 Case = tuple[Callable[..., object], tuple]
@@ -36,12 +37,6 @@ def _chunked(query: jax.Array, key: jax.Array, chunk: int,
     return jax.lax.fori_loop(0, length // chunk, lambda i, _: scores(chunks[i]),
                              jnp.zeros((heads, chunk, length), query.dtype))
   return jax.lax.map(lambda q: select_fn(scores(q)), chunks)
-
-
-def _fwd_bwd(fn: Callable[..., jax.Array]) -> Callable[..., object]:
-  """Jitted gradient of `sum(fn(q, k, v))` for `q, k, v [L, heads, dim]` (a batch of one)."""
-  loss = lambda q, k, v: jnp.sum(fn(q[None], k[None], v[None]))
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
 def _torch_case(query: jax.Array, key: jax.Array, value: jax.Array) -> Case | None:
@@ -109,10 +104,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
       for name, fn in selections.items()}
   top = topk.make_attention_fn('topk', k=k, query_chunk_size=chunk)
   exact = topk.make_attention_fn('chunked', query_chunk_size=chunk)
-  cases['topk_attention forward'] = (
-      jax.jit(lambda q, kk, v: top(q[None], kk[None], v[None])), (query, key, value))
-  cases['topk_attention fwd+bwd'] = (_fwd_bwd(top), (query, key, value))
-  cases['chunked_attention fwd+bwd'] = (_fwd_bwd(exact), (query, key, value))
+  batched = (query[None], key[None], value[None])  # flax's layout [batch, L, heads, dim]
+  cases['topk_attention forward'] = (jax.jit(top), batched)
+  cases['topk_attention fwd+bwd'] = (fwd_bwd(top), batched)
+  cases['chunked_attention fwd+bwd'] = (fwd_bwd(exact), batched)
   torch_case = _torch_case(query, key, value)
   if torch_case is not None:
     cases['torch sdpa fwd+bwd'] = torch_case

@@ -280,7 +280,7 @@ struct Avx2 {
       const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i)),
                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + count),
-                          _mm256_permutevar8x32_epi32(Keys8(x + i), lanes));
+                          _mm256_permutevar8x32_epi32(kRaw ? Keys8(x + i) : key, lanes));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept + count),
                           _mm256_permutevar8x32_epi32(index, lanes));
       count += _mm_popcnt_u32(pass);
@@ -391,8 +391,10 @@ void TopIndices(const typename D::T* x, int64_t n, int64_t k, int32_t* indices,
   int32_t* kept = scratch.kept.data();
   int64_t m = Candidates<D, Isa>(x, n, t, keys, kept);
   if (m > std::max(kRankLimit, 2 * k) && t < INT32_MAX) {
-    // Many ties at t (masked keys, padded queries, constant rows): the entries above t are the
-    // candidates if there are k of them; otherwise all of them lead and the first ties follow.
+    // Many ties at t (masked keys, padded queries, constant rows): the entries above t hold the
+    // top k if there are k of them; otherwise all of them lead and the first ties follow. (A
+    // vector pass over the row, which skips the many tied entries, beats filtering the candidates,
+    // which touches each of them.)
     m = Candidates<D, Isa>(x, n, t + 1, keys, kept);
     if (m < k) {
       Order<Isa>(keys, kept, m, m, indices, scratch);
