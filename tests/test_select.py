@@ -58,7 +58,7 @@ def test_random_normal_matches_lax(shape, dtype, select_fn):
   scores = jax.random.normal(jax.random.key(sum(shape)), shape, dtype)
   n = shape[-1]
   for k in sorted({1, max(1, n // 16), max(1, n // 2), n}):
-    _assert_matches_lax(scores, k)
+    _assert_matches_lax(scores, k, select_fn=select_fn)
 
 
 @pytest.mark.parametrize('select_fn', SELECTORS)
