@@ -99,7 +99,7 @@ def _plot(rows: list[dict[str, float]], path: str) -> None:
   plt.close(fig)
 
 
-def _ratio_line(name: str, numerator: float, denominator: float, target: float) -> str:
+def ratio_line(name: str, numerator: float, denominator: float, target: float) -> str:
   ratio = numerator / denominator
   return f'{name}: {ratio:.3f} (target <= {target:.3f}: {"PASS" if ratio <= target else "FAIL"})'
 
@@ -164,12 +164,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
   at = {(r['form'], r['length']): r for r in rows}
   mem = {form: _memory(fwd_bwd(fn), _spec(args, 8192))[0] for form, fn in forms.items()
          if form != 'chunked'}  # compile-only, so it is checked at 8192 whatever --lengths says
-  print(_ratio_line('fwd+bwd temp memory at L=8192, topk / vanilla', mem['topk'], mem['vanilla'],
+  print(ratio_line('fwd+bwd temp memory at L=8192, topk / vanilla', mem['topk'], mem['vanilla'],
                     1 / 16))
   if ('topk', 4096) in at:
     t = {form: at[(form, 4096)]['fwd_bwd_ms'] for form in forms}
-    print(_ratio_line('fwd+bwd time at L=4096, topk / vanilla', t['topk'], t['vanilla'], 0.4))
-    print(_ratio_line('fwd+bwd time at L=4096, topk / chunked', t['topk'], t['chunked'], 1.0))
+    print(ratio_line('fwd+bwd time at L=4096, topk / vanilla', t['topk'], t['vanilla'], 0.4))
+    print(ratio_line('fwd+bwd time at L=4096, topk / chunked', t['topk'], t['chunked'], 1.0))
   else:
     print('time targets need L=4096 in --lengths')
   return rows
