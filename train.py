@@ -34,7 +34,6 @@ def main(argv: list[str]) -> None:
   import jax
   import tensorflow as tf
 
-  from configs.common import validate
   from lra import train
 
   tf.config.set_visible_devices([], 'GPU')  # tf.data only; leave accelerator memory to JAX
@@ -42,7 +41,6 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info('JAX process %d/%d, local devices: %s, all devices: %d', jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
-  validate(_CONFIG.value)
   if _MODE.value == 'train':
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:

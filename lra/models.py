@@ -24,17 +24,16 @@ import topk
 if TYPE_CHECKING:  # lra.data imports TensorFlow, which configs and sweeps do not need.
   from lra.data import TaskInfo
 
-ATTENTION_KINDS = ('vanilla', 'chunked', 'topk')
-# Options each attention kind takes from the config; the others are ignored for that kind.
-_ATTENTION_OPTIONS = {
-    'vanilla': ('kernel',),
-    'chunked': ('query_chunk_size', 'kernel'),
-    'topk': ('k', 'query_chunk_size', 'kernel'),
+# Names a config may give: name -> what it stands for.
+POOLINGS = {
+    'CLS': lambda x: x[:, 0],  # position 0
+    'MEAN': lambda x: jnp.mean(x, axis=1),  # every position, padding included, as the original
 }
-FFN_KINDS = ('dense', 'topk')
-POOLINGS = ('CLS', 'MEAN')
-INTERACTIONS = ('concat', 'nli')
-DTYPES = ('float32', 'bfloat16')
+INTERACTIONS = {
+    'concat': lambda u, v: [u, v],
+    'nli': lambda u, v: [u, v, u * v, u - v],
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Initialisers of the original encoder (common_layers.py / transformer.py).
 _EMBED_INIT = nn.initializers.normal(stddev=1.0)
@@ -58,21 +57,17 @@ class TransformerConfig:
     mlp_dim: hidden width of the block MLP and of the classifier head.
     dropout_rate: dropout after the position encoding, attention and MLP.
     attention_dropout_rate: dropout on attention weights.
-    classifier_pool: 'CLS' (first position) or 'MEAN' (mean over all positions, padding included,
-      as the original).
+    classifier_pool: a key of `POOLINGS`: 'CLS' (first position) or 'MEAN' (mean over all
+      positions, padding included, as the original).
     learned_pos: learned position table (init N(0, 0.02)) instead of a fixed sinusoidal one.
     mask_padding: treat token id 0 as padding in attention. The original does, even for pixel
       tasks where 0 is a black pixel.
-    interaction: dual encoder only: 'concat' joins [u, v] (the original's default), 'nli' joins
-      [u, v, u * v, u - v].
-    attention_kind: 'vanilla' | 'chunked' | 'topk' (see `topk.make_attention_fn`).
-    attention_k: keys kept per query (topk).
-    attention_query_chunk_size: queries per chunk (chunked, topk).
-    attention_kernel: scores-to-weights kernel, see `topk.kernels`.
-    ffn_kind: 'dense' MLP or 'topk' (`topk.TopKFeedForward`, same parameters).
-    ffn_k: hidden units kept per token (ffn_kind='topk').
-    ffn_query_chunk_size: tokens per chunk (ffn_kind='topk').
-    dtype: computation dtype name; parameters stay float32 and logits are float32.
+    interaction: dual encoder only, a key of `INTERACTIONS`: 'concat' joins [u, v] (the
+      original's default), 'nli' joins [u, v, u * v, u - v].
+    attention: the attention of every block (`topk.AttentionSpec`).
+    ffn: the feed-forward layer of every block (`topk.FeedForwardSpec`); every kind has the
+      dense MLP's parameters.
+    dtype: computation dtype name, a key of `DTYPES`; parameters and logits stay float32.
   """
 
   vocab_size: int
@@ -89,25 +84,22 @@ class TransformerConfig:
   learned_pos: bool = False
   mask_padding: bool = True
   interaction: str = 'concat'
-  attention_kind: str = 'vanilla'
-  attention_k: int = 128
-  attention_query_chunk_size: int = 1024
-  attention_kernel: str = 'softmax'
-  ffn_kind: str = 'dense'
-  ffn_k: int = 128
-  ffn_query_chunk_size: int = 1024
+  attention: topk.AttentionSpec = topk.AttentionSpec()
+  ffn: topk.FeedForwardSpec = topk.FeedForwardSpec()
   dtype: str = 'float32'
 
   def __post_init__(self):
-    choices = {'classifier_pool': POOLINGS, 'interaction': INTERACTIONS,
-               'attention_kind': ATTENTION_KINDS, 'ffn_kind': FFN_KINDS, 'dtype': DTYPES}
+    choices = {'classifier_pool': POOLINGS, 'interaction': INTERACTIONS, 'dtype': DTYPES}
     for name, valid in choices.items():
       if getattr(self, name) not in valid:
         raise ValueError(f'TransformerConfig.{name}={getattr(self, name)!r}; expected one of '
-                         f'{valid}.')
+                         f'{list(valid)}.')
+    for name, spec in (('attention', topk.AttentionSpec), ('ffn', topk.FeedForwardSpec)):
+      if not isinstance(getattr(self, name), spec):
+        raise TypeError(f'TransformerConfig.{name} must be a {spec.__name__}, got '
+                        f'{getattr(self, name)!r}.')
     for name in ('vocab_size', 'num_classes', 'max_len', 'emb_dim', 'num_heads', 'num_layers',
-                 'qkv_dim', 'mlp_dim', 'attention_k', 'attention_query_chunk_size', 'ffn_k',
-                 'ffn_query_chunk_size'):
+                 'qkv_dim', 'mlp_dim'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'TransformerConfig.{name}={value!r}; expected an int >= 1.')
@@ -117,14 +109,6 @@ class TransformerConfig:
     for name in ('dropout_rate', 'attention_dropout_rate'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f'TransformerConfig.{name}={getattr(self, name)!r}; expected [0, 1).')
-
-  def attention_fn(self):
-    """The `attention_fn` for `nn.MultiHeadDotProductAttention`."""
-    options = {'k': self.attention_k, 'query_chunk_size': self.attention_query_chunk_size,
-               'kernel': self.attention_kernel}
-    return topk.make_attention_fn(
-        self.attention_kind,
-        **{name: options[name] for name in _ATTENTION_OPTIONS[self.attention_kind]})
 
 
 def sinusoidal_table(length: int, dim: int) -> np.ndarray:
@@ -137,28 +121,6 @@ def sinusoidal_table(length: int, dim: int) -> np.ndarray:
   return table[None]
 
 
-class MlpBlock(nn.Module):
-  """Dense feed-forward `[..., D] -> [..., out_dim]`: Dense, GELU, dropout, Dense, dropout.
-
-  Its submodules are `Dense_0`/`Dense_1`, the tree of `topk.TopKFeedForward`.
-  """
-
-  mlp_dim: int
-  out_dim: int
-  dropout_rate: float
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_KERNEL_INIT,
-                 bias_init=_BIAS_INIT)(x)
-    x = nn.gelu(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    x = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_KERNEL_INIT,
-                 bias_init=_BIAS_INIT)(x)
-    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-
-
 class EncoderBlock(nn.Module):
   """Pre-LN Transformer block `[B, L, D] -> [B, L, D]`."""
 
@@ -168,9 +130,9 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: jax.Array, keep: jax.Array | None, *, train: bool) -> jax.Array:
     """`keep` is bool `[B, L]`, False at padding, or None for no masking."""
     cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
-    attention_fn, mask = cfg.attention_fn(), None
-    if keep is not None and cfg.attention_kind == 'vanilla':
+    dtype = DTYPES[cfg.dtype]
+    attention_fn, mask = topk.make_attention_fn(cfg.attention), None
+    if keep is not None and cfg.attention.kind == 'vanilla':
       # Query AND key padding, [B, 1, L, L]: a padded query attends uniformly, as the original.
       mask = nn.make_attention_mask(keep, keep, dtype=jnp.bool_)
     elif keep is not None:
@@ -186,14 +148,9 @@ class EncoderBlock(nn.Module):
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=not train)
 
     h = nn.LayerNorm(dtype=dtype, name='mlp_norm')(x)
-    if cfg.ffn_kind == 'topk':
-      # Its defaults are the dense block's initialisers and GELU.
-      ffn = topk.TopKFeedForward(
-          mlp_dim=cfg.mlp_dim, k=cfg.ffn_k, out_dim=cfg.emb_dim,
-          query_chunk_size=cfg.ffn_query_chunk_size, dropout_rate=cfg.dropout_rate, dtype=dtype,
-          name='mlp')
-    else:
-      ffn = MlpBlock(cfg.mlp_dim, cfg.emb_dim, cfg.dropout_rate, dtype=dtype, name='mlp')
+    # Every kind's defaults are LRA's MlpBlock: its initialisers and GELU.
+    ffn = topk.make_feed_forward(cfg.ffn, mlp_dim=cfg.mlp_dim, out_dim=cfg.emb_dim,
+                                 dropout_rate=cfg.dropout_rate, dtype=dtype, name='mlp')
     return x + ffn(h, deterministic=not train)
 
 
@@ -230,17 +187,12 @@ class Encoder(nn.Module):
     else:
       x = x + sinusoidal_table(length, cfg.emb_dim)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
-    x = x.astype(jnp.dtype(cfg.dtype))
+    x = x.astype(DTYPES[cfg.dtype])
 
     for i in range(cfg.num_layers):
       x = EncoderBlock(cfg, name=f'encoderblock_{i}')(x, keep if cfg.mask_padding else None,
                                                       train=train)
-    return nn.LayerNorm(dtype=jnp.dtype(cfg.dtype), name='encoder_norm')(x)
-
-
-def _pool(x: jax.Array, pooling: str) -> jax.Array:
-  """`[B, L, D] -> [B, D]`: position 0, or the mean over every position (padding included)."""
-  return x[:, 0] if pooling == 'CLS' else jnp.mean(x, axis=1)
+    return nn.LayerNorm(dtype=DTYPES[cfg.dtype], name='encoder_norm')(x)
 
 
 class Classifier(nn.Module):
@@ -253,7 +205,7 @@ class Classifier(nn.Module):
     cfg = self.config
     x = Encoder(cfg, add_cls=cfg.classifier_pool == 'CLS', name='encoder')(
         batch['inputs'], train=train)
-    x = nn.relu(nn.Dense(cfg.mlp_dim, name='mlp')(_pool(x, cfg.classifier_pool)))
+    x = nn.relu(nn.Dense(cfg.mlp_dim, name='mlp')(POOLINGS[cfg.classifier_pool](x)))
     return nn.Dense(cfg.num_classes, name='logits')(x).astype(jnp.float32)
 
 
@@ -270,20 +222,25 @@ class DualClassifier(nn.Module):
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
     cfg = self.config
     encoder = Encoder(cfg, add_cls=False, name='encoder')
-    u = _pool(encoder(batch['inputs1'], train=train), cfg.classifier_pool)
-    v = _pool(encoder(batch['inputs2'], train=train), cfg.classifier_pool)
-    x = jnp.concatenate([u, v, u * v, u - v] if cfg.interaction == 'nli' else [u, v], axis=-1)
+    pool = POOLINGS[cfg.classifier_pool]
+    u = pool(encoder(batch['inputs1'], train=train))
+    v = pool(encoder(batch['inputs2'], train=train))
+    x = jnp.concatenate(INTERACTIONS[cfg.interaction](u, v), axis=-1)
     x = nn.relu(nn.Dense(cfg.mlp_dim, name='mlp')(x))
     x = nn.relu(nn.Dense(cfg.mlp_dim // 2, name='mlp2')(x))
     return nn.Dense(cfg.num_classes, name='logits')(x).astype(jnp.float32)
 
 
-def _prefixed(group: ml_collections.ConfigDict, prefix: str, valid: tuple[str, ...],
-              where: str) -> dict[str, Any]:
+def _build(cls: type, group: ml_collections.ConfigDict, where: str, **fields: Any) -> Any:
+  """`cls(**group, **fields)`; errors name the config group `where`."""
+  valid = sorted({field.name for field in dataclasses.fields(cls)} - set(fields))
   unknown = sorted(set(group.keys()) - set(valid))
   if unknown:
-    raise ValueError(f'{where}: unknown keys {unknown}; valid keys: {list(valid)}.')
-  return {prefix + name: value for name, value in group.items()}
+    raise ValueError(f'{where}: unknown keys {unknown}; valid keys: {valid}.')
+  try:
+    return cls(**group, **fields)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f'{where}: {error}') from None
 
 
 # ---- Edge: the only place this package reads a ConfigDict. ----
@@ -298,17 +255,11 @@ def build_model(config: ml_collections.ConfigDict, info: 'TaskInfo') -> nn.Modul
     `DualClassifier` for dual-input tasks, else `Classifier`.
 
   Raises:
-    ValueError: on unknown keys in those groups or invalid values.
+    ValueError: on unknown keys in those groups or invalid values, naming the group.
   """
-  attention_keys = ('kind', 'k', 'query_chunk_size', 'kernel')
-  ffn_keys = ('kind', 'k', 'query_chunk_size')
-  not_model = {'vocab_size', 'num_classes', 'max_len'}
-  not_model |= {'attention_' + key for key in attention_keys} | {'ffn_' + key for key in ffn_keys}
-  model_keys = tuple(f.name for f in dataclasses.fields(TransformerConfig)
-                     if f.name not in not_model)
-  fields = _prefixed(config.model, '', model_keys, 'config.model')
-  fields.update(_prefixed(config.attention, 'attention_', attention_keys, 'config.attention'))
-  fields.update(_prefixed(config.ffn, 'ffn_', ffn_keys, 'config.ffn'))
-  model_config = TransformerConfig(vocab_size=info.vocab_size, num_classes=info.num_classes,
-                                   max_len=info.max_length, **fields)
+  model_config = _build(
+      TransformerConfig, config.model, 'config.model', vocab_size=info.vocab_size,
+      num_classes=info.num_classes, max_len=info.max_length,
+      attention=_build(topk.AttentionSpec, config.attention, 'config.attention'),
+      ffn=_build(topk.FeedForwardSpec, config.ffn, 'config.ffn'))
   return DualClassifier(model_config) if info.dual else Classifier(model_config)

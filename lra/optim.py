@@ -71,6 +71,10 @@ def make_schedule(name: str, base: float, warmup_steps: int, total_steps: int) -
   """
   if name not in SCHEDULES:
     raise ValueError(f'schedule must be one of {sorted(SCHEDULES)}, got {name!r}')
+  if not base > 0:
+    raise ValueError(f'learning_rate (base) must be > 0, got {base}')
+  if not warmup_steps >= 0:
+    raise ValueError(f'warmup_steps must be >= 0, got {warmup_steps}')
   return SCHEDULES[name](base, warmup_steps, total_steps)
 
 
@@ -84,8 +88,10 @@ def make_optimizer(
     weight_decay: decoupled decay, multiplied by the learning rate, applied to all parameters.
     grad_clip_norm: clip gradients to this global norm; 0 disables clipping.
   """
-  if grad_clip_norm < 0:
+  if not grad_clip_norm >= 0:
     raise ValueError(f'grad_clip_norm must be >= 0, got {grad_clip_norm}')
+  if not weight_decay >= 0:
+    raise ValueError(f'weight_decay must be >= 0, got {weight_decay}')
   adam = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=weight_decay)
   if grad_clip_norm == 0:
     return adam

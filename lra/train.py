@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -208,26 +208,64 @@ def _example_batch(info: data.TaskInfo) -> Batch:
   return {**inputs, 'targets': np.zeros((1,), np.int32)}
 
 
+# Loop settings: ints >= 1. The task's, model's and optimizer's values are checked where they are
+# built (`data.task_info`, `models.build_model`, `make_schedule`, `make_optimizer`).
+_POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'max_length', 'num_train_steps',
+                  'eval_frequency', 'checkpoint_every', 'keep_checkpoints', 'log_every')
+
+
+def _is_positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  # Field values are checked by configs.common.validate; this is the check that needs devices.
+  for field in _POSITIVE_INTS:
+    if not _is_positive_int(config[field]):
+      raise ValueError(f'config.{field}={config[field]!r}; expected an int >= 1.')
+  if config.num_eval_steps != -1 and not _is_positive_int(config.num_eval_steps):
+    raise ValueError(f'config.num_eval_steps={config.num_eval_steps!r}; expected -1 (whole '
+                     'split) or an int >= 1.')
   if config.batch_size % jax.device_count():
     raise ValueError(f'config.batch_size={config.batch_size} does not divide among '
                      f'{jax.device_count()} devices')
 
 
-def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
-  """Builds the task, model, optimizer and trainer a config describes."""
+class RunParts(NamedTuple):
+  """What a config describes, short of data: the task's `TaskInfo`, model, schedule, optimizer."""
+
+  info: data.TaskInfo
+  model: Any
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+
+
+def build(config: ml_collections.ConfigDict) -> RunParts:
+  """Checks every value of `config` by building what it describes, reading no data.
+
+  Raises:
+    ValueError: naming the first bad field.
+  """
   _check_config(config)
-  task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
-                       eval_batch_size=config.eval_batch_size, max_length=config.max_length,
-                       seed=config.seed, **config.task_options)
-  model = models.build_model(config, task.info)
+  info = data.task_info(config.task, max_length=config.max_length, **config.task_options)
+  model = models.build_model(config, info)
   schedule = make_schedule(config.schedule, config.learning_rate, config.warmup_steps,
                            config.num_train_steps)
   tx = make_optimizer(schedule, weight_decay=config.weight_decay,
                       grad_clip_norm=config.grad_clip_norm)
-  trainer = Trainer(model, tx, schedule, _example_batch(task.info), seed=config.seed,
-                    mesh=make_mesh(), eval_batch_size=config.eval_batch_size)
+  return RunParts(info, model, schedule, tx)
+
+
+def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
+  """Builds the task, model, optimizer and trainer a config describes.
+
+  Every value is checked (`build`) before any data is read.
+  """
+  parts = build(config)
+  task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
+                       eval_batch_size=config.eval_batch_size, max_length=config.max_length,
+                       seed=config.seed, **config.task_options)
+  trainer = Trainer(parts.model, parts.tx, parts.schedule, _example_batch(parts.info),
+                    seed=config.seed, mesh=make_mesh(), eval_batch_size=config.eval_batch_size)
   return task, trainer
 
 

@@ -7,12 +7,15 @@ import sys
 import tempfile
 import warnings
 
+import pytest
 from absl import flags
 from absl.testing import absltest, parameterized
 from ml_collections import config_flags
 
 from configs import common, image, listops, pathfinder, pathx, retrieval, text
-from lra import sweep
+from lra import sweep, train
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONTRACT_FIELDS = {
     'task', 'task_options', 'data_dir', 'seed', 'batch_size', 'eval_batch_size', 'max_length',
@@ -22,7 +25,7 @@ _CONTRACT_FIELDS = {
 _MODULES = {'listops': listops, 'text': text, 'retrieval': retrieval, 'image': image,
             'pathfinder': pathfinder, 'pathx': pathx}
 
-# The LRA repository's vanilla-Transformer settings (lra.md §1), written out literally:
+# The LRA repository's vanilla-Transformer settings, written out literally:
 # (max_length, batch, steps, eval every, lr, schedule, warmup, weight decay, clip,
 #  emb, qkv, mlp, heads, layers, dropout, attention dropout, pooling, learned positions).
 _REFERENCE = {
@@ -55,95 +58,135 @@ def _actual(config):
           m.dropout_rate, m.attention_dropout_rate, m.classifier_pool, m.learned_pos)
 
 
-class ConfigTest(parameterized.TestCase):
+def test_importing_a_config_starts_no_jax():
+  code = ('import sys\n'
+          'from configs import image, listops, pathfinder, pathx, retrieval, text\n'
+          'for module in (image, listops, pathfinder, pathx, retrieval, text):\n'
+          '  module.get_config("topk,smoke"); module.get_sweep("topk")\n'
+          'print(sorted(m for m in ("jax", "tensorflow", "lra", "topk") if m in sys.modules))\n')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True, cwd=_REPO)
+  assert result.stdout.strip() == '[]'
 
-  @parameterized.parameters(*_REFERENCE)
-  def test_full_config_matches_reference(self, name, arg):
-    config = _MODULES[name].get_config(arg)
-    self.assertEqual(_actual(config), _REFERENCE[name, arg])
-    self.assertEqual(config.eval_batch_size, config.batch_size)
-    self.assertEqual(config.num_eval_steps, -1)
-    self.assertTrue(config.model.mask_padding)  # the original masks token id 0 everywhere
-    self.assertEqual(dict(config.attention), {'kind': 'vanilla', 'k': 128,
-                                              'query_chunk_size': 1024, 'kernel': 'softmax'})
-    self.assertEqual(config.ffn.kind, 'dense')
 
-  @parameterized.parameters(*[(name, preset) for name in _MODULES for preset in ('', 'smoke')])
-  def test_builds_locked_with_contract_fields(self, name, preset):
-    config = _MODULES[name].get_config(preset)
-    self.assertEqual(set(config.keys()), _CONTRACT_FIELDS)
-    self.assertTrue(config.is_locked)
-    with self.assertRaises(AttributeError):
-      config.not_a_field = 1
-    common.validate(config)
-    if preset:
-      self.assertLessEqual(config.max_length, 64)
-      self.assertEqual((config.batch_size, config.num_eval_steps), (8, 2))
-      self.assertLessEqual(config.num_train_steps, 10)
+@pytest.mark.parametrize('name, arg', _REFERENCE)
+def test_full_config_matches_reference(name, arg):
+  config = _MODULES[name].get_config(arg)
+  assert _actual(config) == _REFERENCE[name, arg]
+  assert config.eval_batch_size == config.batch_size
+  assert config.num_eval_steps == -1
+  assert config.model.mask_padding  # the original masks token id 0 everywhere
+  assert dict(config.attention) == {'kind': 'vanilla', 'k': 128, 'query_chunk_size': 1024,
+                                    'kernel': 'softmax', 'selection': 'exact',
+                                    'recall_target': 0.95}
+  assert config.ffn.kind == 'dense'
 
-  def test_task_names_and_options(self):
-    self.assertEqual([_MODULES[n].get_config().task for n in _MODULES],
-                     ['listops', 'text', 'retrieval', 'image', 'pathfinder32', 'pathx'])
-    self.assertEqual(retrieval.get_config().model.interaction, 'concat')
-    self.assertEqual(dict(pathfinder.get_config().task_options), {'difficulty': 'hard'})
-    self.assertEqual(dict(pathx.get_config().task_options), {})
-    config = pathfinder.get_config('64,easy,chunked')
-    self.assertEqual((config.task, config.task_options.difficulty, config.attention.kind),
-                     ('pathfinder64', 'easy', 'chunked'))
 
-  def test_arg_sets_attention(self):
-    config = listops.get_config('topk,k=64,smoke')
-    self.assertEqual((config.attention.kind, config.attention.k), ('topk', 64))
-    self.assertEqual(listops.get_config('topk,smoke').attention.k, 8)  # the smoke default
-    config = text.get_config('query_chunk_size=100,chunked')
-    self.assertEqual((config.attention.kind, config.attention.query_chunk_size), ('chunked', 100))
-    self.assertTrue(image.get_config('smoke=true').max_length <= 64)
+@pytest.mark.parametrize('name, preset', [(name, preset) for name in _MODULES
+                                          for preset in ('', 'smoke')])
+def test_builds_locked_with_contract_fields(name, preset):
+  config = _MODULES[name].get_config(preset)
+  assert set(config.keys()) == _CONTRACT_FIELDS
+  assert config.is_locked
+  with pytest.raises(AttributeError):
+    config.not_a_field = 1
+  train.build(config)  # every value is valid
+  if preset:
+    assert config.max_length <= 64
+    assert (config.batch_size, config.num_eval_steps) == (8, 2)
+    assert config.num_train_steps <= 10
 
-  @parameterized.parameters(('flash', 'valid tokens'), ('kk=3', 'valid names'),
-                            ('k=abc', 'expected int'), ('smoke=yes', 'true or false'),
-                            ('attention=linear', 'expected one of'))
-  def test_bad_arg_raises(self, arg, message):
-    with self.assertRaisesRegex(ValueError, message):
-      listops.get_config(arg)
 
-  def test_bad_pathfinder_arg_raises(self):
-    for arg in ('48', 'size=48', 'difficulty=medium'):
-      with self.assertRaisesRegex(ValueError, 'expected one of|valid tokens'):
-        pathfinder.get_config(arg)
-    with self.assertRaisesRegex(ValueError, 'valid tokens'):
-      pathx.get_config('64')
+def test_task_names_and_options():
+  assert [_MODULES[n].get_config().task for n in _MODULES] == [
+      'listops', 'text', 'retrieval', 'image', 'pathfinder32', 'pathx']
+  assert retrieval.get_config().model.interaction == 'concat'
+  assert dict(pathfinder.get_config().task_options) == {'difficulty': 'hard'}
+  assert dict(pathx.get_config().task_options) == {}
+  config = pathfinder.get_config('64,easy,chunked')
+  assert (config.task, config.task_options.difficulty, config.attention.kind) == (
+      'pathfinder64', 'easy', 'chunked')
 
-  def _parse_command_line(self, *args: str):
-    argv = ['train.py', *args]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
-                                    lock_config=True, sys_argv=argv)
-    with warnings.catch_warnings():
-      # ml_collections 1.1.0 loads config files with the deprecated importlib load_module().
-      warnings.simplefilter('ignore', DeprecationWarning)
-      flag_values(argv)
-    return flag_values.config
 
-  def test_command_line_overrides(self):
-    config = self._parse_command_line('--config=configs/listops.py:topk',
-                                      '--config.attention.k=32', '--config.model.num_layers=2')
-    self.assertEqual((config.attention.kind, config.attention.k, config.model.num_layers),
-                     ('topk', 32, 2))
-    with self.assertRaisesRegex(AttributeError, 'kk'):  # unknown field of the locked config
-      self._parse_command_line('--config=configs/listops.py', '--config.attention.kk=32')
+def test_arg_sets_attention():
+  config = listops.get_config('topk,k=64,smoke')
+  assert (config.attention.kind, config.attention.k) == ('topk', 64)
+  assert listops.get_config('topk,smoke').attention.k == 8  # the smoke default
+  config = text.get_config('query_chunk_size=100,chunked')
+  assert (config.attention.kind, config.attention.query_chunk_size) == ('chunked', 100)
+  assert image.get_config('smoke=true').max_length <= 64
 
-  @parameterized.parameters(
-      ('attention', 'kind', 'linear'), ('attention', 'k', 0), ('attention', 'query_chunk_size', -1),
-      ('attention', 'kernel', 'cosine'), ('ffn', 'kind', 'sparse'), ('ffn', 'k', 0),
-      (None, 'batch_size', 0), (None, 'schedule', 'linear'), (None, 'num_eval_steps', 0),
-      (None, 'learning_rate', 0.0), (None, 'warmup_steps', -1), ('model', 'dropout_rate', 1.0),
-      ('model', 'num_heads', 3), ('model', 'classifier_pool', 'MAX'))
-  def test_validate_rejects(self, group, field, value):
-    config = listops.get_config()
-    (config[group] if group else config)[field] = value
-    name = f'{group}.{field}' if group else field
-    with self.assertRaisesRegex(ValueError, f'config.{name}='):
-      common.validate(config)
+
+def test_arg_k_zero_is_an_error_not_the_default():
+  config = listops.get_config('topk,k=0,smoke')
+  assert config.attention.k == 0
+  with pytest.raises(ValueError, match='config.attention: k must be an integer >= 1, got 0'):
+    train.build(config)
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('flash', 'valid tokens'), ('kk=3', 'valid names'), ('k=abc', 'expected int'),
+    ('smoke=yes', 'true or false'), ('attention=linear', 'expected one of')])
+def test_bad_arg_raises(arg, message):
+  with pytest.raises(ValueError, match=message):
+    listops.get_config(arg)
+
+
+def test_bad_pathfinder_arg_raises():
+  for arg in ('48', 'size=48', 'difficulty=medium'):
+    with pytest.raises(ValueError, match='expected one of|valid tokens'):
+      pathfinder.get_config(arg)
+  with pytest.raises(ValueError, match='valid tokens'):
+    pathx.get_config('64')
+
+
+def _parse_command_line(*args: str):
+  argv = ['train.py', *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  with warnings.catch_warnings():
+    # ml_collections 1.1.0 loads config files with the deprecated importlib load_module().
+    warnings.simplefilter('ignore', DeprecationWarning)
+    flag_values(argv)
+  return flag_values.config
+
+
+def test_command_line_overrides():
+  config = _parse_command_line('--config=configs/listops.py:topk', '--config.attention.k=32',
+                               '--config.model.num_layers=2')
+  assert (config.attention.kind, config.attention.k, config.model.num_layers) == ('topk', 32, 2)
+  with pytest.raises(AttributeError, match='kk'):  # unknown field of the locked config
+    _parse_command_line('--config=configs/listops.py', '--config.attention.kk=32')
+
+
+@pytest.mark.parametrize('group, field, value, message', [
+    ('attention', 'kind', 'linear', r"config\.attention: Unknown attention kind 'linear'"),
+    ('attention', 'k', 0, r'config\.attention: k must be an integer >= 1'),
+    ('attention', 'query_chunk_size', -1, r'config\.attention: query_chunk_size must be'),
+    ('attention', 'kernel', 'cosine', r"config\.attention: Unknown attention kernel 'cosine'"),
+    ('attention', 'selection', 'fast', r"config\.attention: Unknown selection 'fast'"),
+    ('attention', 'recall_target', 0.0, r'config\.attention: recall_target must be'),
+    ('ffn', 'kind', 'sparse', r"config\.ffn: Unknown feed-forward kind 'sparse'"),
+    ('ffn', 'k', 0, r'config\.ffn: k must be an integer >= 1'),
+    (None, 'batch_size', 0, r'config\.batch_size=0'),
+    (None, 'num_eval_steps', 0, r'config\.num_eval_steps=0'),
+    (None, 'task', 'lisptops', r"Unknown task 'lisptops'"),
+    (None, 'schedule', 'linear', r"schedule must be one of .*'linear'"),
+    (None, 'learning_rate', 0.0, r'learning_rate \(base\) must be > 0'),
+    (None, 'warmup_steps', -1, r'warmup_steps must be >= 0'),
+    (None, 'weight_decay', -0.1, r'weight_decay must be >= 0'),
+    (None, 'grad_clip_norm', -1.0, r'grad_clip_norm must be >= 0'),
+    ('model', 'dropout_rate', 1.0, r'config\.model: TransformerConfig\.dropout_rate=1\.0'),
+    ('model', 'num_heads', 3, r'config\.model: TransformerConfig\.num_heads=3'),
+    ('model', 'classifier_pool', 'MAX', r"config\.model: TransformerConfig\.classifier_pool='MAX'"),
+])
+def test_bad_value_fails_before_any_data_is_read(group, field, value, message, tmp_path):
+  config = listops.get_config('smoke')
+  config.data_dir = str(tmp_path / 'no_data_here')  # reading data would raise FileNotFoundError
+  (config[group] if group else config)[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.setup(config)
 
 
 class SweepTest(parameterized.TestCase):
@@ -160,7 +203,7 @@ class SweepTest(parameterized.TestCase):
       for key, value in point.items():
         group, field = key.split('.')
         config[group][field] = value
-      common.validate(config)
+      train.build(config)
 
   def test_sweep_kinds(self):
     self.assertEqual(listops.get_sweep('vanilla'), [{'attention.kind': 'vanilla'}])

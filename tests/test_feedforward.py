@@ -1,9 +1,9 @@
-"""Tests for topk.TopKFeedForward."""
+"""Tests for topk.TopKFeedForward and topk.DenseFeedForward."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 
 import topk
 
@@ -34,52 +34,61 @@ def _reference(params, x, k, activation):
   return jnp.where(kept, activation(pre), 0.0) @ d1['kernel'] + d1['bias']
 
 
-class TopKFeedForwardTest(parameterized.TestCase):
-
-  def test_param_tree_matches_dense_mlp(self):
-    x = _x()
-    ours = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=3).init(jax.random.key(0), x)
-    dense = DenseMlp(MLP_DIM, nn.relu).init(jax.random.key(0), x)
-    self.assertEqual(jax.tree.map(jnp.shape, ours), jax.tree.map(jnp.shape, dense))
-
-  @parameterized.parameters((nn.relu, MLP_DIM, 4), (nn.gelu, MLP_DIM + 3, 3), (nn.relu, 3, 4),
-                            (nn.gelu, 1, 16))
-  def test_matches_reference(self, activation, k, chunk):
-    x = _x()
-    dense = DenseMlp(MLP_DIM, activation)
-    params = dense.init(jax.random.key(1), x)
-    layer = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=k, query_chunk_size=chunk,
-                                 activation=activation)
-
-    def ours(p):
-      return layer.apply(p, x)
-
-    def ref(p):
-      return dense.apply(p, x) if k >= MLP_DIM else _reference(p, x, k, activation)
-
-    np.testing.assert_allclose(ours(params), ref(params), atol=1e-5)
-    g_ours = jax.grad(lambda p: jnp.sum(ours(p) ** 2))(params)
-    g_ref = jax.grad(lambda p: jnp.sum(ref(p) ** 2))(params)
-    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
-      np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
-
-  def test_out_dim_dropout_and_dtype(self):
-    x = _x().astype(jnp.bfloat16)
-    layer = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, out_dim=3, dropout_rate=0.5,
-                                 query_chunk_size=4)
-    params = layer.init(jax.random.key(0), x)
-    run = jax.jit(lambda rng: layer.apply(params, x, deterministic=False, rngs={'dropout': rng}))
-    out = run(jax.random.key(1))
-    self.assertEqual(out.shape, (2, 5, 3))
-    self.assertEqual(out.dtype, jnp.bfloat16)
-    np.testing.assert_array_equal(out, run(jax.random.key(1)))
-    self.assertFalse(np.array_equal(out, run(jax.random.key(2))))
-
-  @parameterized.parameters(dict(k=0), dict(k=2, query_chunk_size=0), dict(k=2, dropout_rate=1.0))
-  def test_bad_input(self, **fields):
-    with self.assertRaisesRegex(ValueError, 'k must|query_chunk_size must|dropout_rate must'):
-      topk.TopKFeedForward(mlp_dim=MLP_DIM, **fields).init(jax.random.key(0), _x())
+def test_param_tree_matches_dense_mlp():
+  x = _x()
+  ours = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=3).init(jax.random.key(0), x)
+  dense = DenseMlp(MLP_DIM, nn.relu).init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, dense)
 
 
-if __name__ == '__main__':
-  absltest.main()
+@pytest.mark.parametrize('activation, k, chunk', [(nn.relu, MLP_DIM, 4), (nn.gelu, MLP_DIM + 3, 3),
+                                                  (nn.relu, 3, 4), (nn.gelu, 1, 16)])
+def test_matches_reference(activation, k, chunk):
+  x = _x()
+  dense = DenseMlp(MLP_DIM, activation)
+  params = dense.init(jax.random.key(1), x)
+  layer = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=k, query_chunk_size=chunk,
+                               activation=activation)
+
+  def ours(p):
+    return layer.apply(p, x)
+
+  def ref(p):
+    return dense.apply(p, x) if k >= MLP_DIM else _reference(p, x, k, activation)
+
+  np.testing.assert_allclose(ours(params), ref(params), atol=1e-5)
+  g_ours = jax.grad(lambda p: jnp.sum(ours(p) ** 2))(params)
+  g_ref = jax.grad(lambda p: jnp.sum(ref(p) ** 2))(params)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('activation', [nn.relu, nn.gelu])
+def test_dense_layer_is_the_reference_and_top_k_with_every_unit(activation):
+  x = _x()
+  params = DenseMlp(MLP_DIM, activation).init(jax.random.key(1), x)
+  dense = topk.DenseFeedForward(mlp_dim=MLP_DIM, activation=activation)
+  full = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=MLP_DIM, activation=activation)
+  np.testing.assert_allclose(dense.apply(params, x), DenseMlp(MLP_DIM, activation).apply(params, x),
+                             atol=1e-6)
+  np.testing.assert_allclose(full.apply(params, x), dense.apply(params, x), atol=1e-5)
+
+
+def test_out_dim_dropout_and_dtype():
+  x = _x().astype(jnp.bfloat16)
+  layer = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, out_dim=3, dropout_rate=0.5,
+                               query_chunk_size=4)
+  params = layer.init(jax.random.key(0), x)
+  run = jax.jit(lambda rng: layer.apply(params, x, deterministic=False, rngs={'dropout': rng}))
+  out = run(jax.random.key(1))
+  assert out.shape == (2, 5, 3)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out, run(jax.random.key(1)))
+  assert not np.array_equal(out, run(jax.random.key(2)))
+
+
+@pytest.mark.parametrize('fields', [dict(k=0), dict(k=2, query_chunk_size=0),
+                                    dict(k=2, dropout_rate=1.0)])
+def test_bad_input(fields):
+  with pytest.raises(ValueError, match='k must|query_chunk_size must|dropout_rate must'):
+    topk.TopKFeedForward(mlp_dim=MLP_DIM, **fields).init(jax.random.key(0), _x())

@@ -1,12 +1,15 @@
-"""Top-k feed-forward layer: the MLP read as attention over its hidden units (Gupta et al., 2021).
+"""Feed-forward layers: the dense MLP and its top-k form (Gupta et al., 2021), by name in
+`FEED_FORWARDS`.
 
-Each token is a query, the first layer's weight columns are the keys and the second layer's rows
-are the values; the activation (no normalisation) plays the kernel. Per token only the k largest
-pre-activations are kept, then activated, and only their value rows are mixed. Tokens are
-processed in chunks, checkpointed, so memory is `chunk x mlp_dim` rather than
-`tokens x mlp_dim`. Parameters are named and shaped as two `nn.Dense` layers ('Dense_0', 'Dense_1',
-with biases) so dense MLP weights load unchanged; with k >= mlp_dim the layer is that MLP.
+The top-k layer reads the MLP as attention over its hidden units: each token is a query, the
+first layer's weight columns are the keys and the second layer's rows are the values; the
+activation (no normalisation) plays the kernel. Per token only the k largest pre-activations are
+kept, then activated, and only their value rows are mixed. Tokens are processed in chunks,
+checkpointed, so memory is `chunk x mlp_dim` rather than `tokens x mlp_dim`. Both layers' parameters
+are named and shaped as two `nn.Dense` layers ('Dense_0', 'Dense_1', with biases), so dense MLP
+weights load unchanged; with k >= mlp_dim the top-k layer is the dense one.
 """
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +31,40 @@ class _DenseParams(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (in_features, self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     return kernel, bias
+
+
+class DenseFeedForward(nn.Module):
+  """Dense(mlp_dim) -> activation -> dropout -> Dense(out_dim) -> dropout: LRA's MlpBlock.
+
+  The reference `TopKFeedForward` equals with k >= mlp_dim; its submodules are `Dense_0` and
+  `Dense_1`, the tree of `TopKFeedForward`.
+
+  Attributes:
+    mlp_dim: hidden units.
+    out_dim: output features (default: input features).
+    dropout_rate: dropout after the activation and after the output layer.
+    activation: elementwise activation of the hidden units.
+    dtype: computation dtype (default: the input's); parameters are float32.
+    kernel_init: initialiser of both kernels.
+    bias_init: initialiser of both biases.
+  """
+  mlp_dim: int
+  out_dim: int | None = None
+  dropout_rate: float = 0.0
+  activation: Callable[[jax.Array], jax.Array] = nn.gelu
+  dtype: Any = None
+  kernel_init: Callable[..., jax.Array] = nn.initializers.xavier_uniform()
+  bias_init: Callable[..., jax.Array] = nn.initializers.normal(stddev=1e-6)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Maps `x [..., d]` to `[..., out_dim]`."""
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=self.kernel_init,
+                              bias_init=self.bias_init)
+    h = self.activation(dense(self.mlp_dim)(x))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    out = dense(x.shape[-1] if self.out_dim is None else self.out_dim)(h)
+    return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
 
 
 class TopKFeedForward(nn.Module):
@@ -99,3 +136,9 @@ class TopKFeedForward(nn.Module):
     out = out.reshape(-1, out_dim)[:tokens.shape[0]] + b_out.astype(dtype)[None]
     out = out.reshape(x.shape[:-1] + (out_dim,))
     return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+
+
+FEED_FORWARDS: dict[str, type[nn.Module]] = {
+    'dense': DenseFeedForward,
+    'topk': TopKFeedForward,
+}

@@ -23,6 +23,18 @@ import jax.numpy as jnp
 
 from topk import inputs, kernels, select
 
+# Selections of the kept keys: name -> whether `select.top_k` approximates (`lax.approx_max_k`).
+SELECTIONS = {'exact': False, 'approximate': True}
+
+
+def check_selection(selection: str, recall_target: float) -> None:
+  """Raises ValueError unless `selection` is a key of `SELECTIONS` and 0 < recall_target <= 1."""
+  if selection not in SELECTIONS:
+    raise ValueError(f'Unknown selection {selection!r}; valid selections: {sorted(SELECTIONS)}.')
+  if (isinstance(recall_target, bool) or not isinstance(recall_target, (int, float))
+      or not 0 < recall_target <= 1):
+    raise ValueError(f'recall_target must be a number in (0, 1], got {recall_target!r}.')
+
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
   """`x [B, H, Lk, ...]`, `idx [B, H, C, k]` -> `[B, H, C, k, ...]`."""
@@ -65,7 +77,8 @@ def _mix_rows(weights: jax.Array, idx: jax.Array, value: jax.Array, dtype: Any) 
 
 
 def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Array],
-            dropout: inputs.Dropout | None, precision: Any) -> jax.Array:
+            dropout: inputs.Dropout | None, precision: Any, selection: str,
+            recall_target: float) -> jax.Array:
   """Top-k attention of the canonical inputs; returns float32 `[B, H, Lq_pad, Dv]`."""
   chunk = can.chunk
 
@@ -101,7 +114,8 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
     def one_chunk(args):
       i, q_chunk = args
       scores = inputs.chunk_scores(c, i, q_chunk, key, bias, precision)
-      kept, idx = select.top_k(scores, k)
+      kept, idx = select.top_k(scores, k, approximate=SELECTIONS[selection],
+                               recall_target=recall_target)
       valid = inputs.chunk_validity(c, i)
       if valid is not None:
         valid = jnp.take_along_axis(jnp.broadcast_to(valid, scores.shape), idx, axis=-1)
@@ -163,7 +177,8 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                    query_chunk_size: int = 1024, is_causal: bool = False,
                    key_padding_mask: jax.Array | None = None,
                    query_padding_mask: jax.Array | None = None,
-                   kernel: str = 'softmax') -> jax.Array:
+                   kernel: str = 'softmax', selection: str = 'exact',
+                   recall_target: float = 0.95) -> jax.Array:
   """Top-k attention; with k >= kv_len it equals `topk.dot_product_attention` (gradients too).
 
   Dropout acts on the kept weights `[C, k]` of each chunk, drawn from
@@ -177,17 +192,22 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     k: keys kept per query (an int >= 1; values above kv_len keep all keys).
     query_chunk_size, is_causal, key_padding_mask, query_padding_mask, kernel: as in
       `topk.chunked_attention`.
+    selection: a key of `SELECTIONS`: 'exact', or 'approximate' (`jax.lax.approx_max_k`: fast
+      on TPU, trades exactness for speed; exact on CPU and GPU).
+    recall_target: expected fraction of the true top k that 'approximate' finds, in (0, 1].
 
   Returns:
     `[batch..., q_len, heads, d_v]` in the computation dtype.
   """
   del module
   k = inputs.check_positive_int(k, 'k')
+  check_selection(selection, recall_target)
   kernel_fn = kernels.get_kernel(kernel)
   dropout = inputs.make_dropout(dropout_rng, dropout_rate, deterministic, broadcast_dropout)
   can = inputs.canonicalize(query, key, value, bias=bias, mask=mask, dtype=dtype,
                             query_chunk_size=query_chunk_size, is_causal=is_causal,
                             key_padding_mask=key_padding_mask,
                             query_padding_mask=query_padding_mask)
-  out = _attend(can, min(k, can.key.shape[2]), kernel_fn, dropout, precision)
+  out = _attend(can, min(k, can.key.shape[2]), kernel_fn, dropout, precision, selection,
+                recall_target)
   return inputs.to_output(can, out)
