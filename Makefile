@@ -29,7 +29,7 @@ $(SELECT_LIB): csrc/topk_select.cc $(STAMP)
 	  -isystem "$$($(PYTHON) -c 'import jax.ffi; print(jax.ffi.include_dir())')" -o $@ $<
 
 demo: setup
-	$(PYTHON) -m lra.demo
+	$(PYTHON) demo.py
 
 test: setup
 	$(PYTHON) -m pytest -n 2 tests

@@ -5,15 +5,22 @@ Train (resumes automatically from the workdir's latest checkpoint):
 Evaluate a trained workdir with other attention settings (writes eval_results_<tag>.json):
   python train.py --mode=eval --config=configs/listops.py:vanilla --workdir=runs/listops_vanilla \
       --config.attention.kind=topk --config.attention.k=32
+Any config field can be overridden with --config.<field>=<value>, and JAX's options are flags
+too (e.g. --jax_log_compiles, --jax_platforms=cpu).
 Several processes (multi-host GPU, or several processes on one host): start one per host with
 `--multiprocess`; `jax.distributed.initialize` then auto-detects SLURM, Open MPI and Cloud TPU, or
 reads JAX_COORDINATOR_ADDRESS together with --num_processes and --process_id.
 """
+import sys
 
+import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
+from lra import config_loader
+
+_CONFIG = flags.DEFINE_string('config', None, 'Config file and its arg, e.g. '
+                              'configs/listops.py:topk,k=64; override any field with '
+                              '--config.<field>=<value>.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train_and_evaluate; eval: evaluate a trained workdir.')
@@ -26,12 +33,27 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --multiproces
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --multiprocess, if not auto-detected.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# The --config.<field> overrides, taken out of argv before absl parses the other flags.
+_OVERRIDES: list[tuple[str, str]] = []
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    rest, overrides = config_loader.split_overrides(argv)
+  except config_loader.ConfigError as error:
+    sys.exit(f'train.py: {error}')
+  _OVERRIDES.extend(overrides)
+  return app.parse_flags_with_usage(rest)
+
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Imported here so that flag parsing stays fast and TF never sees the GPUs.
-  import jax
+  try:
+    config = config_loader.get_config(_CONFIG.value, _OVERRIDES)
+  except config_loader.ConfigError as error:
+    sys.exit(f'train.py: {error}')
+  # Imported here so that a config mistake is reported fast and TF never sees the GPUs.
   import tensorflow as tf
 
   from lra import train
@@ -42,10 +64,11 @@ def main(argv: list[str]) -> None:
   logging.info('JAX process %d/%d, local devices: %s, all devices: %d', jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
   if _MODE.value == 'train':
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
   else:
-    train.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+    train.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  jax.config.config_with_absl()  # JAX's options as absl flags, as big_vision's trainers do
+  app.run(main, flags_parser=_parse_flags)

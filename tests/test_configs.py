@@ -1,19 +1,12 @@
-"""Tests of configs/: reference values, arg parsing, overrides, validation and sweeps."""
-import csv
-import json
+"""Tests of configs/: reference values, arg parsing, sweeps, and checks of every value."""
 import os
 import subprocess
 import sys
-import tempfile
-import warnings
 
 import pytest
-from absl import flags
-from absl.testing import absltest, parameterized
-from ml_collections import config_flags
 
 from configs import common, image, listops, pathfinder, pathx, retrieval, text
-from lra import sweep, train
+from lra import train
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,26 +133,6 @@ def test_bad_pathfinder_arg_raises():
     pathx.get_config('64')
 
 
-def _parse_command_line(*args: str):
-  argv = ['train.py', *args]
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
-  with warnings.catch_warnings():
-    # ml_collections 1.1.0 loads config files with the deprecated importlib load_module().
-    warnings.simplefilter('ignore', DeprecationWarning)
-    flag_values(argv)
-  return flag_values.config
-
-
-def test_command_line_overrides():
-  config = _parse_command_line('--config=configs/listops.py:topk', '--config.attention.k=32',
-                               '--config.model.num_layers=2')
-  assert (config.attention.kind, config.attention.k, config.model.num_layers) == ('topk', 32, 2)
-  with pytest.raises(AttributeError, match='kk'):  # unknown field of the locked config
-    _parse_command_line('--config=configs/listops.py', '--config.attention.kk=32')
-
-
 @pytest.mark.parametrize('group, field, value, message', [
     ('attention', 'kind', 'linear', r"config\.attention: Unknown attention kind 'linear'"),
     ('attention', 'k', 0, r'config\.attention: k must be an integer >= 1'),
@@ -189,76 +162,23 @@ def test_bad_value_fails_before_any_data_is_read(group, field, value, message, t
     train.setup(config)
 
 
-class SweepTest(parameterized.TestCase):
-
-  @parameterized.parameters(*_MODULES)
-  def test_sweep_points_are_valid_overrides(self, name):
-    module = _MODULES[name]
-    points = module.get_sweep('topk')
-    self.assertEqual(points[0], {'attention.kind': 'vanilla'})
-    self.assertLen(points, 1 + len(common.SWEEP_KS) * len(common.SWEEP_CHUNKS))
-    self.assertLen({sweep.point_name(p) for p in points}, len(points))
-    for point in points:
-      config = module.get_config('topk')
-      for key, value in point.items():
-        group, field = key.split('.')
-        config[group][field] = value
-      train.build(config)
-
-  def test_sweep_kinds(self):
-    self.assertEqual(listops.get_sweep('vanilla'), [{'attention.kind': 'vanilla'}])
-    self.assertEqual(listops.get_sweep('chunked,smoke'),
-                     [{'attention.kind': 'vanilla'},
-                      {'attention.kind': 'chunked', 'attention.query_chunk_size': 16}])
-    self.assertLen(pathfinder.get_sweep('128,topk,smoke'), 3)
-
-  def test_load_sweep_and_flags(self):
-    points = sweep.load_sweep('configs/listops.py:topk,smoke')
-    self.assertEqual(points, listops.get_sweep('topk,smoke'))
-    self.assertEqual(sweep.point_name(points[1]), 'topk_k4_c16')
-    self.assertEqual(
-        sweep.train_flags('configs/listops.py:topk,smoke', points[1], 'root/topk_k4_c16'),
-        ['--config=configs/listops.py:topk,smoke', '--workdir=root/topk_k4_c16',
-         '--config.attention.kind=topk', '--config.attention.k=4',
-         '--config.attention.query_chunk_size=16'])
-    with self.assertRaises(FileNotFoundError):
-      sweep.load_sweep('configs/missing.py:topk')
-
-  def test_prints_commands(self):
-    result = subprocess.run(
-        [sys.executable, '-m', 'lra.sweep', '--config=configs/text.py:chunked,smoke',
-         '--workdir_root=/tmp/root'], capture_output=True, text=True, check=True)
-    self.assertEqual(result.stdout.splitlines(), [
-        'python train.py --config=configs/text.py:chunked,smoke --workdir=/tmp/root/vanilla '
-        '--config.attention.kind=vanilla',
-        'python train.py --config=configs/text.py:chunked,smoke --workdir=/tmp/root/chunked_c16 '
-        '--config.attention.kind=chunked --config.attention.query_chunk_size=16'])
-
-  def test_summarize_fake_results(self):
-    with tempfile.TemporaryDirectory() as root:
-      self._check_summary(root)
-
-  def _check_summary(self, root: str):
-    points = [(sweep.point_name(p), p) for p in listops.get_sweep('topk,smoke')]
-    fake = {'validation': {'accuracy': 0.375, 'loss': 1.5}, 'test': {'accuracy': 0.25, 'loss': 2.0}}
-    for name, _ in points[:2]:
-      os.makedirs(os.path.join(root, name))
-      with open(os.path.join(root, name, 'results.json'), 'w') as f:
-        json.dump(fake, f)
-    rows = sweep.summarize(points, root)
-    self.assertLen(rows, 3)
-    self.assertEqual((rows[1]['name'], rows[1]['attention.k'], rows[1]['test_accuracy']),
-                     ('topk_k4_c16', 4, 0.25))
-    self.assertEqual(rows[2]['validation_accuracy'], '')  # no results.json yet
-    with open(os.path.join(root, 'summary.csv')) as f:
-      table = list(csv.DictReader(f))
-    self.assertEqual(table[0]['validation_accuracy'], '0.375')
-    self.assertEqual(table[0]['attention.kind'], 'vanilla')
-    with open(os.path.join(root, 'summary.md')) as f:
-      lines = f.read().splitlines()
-    self.assertLen(lines, 2 + len(points))
-    self.assertIn('| topk_k4_c16 | topk | 4 | 16 | 0.3750 | 1.5000 | 0.2500 | 2.0000 |', lines)
+@pytest.mark.parametrize('name', _MODULES)
+def test_sweep_points_are_valid_overrides(name):
+  module = _MODULES[name]
+  points = module.get_sweep('topk')
+  assert points[0] == {'attention.kind': 'vanilla'}
+  assert len(points) == 1 + len(common.SWEEP_KS) * len(common.SWEEP_CHUNKS)
+  for point in points:
+    config = module.get_config('topk')
+    for key, value in point.items():
+      group, field = key.split('.')
+      config[group][field] = value
+    train.build(config)
 
 
-if __name__ == '__main__':
-  absltest.main()
+def test_sweep_kinds():
+  assert listops.get_sweep('vanilla') == [{'attention.kind': 'vanilla'}]
+  assert listops.get_sweep('chunked,smoke') == [
+      {'attention.kind': 'vanilla'},
+      {'attention.kind': 'chunked', 'attention.query_chunk_size': 16}]
+  assert len(pathfinder.get_sweep('128,topk,smoke')) == 3

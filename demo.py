@@ -6,7 +6,7 @@ the vanilla checkpoint zero-shot with top-k attention, and prints validation/tes
 the majority-class rate of the test split. Everything goes under ./demo_runs; rerunning reuses the
 data and the finished runs (training resumes from their checkpoints).
 
-  python -m lra.demo [--root=demo_runs] [--steps=1500]
+  python demo.py [--root=demo_runs] [--steps=1500]
 """
 
 import collections

@@ -1,14 +1,16 @@
 """Expands a config's `get_sweep(arg)` into train.py runs and tabulates their results.
 
-  python -m lra.sweep --config=configs/listops.py:topk                 # print the commands
-  python -m lra.sweep --config=configs/listops.py:topk --run --workdir_root=runs/listops_topk
+  python sweep.py --config=configs/listops.py:topk --config.data_dir=DATA   # print the commands
+  python sweep.py --config=configs/listops.py:topk --config.data_dir=DATA --run \
+      --workdir_root=runs/listops_topk
 
+`--config.<field>=<value>` overrides (data folder, steps, batch size, ...) go to every point,
+before the point's own overrides; they are checked against the config before anything runs.
 With --run the points train one after another (each a `train.py` subprocess, which resumes from
 its workdir), then `summary.csv` and `summary.md` in --workdir_root list the validation and test
 accuracy and loss of every point, read from each run's results.json.
 """
 import csv
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,22 +22,11 @@ from typing import Any
 
 from absl import app, flags
 
-_TRAIN_PY = pathlib.Path(__file__).resolve().parents[1] / 'train.py'
+from lra import config_loader
+
+_TRAIN_PY = pathlib.Path(__file__).resolve().parent / 'train.py'
 _SPLITS = ('validation', 'test')
 _METRICS = ('accuracy', 'loss')
-
-
-def load_sweep(config_spec: str) -> list[dict[str, Any]]:
-  """Calls `get_sweep(arg)` of the config file in `config_spec` ('path.py[:arg]')."""
-  path, _, arg = config_spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'--config file {path!r} does not exist.')
-  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_sweep'):
-    raise ValueError(f'--config file {path!r} defines no get_sweep(arg).')
-  return module.get_sweep(arg or None)
 
 
 def point_name(overrides: dict[str, Any]) -> str:
@@ -47,10 +38,16 @@ def point_name(overrides: dict[str, Any]) -> str:
   return '_'.join(parts)
 
 
-def train_flags(config_spec: str, overrides: dict[str, Any], workdir: str) -> list[str]:
-  """The train.py flags of one sweep point."""
+def point_overrides(shared: config_loader.Overrides, point: dict[str, Any]
+                    ) -> list[tuple[str, str]]:
+  """The (field, value text) overrides of one point: the shared ones, then the point's own."""
+  return list(shared) + [(key, str(value)) for key, value in point.items()]
+
+
+def train_flags(config_spec: str, overrides: config_loader.Overrides, workdir: str) -> list[str]:
+  """The train.py flags of one sweep point with `overrides` (see `point_overrides`)."""
   return ([f'--config={config_spec}', f'--workdir={workdir}']
-          + [f'--config.{key}={value}' for key, value in overrides.items()])
+          + [f'--config.{key}={value}' for key, value in overrides])
 
 
 def summarize(points: Sequence[tuple[str, dict[str, Any]]], workdir_root: str
@@ -91,14 +88,22 @@ def summarize(points: Sequence[tuple[str, dict[str, Any]]], workdir_root: str
   return rows
 
 
-def run_sweep(config_spec: str, workdir_root: str | None = None, run: bool = False) -> None:
-  """Prints the train.py command of every point; with `run`, trains them and summarizes."""
+def run_sweep(config_spec: str, shared: config_loader.Overrides = (),
+              workdir_root: str | None = None, run: bool = False) -> None:
+  """Prints the train.py command of every point; with `run`, trains them and summarizes.
+
+  Raises:
+    config_loader.ConfigError: the config, an override or a point does not load.
+  """
   path, _, arg = config_spec.partition(':')
   workdir_root = workdir_root or os.path.join(
       'runs', '_'.join(filter(None, [pathlib.Path(path).stem] + arg.split(','))))
-  points = [(point_name(overrides), overrides) for overrides in load_sweep(config_spec)]
-  for name, overrides in points:
-    train_args = train_flags(config_spec, overrides, os.path.join(workdir_root, name))
+  points = [(point_name(point), point) for point in config_loader.get_sweep(config_spec)]
+  for _, point in points:  # every command must parse before the first one runs
+    config_loader.get_config(config_spec, point_overrides(shared, point))
+  for name, point in points:
+    train_args = train_flags(config_spec, point_overrides(shared, point),
+                             os.path.join(workdir_root, name))
     print(shlex.join(['python', 'train.py'] + train_args), flush=True)
     if run:
       # A failed point shows as empty cells in the summary rather than ending the sweep.
@@ -113,14 +118,28 @@ def run_sweep(config_spec: str, workdir_root: str | None = None, run: bool = Fal
 if __name__ == '__main__':
   # Flags live here so that importing this module (tests) never clashes with train.py's --config.
   _CONFIG = flags.DEFINE_string('config', None, 'Config file and arg, e.g. '
-                                'configs/listops.py:topk.', required=True)
+                                'configs/listops.py:topk; --config.<field>=<value> overrides go '
+                                'to every point.', required=True)
   _RUN = flags.DEFINE_bool('run', False, 'Train every point in sequence, then summarize.')
   _WORKDIR_ROOT = flags.DEFINE_string('workdir_root', None, 'Parent of the per-point workdirs; '
                                       'default runs/<config>_<arg>.')
 
+  _SHARED: list[tuple[str, str]] = []
+
+  def parse_flags(argv: list[str]) -> list[str]:
+    try:
+      rest, shared = config_loader.split_overrides(argv)
+    except config_loader.ConfigError as error:
+      sys.exit(f'sweep.py: {error}')
+    _SHARED.extend(shared)
+    return app.parse_flags_with_usage(rest)
+
   def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    run_sweep(_CONFIG.value, _WORKDIR_ROOT.value, _RUN.value)
+    try:
+      run_sweep(_CONFIG.value, _SHARED, _WORKDIR_ROOT.value, _RUN.value)
+    except config_loader.ConfigError as error:
+      sys.exit(f'sweep.py: {error}')
 
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
