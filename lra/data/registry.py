@@ -6,53 +6,86 @@
 `data_dir` itself.
 """
 import dataclasses
+import functools
 import os
-import re
+from collections.abc import Callable
 from typing import Any
 
 from lra.data import image, listops, pathfinder, retrieval, text
 from lra.data.info import TaskInfo
-from lra.data.pipeline import Task
+from lra.data.pipeline import Split, Task
+
+# (data_dir, max_length, **task_options) -> {'train': ..., 'validation': ..., 'test': ...}
+SplitBuilder = Callable[..., dict[str, Split]]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
-  vocab_size: int
-  num_classes: int
-  max_length: int
-  dual: bool = False
+class _Entry:
+  """One task: its `TaskInfo` at LRA's length, how to build its splits, the options it takes."""
+
+  info: TaskInfo
+  build_splits: SplitBuilder
   options: tuple[str, ...] = ()
 
 
-_PATHFINDER_OPTIONS = ('difficulty',)
-_SPECS = {
-    'listops': _Spec(listops.VOCAB_SIZE, listops.NUM_CLASSES, listops.MAX_LENGTH),
-    'text': _Spec(text.VOCAB_SIZE, text.NUM_CLASSES, text.MAX_LENGTH),
-    'retrieval': _Spec(text.VOCAB_SIZE, retrieval.NUM_CLASSES, retrieval.MAX_LENGTH, dual=True),
-    'image': _Spec(image.VOCAB_SIZE, image.NUM_CLASSES, image.MAX_LENGTH),
-    **{f'pathfinder{n}': _Spec(pathfinder.VOCAB_SIZE, pathfinder.NUM_CLASSES, n * n,
-                               options=_PATHFINDER_OPTIONS) for n in pathfinder.SIZES},
-    # Path-X is Pathfinder128 at the hard difficulty (lra.md §1, issue #11).
-    'pathx': _Spec(pathfinder.VOCAB_SIZE, pathfinder.NUM_CLASSES, 128 * 128),
+def release_dir(data_dir: str) -> str:
+  """The `lra_release` folder for `data_dir`: `data_dir/lra_release` if it exists, else itself."""
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f'data_dir {data_dir!r} is not a folder')
+  # The archive may unpack to lra_release/lra_release/, so descend while nested.
+  while os.path.isdir(os.path.join(data_dir, 'lra_release')):
+    data_dir = os.path.join(data_dir, 'lra_release')
+  return data_dir
+
+
+def _in_release(build_splits: Callable[[str, int], dict[str, Split]]) -> SplitBuilder:
+  """A builder reading from the `lra_release` folder of `data_dir`."""
+  return lambda data_dir, max_length: build_splits(release_dir(data_dir), max_length)
+
+
+def _pathfinder(size: int, data_dir: str, max_length: int, difficulty: str = 'hard'
+                ) -> dict[str, Split]:
+  return pathfinder.build_splits(release_dir(data_dir), size, difficulty, max_length)
+
+
+def _pathfinder_entry(name: str, size: int, options: tuple[str, ...]) -> _Entry:
+  info = TaskInfo(name, pathfinder.VOCAB_SIZE, pathfinder.NUM_CLASSES, size * size)
+  return _Entry(info, functools.partial(_pathfinder, size), options)
+
+
+TASKS: dict[str, _Entry] = {
+    'listops': _Entry(TaskInfo('listops', listops.VOCAB_SIZE, listops.NUM_CLASSES,
+                               listops.MAX_LENGTH), _in_release(listops.build_splits)),
+    'text': _Entry(TaskInfo('text', text.VOCAB_SIZE, text.NUM_CLASSES, text.MAX_LENGTH),
+                   text.build_splits),
+    'retrieval': _Entry(TaskInfo('retrieval', text.VOCAB_SIZE, retrieval.NUM_CLASSES,
+                                 retrieval.MAX_LENGTH, dual=True),
+                        _in_release(retrieval.build_splits)),
+    'image': _Entry(TaskInfo('image', image.VOCAB_SIZE, image.NUM_CLASSES, image.MAX_LENGTH),
+                    image.build_splits),
+    **{f'pathfinder{size}': _pathfinder_entry(f'pathfinder{size}', size, ('difficulty',))
+       for size in pathfinder.SIZES},
+    # Path-X is Pathfinder128 at the hard difficulty.
+    'pathx': _pathfinder_entry('pathx', 128, ()),
 }
-TASK_NAMES = tuple(_SPECS)
+TASK_NAMES = tuple(TASKS)
 
 
-def _spec(name: str, max_length: int | None, task_options: dict[str, Any]) -> _Spec:
-  if name not in _SPECS:
+def _entry(name: str, max_length: int | None, task_options: dict[str, Any]) -> _Entry:
+  if name not in TASKS:
     raise ValueError(f'Unknown task {name!r}; valid names: {", ".join(TASK_NAMES)}')
-  spec = _SPECS[name]
-  unknown = sorted(set(task_options) - set(spec.options))
+  entry = TASKS[name]
+  unknown = sorted(set(task_options) - set(entry.options))
   if unknown:
     raise ValueError(f'Unknown task_options {unknown} for task {name!r}; valid options: '
-                     f'{list(spec.options) or "none"}')
+                     f'{list(entry.options) or "none"}')
   difficulty = task_options.get('difficulty', 'hard')
   if difficulty not in pathfinder.DIFFICULTY_FOLDERS:
     raise ValueError(f'difficulty must be one of {list(pathfinder.DIFFICULTY_FOLDERS)}, '
                      f'got {difficulty!r}')
   if max_length is not None and max_length <= 0:
     raise ValueError(f'max_length must be positive, got {max_length}')
-  return spec
+  return entry
 
 
 def task_info(name: str, *, max_length: int | None = None, **task_options: Any) -> TaskInfo:
@@ -66,19 +99,8 @@ def task_info(name: str, *, max_length: int | None = None, **task_options: Any) 
   Returns:
     The task's `TaskInfo`.
   """
-  spec = _spec(name, max_length, task_options)
-  return TaskInfo(name=name, vocab_size=spec.vocab_size, num_classes=spec.num_classes,
-                  max_length=max_length or spec.max_length, dual=spec.dual)
-
-
-def release_dir(data_dir: str) -> str:
-  """The `lra_release` folder for `data_dir`: `data_dir/lra_release` if it exists, else itself."""
-  if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f'data_dir {data_dir!r} is not a folder')
-  # The archive may unpack to lra_release/lra_release/ (issue #12), so descend while nested.
-  while os.path.isdir(os.path.join(data_dir, 'lra_release')):
-    data_dir = os.path.join(data_dir, 'lra_release')
-  return data_dir
+  info = _entry(name, max_length, task_options).info
+  return info if max_length is None else dataclasses.replace(info, max_length=max_length)
 
 
 def get_task(name: str, data_dir: str, *, batch_size: int, eval_batch_size: int | None = None,
@@ -102,17 +124,5 @@ def get_task(name: str, data_dir: str, *, batch_size: int, eval_batch_size: int 
     FileNotFoundError: missing data, with the expected path and how to get it.
   """
   info = task_info(name, max_length=max_length, **task_options)
-  length = info.max_length
-  if name == 'text':
-    splits = text.build_splits(data_dir, length)
-  elif name == 'image':
-    splits = image.build_splits(data_dir, length)
-  elif name == 'listops':
-    splits = listops.build_splits(release_dir(data_dir), length)
-  elif name == 'retrieval':
-    splits = retrieval.build_splits(release_dir(data_dir), length)
-  else:
-    size = 128 if name == 'pathx' else int(re.fullmatch(r'pathfinder(\d+)', name).group(1))
-    splits = pathfinder.build_splits(release_dir(data_dir), size,
-                                     task_options.get('difficulty', 'hard'), length)
+  splits = TASKS[name].build_splits(data_dir, info.max_length, **task_options)
   return Task(info, splits, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed)
