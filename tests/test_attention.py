@@ -90,10 +90,9 @@ class EqualsFlaxTest(parameterized.TestCase):
     ours, theirs = _case(case)
     q, k, v = _inputs()
     ref = _loss_grads(nn.dot_product_attention, q, k, v, **theirs)
-    dense_kwargs = {**ours}
-    if set(ours) <= {'mask', 'bias'}:
-      _assert_trees_close(self, _loss_grads(topk.dot_product_attention, q, k, v, **dense_kwargs),
-                          ref, 1e-6)
+    # Dense takes the same keyword arguments as the other forms (padding masks, is_causal).
+    _assert_trees_close(self, _loss_grads(topk.dot_product_attention, q, k, v, **ours), ref,
+                        1e-6)
     # Chunk 3 does not divide q_len; 16 exceeds it.
     for fn in (functools.partial(topk.chunked_attention, query_chunk_size=3),
                functools.partial(topk.topk_attention, k=LK, query_chunk_size=16),
@@ -106,12 +105,24 @@ class EqualsFlaxTest(parameterized.TestCase):
     q, k, v = _inputs(dtype=jnp.bfloat16)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = _loss_grads(nn.dot_product_attention, *up, **theirs)
-    for fn in (functools.partial(topk.chunked_attention, query_chunk_size=3),
+    for fn in (topk.dot_product_attention,
+               functools.partial(topk.chunked_attention, query_chunk_size=3),
                functools.partial(topk.topk_attention, k=LK, query_chunk_size=3)):
       out, grads = _loss_grads(fn, q, k, v, **ours)
       self.assertEqual(out.dtype, jnp.bfloat16)
       self.assertEqual(grads[0].dtype, jnp.bfloat16)
       _assert_trees_close(self, (out, grads), ref, 5e-2)
+
+  @parameterized.product(case=('causal', 'key_padding', 'query_padding', 'all_forms'),
+                         dtype=(jnp.float32, jnp.bfloat16))
+  def test_dense_masks_equal_full_mask(self, case, dtype):
+    # The per-position masks and is_causal mean exactly the full mask they stand for.
+    ours, theirs = _case(case)
+    q, k, v = _inputs(dtype=dtype)
+    with_masks = _loss_grads(topk.dot_product_attention, q, k, v, **ours)
+    with_full_mask = _loss_grads(topk.dot_product_attention, q, k, v, **theirs)
+    _assert_trees_close(self, with_masks, with_full_mask, 1e-6)
+    self.assertEqual(with_masks[0].dtype, dtype)
 
   def test_dense_draws_flax_dropout_mask(self):
     # The same mask as flax (a different one would change outputs by O(1)); the two programs
