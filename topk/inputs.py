@@ -3,7 +3,7 @@
 Public functions take flax's layout: query `[batch..., q_len, heads, d]`, key/value
 `[batch..., kv_len, heads, d(_v)]`, mask/bias broadcastable to `[batch..., heads, q_len, kv_len]`.
 Internally the batch dims are flattened and heads moved in front of the length:
-query `[B, H, Lq_pad, D]` (queries zero-padded to a multiple of the chunk size),
+query `[B, H, Lq_pad, D]` (queries zero-padded to a whole number of chunks, at least one),
 key `[B, H, Lk, D]`, value `[B, H, Lk, Dv]`, mask/bias `[B|1, H|1, Lq_pad|1, Lk|1]`. Scores are
 float32 whatever the input dtype; masked scores are float32's most negative finite value (flax).
 """
@@ -203,7 +203,7 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
   chunk = q_len if query_chunk_size is None else min(
       check_positive_int(query_chunk_size, 'query_chunk_size'), max(q_len, 1))
   chunk = max(chunk, 1)
-  q_pad = -q_len % chunk
+  q_pad = max(-(-q_len // chunk), 1) * chunk - q_len  # q_len 0: one chunk of padding
 
   dtype = _computation_dtype(dtype, query, key, value)
 
