@@ -131,12 +131,10 @@ class EncoderBlock(nn.Module):
     """`keep` is bool `[B, L]`, False at padding, or None for no masking."""
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
-    attention_fn, mask = topk.make_attention_fn(cfg.attention), None
-    if keep is not None and cfg.attention.kind == 'vanilla':
-      # Query AND key padding, [B, 1, L, L]: a padded query attends uniformly, as the original.
-      mask = nn.make_attention_mask(keep, keep, dtype=jnp.bool_)
-    elif keep is not None:
-      # The same masking from [B, L] vectors, so long inputs never build an L x L mask.
+    attention_fn = topk.make_attention_fn(cfg.attention)
+    if keep is not None:
+      # Query and key padding from [B, L] vectors, for every kind, so no L x L mask is built; a
+      # padded query attends uniformly, as the original.
       attention_fn = functools.partial(attention_fn, key_padding_mask=keep,
                                        query_padding_mask=keep)
     h = nn.LayerNorm(dtype=dtype, name='attention_norm')(x)
@@ -144,7 +142,7 @@ class EncoderBlock(nn.Module):
         num_heads=cfg.num_heads, qkv_features=cfg.qkv_dim, out_features=cfg.emb_dim,
         dtype=dtype, kernel_init=_KERNEL_INIT, use_bias=False, broadcast_dropout=False,
         dropout_rate=cfg.attention_dropout_rate, attention_fn=attention_fn,
-        name='attention')(h, mask=mask, deterministic=not train)
+        name='attention')(h, deterministic=not train)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=not train)
 
     h = nn.LayerNorm(dtype=dtype, name='mlp_norm')(x)

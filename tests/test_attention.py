@@ -1,5 +1,6 @@
 """Tests for topk.dot_product_attention, chunked_attention, topk_attention, make_attention_fn."""
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -90,10 +91,9 @@ class EqualsFlaxTest(parameterized.TestCase):
     ours, theirs = _case(case)
     q, k, v = _inputs()
     ref = _loss_grads(nn.dot_product_attention, q, k, v, **theirs)
-    dense_kwargs = {**ours}
-    if set(ours) <= {'mask', 'bias'}:
-      _assert_trees_close(self, _loss_grads(topk.dot_product_attention, q, k, v, **dense_kwargs),
-                          ref, 1e-6)
+    # Dense takes the same keyword arguments as the other forms (padding masks, is_causal).
+    _assert_trees_close(self, _loss_grads(topk.dot_product_attention, q, k, v, **ours), ref,
+                        1e-6)
     # Chunk 3 does not divide q_len; 16 exceeds it.
     for fn in (functools.partial(topk.chunked_attention, query_chunk_size=3),
                functools.partial(topk.topk_attention, k=LK, query_chunk_size=16),
@@ -106,12 +106,24 @@ class EqualsFlaxTest(parameterized.TestCase):
     q, k, v = _inputs(dtype=jnp.bfloat16)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = _loss_grads(nn.dot_product_attention, *up, **theirs)
-    for fn in (functools.partial(topk.chunked_attention, query_chunk_size=3),
+    for fn in (topk.dot_product_attention,
+               functools.partial(topk.chunked_attention, query_chunk_size=3),
                functools.partial(topk.topk_attention, k=LK, query_chunk_size=3)):
       out, grads = _loss_grads(fn, q, k, v, **ours)
       self.assertEqual(out.dtype, jnp.bfloat16)
       self.assertEqual(grads[0].dtype, jnp.bfloat16)
       _assert_trees_close(self, (out, grads), ref, 5e-2)
+
+  @parameterized.product(case=('causal', 'key_padding', 'query_padding', 'all_forms'),
+                         dtype=(jnp.float32, jnp.bfloat16))
+  def test_dense_masks_equal_full_mask(self, case, dtype):
+    # The per-position masks and is_causal mean exactly the full mask they stand for.
+    ours, theirs = _case(case)
+    q, k, v = _inputs(dtype=dtype)
+    with_masks = _loss_grads(topk.dot_product_attention, q, k, v, **ours)
+    with_full_mask = _loss_grads(topk.dot_product_attention, q, k, v, **theirs)
+    _assert_trees_close(self, with_masks, with_full_mask, 1e-6)
+    self.assertEqual(with_masks[0].dtype, dtype)
 
   def test_dense_draws_flax_dropout_mask(self):
     # The same mask as flax (a different one would change outputs by O(1)); the two programs
@@ -248,6 +260,164 @@ class MultiHeadTest(parameterized.TestCase):
         num_heads=H, qkv_features=8, attention_fn=topk.make_attention_fn(kind, **options))
     np.testing.assert_allclose(ours.apply(params, x, x, mask=mask),
                                default.apply(params, x, x, mask=mask), atol=1e-5)
+
+
+FORMS = {
+    'vanilla': topk.dot_product_attention,
+    'chunked': functools.partial(topk.chunked_attention, query_chunk_size=3),
+    'topk': functools.partial(topk.topk_attention, k=4, query_chunk_size=3),
+}
+
+
+class InputDtypeTest(parameterized.TestCase):
+  """Integer inputs are promoted to float32 as flax does; complex, non-numeric and integer
+  dtypes are refused."""
+
+  @parameterized.parameters(*FORMS)
+  def test_integer_inputs_promoted_like_flax(self, kind):
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.integers(-3, 4, (B, LQ, H, D)), jnp.int32) for _ in range(3))
+    mask = _case('mask')[0]['mask'][:, :, :, :LQ]
+    out = FORMS[kind](q, k, v, mask=mask)
+    self.assertEqual(out.dtype, jnp.float32)
+    as_float = [x.astype(jnp.float32) for x in (q, k, v)]
+    np.testing.assert_allclose(out, FORMS[kind](*as_float, mask=mask), rtol=1e-6, atol=1e-6)
+    if kind != 'topk':  # k < kv_len: not flax's dense result
+      np.testing.assert_allclose(out, nn.dot_product_attention(q, k, v, mask=mask), atol=1e-5)
+    self.assertGreater(np.abs(out).max(), 0.5)
+
+  @parameterized.product(kind=tuple(FORMS), bad=('int_dtype', 'complex_dtype', 'complex_query',
+                                                 'complex_value', 'complex_bias', 'string_dtype'))
+  def test_refused(self, kind, bad):
+    q, k, v = _inputs()
+    kwargs, message = {
+        'int_dtype': ({'dtype': jnp.int32}, 'dtype must be a real floating-point dtype'),
+        'complex_dtype': ({'dtype': jnp.complex64}, 'dtype must be a real floating-point'),
+        'string_dtype': ({'dtype': 'no-such-dtype'}, 'dtype must be a real floating-point'),
+        'complex_query': ({'query': q * 1j}, 'query must be a real or integer array'),
+        'complex_value': ({'value': v.astype(jnp.complex64)}, 'value must be a real or integer'),
+        'complex_bias': ({'bias': jnp.ones((LQ, LK), jnp.complex64)},
+                         'bias must be a real or integer array, got dtype complex64'),
+    }[bad]
+    args = {'query': q, 'key': k, 'value': v, **kwargs}
+    with self.assertRaisesRegex(ValueError, message):
+      FORMS[kind](**args)
+
+  @parameterized.product(kind=tuple(FORMS), name=('mask', 'bias', 'key_padding_mask',
+                                                  'query_padding_mask'))
+  def test_non_numeric_mask_and_bias_refused(self, kind, name):
+    q, k, v = _inputs()
+    shape = {'key_padding_mask': (B, LK), 'query_padding_mask': (B, LQ)}.get(name, (LQ, LK))
+    bad = np.full(shape, 'x')
+    with self.assertRaisesRegex(ValueError, f'{name} must be .* got dtype <U1'):
+      FORMS[kind](q, k, v, **{name: bad})
+    with self.assertRaisesRegex(ValueError, f'{name} must be .* got dtype object'):
+      FORMS[kind](q, k, v, **{name: np.full(shape, None)})
+
+
+class EmptyInputTest(parameterized.TestCase):
+  """Length 0 gives flax's result: no rows for q_len 0, zeros (a sum over no keys) for kv_len 0."""
+
+  @parameterized.product(kind=tuple(FORMS), lengths=((0, LK), (LQ, 0), (0, 0)))
+  def test_matches_flax(self, kind, lengths):
+    q, k, v = _inputs(lq=lengths[0], lk=lengths[1], dv=3)
+    mask = jnp.ones((B, 1, *lengths), bool)
+    out, grads = _loss_grads(FORMS[kind], q, k, v, mask=mask, key_padding_mask=jnp.ones(
+        (B, lengths[1]), bool), query_padding_mask=jnp.ones((B, lengths[0]), bool))
+    self.assertEqual(out.shape, (B, lengths[0], H, 3))
+    np.testing.assert_array_equal(out, nn.dot_product_attention(q, k, v, mask=mask))
+    np.testing.assert_array_equal(out, 0.0)
+    for g, x in zip(grads[:3], (q, k, v), strict=True):
+      self.assertEqual(g.shape, x.shape)
+      np.testing.assert_array_equal(g, 0.0)
+
+
+class _Sow(nn.Module):
+  """Calls an attention function with `module=self`, as flax's sow_weights=True does."""
+  fn: Callable[..., jax.Array]
+
+  @nn.compact
+  def __call__(self, q, k, v, **kwargs):
+    return self.fn(q, k, v, module=self, **kwargs)
+
+
+def _scatter(weights, indices, kv_len):
+  """Kept weights and key indices `[..., k]` -> dense weights `[..., kv_len]`."""
+  return jnp.sum(jax.nn.one_hot(indices, kv_len) * weights[..., None], axis=-2)
+
+
+class SowTest(parameterized.TestCase):
+  """flax's sow_weights: top-k sows its kept weights and indices, chunked refuses."""
+
+  def test_topk_sows_kept_weights_equal_to_reference(self):
+    q, k, v = _inputs(seed=12)
+    ours, theirs = _case('all_forms')
+    k_keep = 4
+    fn = functools.partial(topk.topk_attention, k=k_keep, query_chunk_size=3)
+    out, sown = _Sow(fn).apply({}, q, k, v, **ours, mutable=['intermediates'])
+    np.testing.assert_array_equal(out, fn(q, k, v, **ours))
+    weights, = sown['intermediates']['attention_weights']
+    indices, = sown['intermediates']['attention_indices']
+    self.assertEqual(weights.shape, (B, H, LQ, k_keep))
+    self.assertEqual(indices.dtype, jnp.int32)
+    # Distinct valid key indices per query; weights equal the dense top-k reference's.
+    self.assertTrue(np.all((indices >= 0) & (indices < LK)))
+    self.assertTrue(np.all(np.sort(indices, -1)[..., 1:] != np.sort(indices, -1)[..., :-1]))
+    _, kept = _reference_topk(q, k, v, k_keep, **theirs)
+    s = jnp.einsum('bqhd,bkhd->bhqk', q / np.sqrt(D), k) + theirs['bias']
+    ref_weights = jax.nn.softmax(jnp.where(kept & theirs['mask'], s, -jnp.inf), axis=-1)
+    rows_valid = np.any(theirs['mask'], axis=-1)  # fully masked rows: uniform over kept keys
+    np.testing.assert_allclose(np.where(rows_valid[..., None], _scatter(weights, indices, LK),
+                                        0.0),
+                               np.where(rows_valid[..., None], ref_weights, 0.0), atol=1e-6)
+    np.testing.assert_allclose(np.sum(weights, -1), 1.0, atol=1e-6)
+
+  def test_through_flax_module(self):
+    # k >= kv_len: the sown top-k weights, scattered, equal the dense forms' sown weights; the
+    # output and the parameter gradients do not change when weights are sown.
+    x = jnp.asarray(np.random.default_rng(13).normal(size=(B, LQ, 8)), jnp.float32)
+    mem = jnp.asarray(np.random.default_rng(14).normal(size=(B, LK, 8)), jnp.float32)
+    mask = _case('mask')[0]['mask']
+
+    def module(kind, **options):
+      fn = None if kind is None else topk.make_attention_fn(kind, **options)
+      return nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=8,
+                                             **({} if fn is None else {'attention_fn': fn}))
+
+    params = module(None).init(jax.random.key(0), x, mem, mask=mask)
+
+    def run(m, sow):
+      def loss(params):
+        out, state = m.apply(params, x, mem, mask=mask, sow_weights=sow,
+                             mutable=['intermediates'])
+        return jnp.sum(out ** 2), (out, state.get('intermediates', {}))
+      return jax.grad(loss, has_aux=True)(params)
+
+    _, (_, flax_sown) = run(module(None), True)
+    flax_weights, = flax_sown['attention_weights']
+    _, (_, dense_sown) = run(module('vanilla'), True)
+    np.testing.assert_allclose(dense_sown['attention_weights'][0], flax_weights, atol=1e-6)
+
+    topk_module = module('topk', k=LK + 2, query_chunk_size=4)
+    grads, (out, sown) = run(topk_module, True)
+    plain_grads, (plain_out, plain_sown) = run(topk_module, False)
+    self.assertEqual(plain_sown, {})
+    np.testing.assert_array_equal(out, plain_out)
+    _assert_trees_close(self, grads, plain_grads, 0.0)
+    weights, = sown['attention_weights']
+    indices, = sown['attention_indices']
+    self.assertEqual(indices.shape, (B, H, LQ, LK))
+    np.testing.assert_array_equal(np.sort(indices, -1), np.broadcast_to(np.arange(LK),
+                                                                         indices.shape))
+    np.testing.assert_allclose(_scatter(weights, indices, LK), flax_weights, atol=1e-6)
+
+  def test_chunked_refuses_to_sow(self):
+    x = jnp.ones((B, LQ, 8))
+    attn = nn.MultiHeadDotProductAttention(
+        num_heads=H, attention_fn=topk.make_attention_fn('chunked', query_chunk_size=3))
+    params = attn.init(jax.random.key(0), x)
+    with self.assertRaisesRegex(ValueError, 'chunked_attention cannot sow attention weights'):
+      attn.apply(params, x, sow_weights=True, mutable=['intermediates'])
 
 
 def _temp_bytes(fn, length):

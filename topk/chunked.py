@@ -4,7 +4,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from topk import inputs, kernels
+from topk import inputs
 from topk.dense import attend_block
 
 
@@ -26,7 +26,8 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
   Args:
     query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic,
-      dtype, precision, module: as in `topk.dot_product_attention`.
+      dtype, precision: as in `topk.dot_product_attention`.
+    module: must be None (see above).
     query_chunk_size: queries per chunk (clipped to q_len).
     is_causal: query i attends to keys 0..i only (built per chunk).
     key_padding_mask: optional bool or 0/1 `[batch..., kv_len]`, False = padding.
@@ -37,13 +38,15 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   Returns:
     `[batch..., q_len, heads, d_v]` in the computation dtype.
   """
-  del module
-  kernel_fn = kernels.get_kernel(kernel)
-  dropout = inputs.make_dropout(dropout_rng, dropout_rate, deterministic, broadcast_dropout)
-  can = inputs.canonicalize(query, key, value, bias=bias, mask=mask, dtype=dtype,
-                            query_chunk_size=query_chunk_size, is_causal=is_causal,
-                            key_padding_mask=key_padding_mask,
-                            query_padding_mask=query_padding_mask)
+  if module is not None:
+    raise ValueError('chunked_attention cannot sow attention weights (flax sow_weights=True): '
+                     'they form the q_len x kv_len array it exists to avoid. Sow with the '
+                     "'vanilla' or 'topk' attention instead.")
+  can, kernel_fn, dropout = inputs.prepare(
+      query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
+      dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
+      dtype=dtype, kernel=kernel, query_chunk_size=query_chunk_size, is_causal=is_causal,
+      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
 
   @jax.checkpoint
   def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:

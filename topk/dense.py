@@ -5,7 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from topk import inputs, kernels
+from topk import inputs
 
 
 def attend_block(can: inputs.Canonical, i: jax.Array, q_chunk: jax.Array,
@@ -30,6 +30,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           broadcast_dropout: bool = True, dropout_rng: jax.Array | None = None,
                           dropout_rate: float = 0.0, deterministic: bool = False,
                           dtype: Any = None, precision: Any = None, module: Any = None, *,
+                          is_causal: bool = False, key_padding_mask: jax.Array | None = None,
+                          query_padding_mask: jax.Array | None = None,
                           kernel: str = 'softmax') -> jax.Array:
   """Dense attention with flax.linen.dot_product_attention's semantics.
 
@@ -48,18 +50,25 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     dropout_rng: PRNG key for dropout.
     dropout_rate: attention-weight dropout rate.
     deterministic: disables dropout.
-    dtype: computation/output dtype (default: promoted input dtype).
+    dtype: computation/output dtype, real floating point (default: the promoted input dtype,
+      integer and bool inputs promoted to float32 as in flax; complex inputs are rejected).
     precision: einsum precision.
     module: if given, the weights `[batch..., heads, q_len, kv_len]` are sown into its
       'intermediates' collection as 'attention_weights' (flax's sow_weights).
+    is_causal: query i attends to keys 0..i only.
+    key_padding_mask: optional bool or 0/1 `[batch..., kv_len]`, False = padding.
+    query_padding_mask: optional bool or 0/1 `[batch..., q_len]`; a padded query's row is
+      fully masked (uniform weights under softmax, as flax).
     kernel: weight kernel name from `topk.kernels`.
 
   Returns:
     `[batch..., q_len, heads, d_v]` in the computation dtype.
   """
-  kernel_fn = kernels.get_kernel(kernel)
-  dropout = inputs.make_dropout(dropout_rng, dropout_rate, deterministic, broadcast_dropout)
-  can = inputs.canonicalize(query, key, value, bias=bias, mask=mask, dtype=dtype)
+  can, kernel_fn, dropout = inputs.prepare(
+      query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
+      dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
+      dtype=dtype, kernel=kernel, is_causal=is_causal, key_padding_mask=key_padding_mask,
+      query_padding_mask=query_padding_mask)
   if module is not None:
     weights = kernel_fn(chunk_scores_of(can, 0, can.query, precision))
     module.sow('intermediates', 'attention_weights',

@@ -3,18 +3,22 @@
 Public functions take flax's layout: query `[batch..., q_len, heads, d]`, key/value
 `[batch..., kv_len, heads, d(_v)]`, mask/bias broadcastable to `[batch..., heads, q_len, kv_len]`.
 Internally the batch dims are flattened and heads moved in front of the length:
-query `[B, H, Lq_pad, D]` (queries zero-padded to a multiple of the chunk size),
+query `[B, H, Lq_pad, D]` (queries zero-padded to a whole number of chunks, at least one),
 key `[B, H, Lk, D]`, value `[B, H, Lk, Dv]`, mask/bias `[B|1, H|1, Lq_pad|1, Lk|1]`. Scores are
 float32 whatever the input dtype; masked scores are float32's most negative finite value (flax).
 """
 import dataclasses
 import functools
+import math
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from topk import kernels
 
 # Score of a masked entry (flax's convention; `topk.kernels` maps it to zero weight).
 NEG = float(np.finfo(np.float32).min)
@@ -81,10 +85,34 @@ class Canonical:
     return self.query.shape[2] // self.chunk
 
 
-def _check_mask_dtype(x: jax.Array, name: str) -> None:
-  if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)
-          or jnp.issubdtype(x.dtype, jnp.floating)):
-    raise ValueError(f'{name} must be bool or 0/1 numbers, got dtype {x.dtype}.')
+def real_array(x: Any, name: str, what: str) -> jax.Array:
+  """Returns `x` as an array, or raises ValueError(`name must be what`) unless its dtype is bool,
+  integer or real floating point (complex would silently lose its imaginary part)."""
+  dtype = x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype
+  if not (dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer)
+          or jnp.issubdtype(dtype, jnp.floating)):
+    raise ValueError(f'{name} must be {what}, got dtype {dtype}.')
+  return jnp.asarray(x)
+
+
+def _mask(x: Any, name: str) -> jax.Array:
+  """Returns a bool or 0/1 mask as a bool array."""
+  return real_array(x, name, 'bool or 0/1 real numbers') != 0
+
+
+def computation_dtype(dtype: Any, *arrays: jax.Array) -> np.dtype:
+  """The requested dtype, which must be real floating point, or flax's promotion of the inputs:
+  their common dtype, with integer and bool promoted to (at least) float32."""
+  if dtype is None:
+    dtype = jnp.result_type(*arrays)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.promote_types(jnp.float32, dtype)
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f'dtype must be a real floating-point dtype, got {dtype!r}.') from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'dtype must be a real floating-point dtype, got {dtype}.')
+  return dtype
 
 
 def _check_broadcasts(x: jax.Array, full_shape: tuple[int, ...], message: str) -> None:
@@ -100,7 +128,6 @@ def _check_broadcasts(x: jax.Array, full_shape: tuple[int, ...], message: str) -
 def _canonical_4d(x: Any, name: str, full_shape: tuple[int, ...], q_pad: int,
                   pad_value: Any) -> jax.Array:
   """Reshapes x (broadcastable to `[batch..., H, Lq, Lk]`) to `[B|1, H|1, Lq_pad|1, Lk|1]`."""
-  x = jnp.asarray(x)
   _check_broadcasts(x, full_shape, f'{name} of shape {x.shape} does not broadcast to '
                     f'[batch..., heads, q_len, kv_len] = {full_shape}.')
   x = x.reshape((1,) * (len(full_shape) - x.ndim) + x.shape)
@@ -109,7 +136,7 @@ def _canonical_4d(x: Any, name: str, full_shape: tuple[int, ...], q_pad: int,
     # Keep a batch-free mask/bias small instead of copying it per batch entry.
     x = x.reshape((1,) + tail)
   else:
-    x = jnp.broadcast_to(x, batch_shape + tail).reshape((-1,) + tail)
+    x = jnp.broadcast_to(x, batch_shape + tail).reshape((math.prod(batch_shape),) + tail)
   if x.shape[2] != 1 and q_pad:
     x = jnp.pad(x, ((0, 0), (0, 0), (0, q_pad), (0, 0)), constant_values=pad_value)
   return x
@@ -118,12 +145,11 @@ def _canonical_4d(x: Any, name: str, full_shape: tuple[int, ...], q_pad: int,
 def _canonical_padding(x: Any, name: str, batch_shape: tuple[int, ...], length: int,
                        length_name: str) -> jax.Array:
   """Returns a `[batch..., length]`-broadcastable padding mask as bool `[B, length]`."""
-  x = jnp.asarray(x)
-  _check_mask_dtype(x, name)
+  x = _mask(x, name)
   full = batch_shape + (length,)
   _check_broadcasts(x, full, f'{name} of shape {x.shape} does not broadcast to '
                     f'[batch..., {length_name}] = {full}.')
-  return jnp.broadcast_to(x != 0, full).reshape(-1, length)
+  return jnp.broadcast_to(x, full).reshape(math.prod(batch_shape), length)
 
 
 def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: Any = None,
@@ -138,7 +164,8 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
     value: `[batch..., kv_len, heads, d_v]`.
     bias: optional, broadcastable to `[batch..., heads, q_len, kv_len]`.
     mask: optional bool or 0/1, same broadcasting; False/0 = masked out.
-    dtype: computation/output dtype; default: the promoted dtype of query, key and value.
+    dtype: computation/output dtype, real floating point; default: the promoted dtype of query,
+      key and value, integer and bool promoted to float32 (as flax).
     query_chunk_size: queries per chunk (None: all at once); clipped to q_len.
     is_causal: mask keys after the query position (positions aligned at 0).
     key_padding_mask: optional bool or 0/1 `[batch..., kv_len]`.
@@ -146,8 +173,13 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
 
   Returns:
     The `Canonical` inputs.
+
+  Raises:
+    ValueError: for mismatched shapes, masks or bias that do not broadcast, complex or
+      non-numeric inputs, or a dtype that is not real floating point.
   """
-  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  query, key, value = (real_array(x, name, 'a real or integer array') for x, name in
+                       ((query, 'query'), (key, 'key'), (value, 'value')))
   if query.ndim < 3 or not query.ndim == key.ndim == value.ndim:
     raise ValueError('query, key and value must have the same rank >= 3 ([batch..., length, '
                      f'heads, depth]); got shapes {query.shape}, {key.shape}, {value.shape}.')
@@ -171,25 +203,21 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
   chunk = q_len if query_chunk_size is None else min(
       check_positive_int(query_chunk_size, 'query_chunk_size'), max(q_len, 1))
   chunk = max(chunk, 1)
-  q_pad = -q_len % chunk
+  q_pad = max(-(-q_len // chunk), 1) * chunk - q_len  # q_len 0: one chunk of padding
 
-  dtype = jnp.result_type(query, key, value) if dtype is None else jnp.dtype(dtype)
+  dtype = computation_dtype(dtype, query, key, value)
 
   def to_bhld(x: jax.Array, pad: int = 0) -> jax.Array:
-    x = x.astype(dtype).reshape((-1,) + x.shape[-3:])
+    x = x.astype(dtype).reshape((math.prod(batch_shape),) + x.shape[-3:])
     if pad:
       x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     return jnp.swapaxes(x, 1, 2)
 
   if mask is not None:
-    mask = jnp.asarray(mask)
-    _check_mask_dtype(mask, 'mask')
-    mask = _canonical_4d(mask != 0, 'mask', full_shape, q_pad, True)
+    mask = _canonical_4d(_mask(mask, 'mask'), 'mask', full_shape, q_pad, True)
   if bias is not None:
-    bias = jnp.asarray(bias)
-    if not jnp.issubdtype(bias.dtype, jnp.number):
-      raise ValueError(f'bias must be numeric, got dtype {bias.dtype}.')
-    bias = _canonical_4d(bias.astype(jnp.float32), 'bias', full_shape, q_pad, 0.0)
+    bias = real_array(bias, 'bias', 'a real or integer array').astype(jnp.float32)
+    bias = _canonical_4d(bias, 'bias', full_shape, q_pad, 0.0)
   if key_padding_mask is not None:
     key_padding_mask = _canonical_padding(key_padding_mask, 'key_padding_mask', batch_shape,
                                           kv_len, 'kv_len')
@@ -202,6 +230,26 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
       query=to_bhld(query, q_pad), key=to_bhld(key), value=to_bhld(value), mask=mask, bias=bias,
       key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
       is_causal=bool(is_causal), batch_shape=batch_shape, q_len=q_len, chunk=chunk, dtype=dtype)
+
+
+def prepare(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: Any, mask: Any,
+            broadcast_dropout: bool, dropout_rng: jax.Array | None, dropout_rate: float,
+            deterministic: bool, dtype: Any, kernel: str, query_chunk_size: int | None = None,
+            is_causal: bool = False, key_padding_mask: Any = None,
+            query_padding_mask: Any = None
+            ) -> tuple[Canonical, Callable[[jax.Array], jax.Array], Dropout | None]:
+  """The opening every attention form shares: validates all arguments (as documented in
+  `canonicalize`, `make_dropout` and `topk.kernels.get_kernel`) before any work is done.
+
+  Returns:
+    `(canonical inputs, kernel scores [..., n] -> weights [..., n], dropout or None)`.
+  """
+  kernel_fn = kernels.get_kernel(kernel)
+  dropout = make_dropout(dropout_rng, dropout_rate, deterministic, broadcast_dropout)
+  can = canonicalize(query, key, value, bias=bias, mask=mask, dtype=dtype,
+                     query_chunk_size=query_chunk_size, is_causal=is_causal,
+                     key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+  return can, kernel_fn, dropout
 
 
 def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
@@ -261,7 +309,7 @@ def to_chunks(x: jax.Array, chunk: int) -> jax.Array:
 def from_chunks(x: jax.Array) -> jax.Array:
   """Inverse of `to_chunks`."""
   x = jnp.moveaxis(x, 0, 2)
-  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+  return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
 
 
 def to_output(can: Canonical, out: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from topk import inputs, kernels, select
+from topk import inputs, select
 
 # Selections of the kept keys: name -> whether `select.top_k` approximates (`lax.approx_max_k`).
 SELECTIONS = {'exact': False, 'approximate': True}
@@ -73,13 +73,20 @@ def _mix_rows(weights: jax.Array, idx: jax.Array, value: jax.Array, dtype: Any) 
     return acc + weights[..., j, None] * rows
 
   zeros = jnp.zeros(idx.shape[:-1] + value.shape[-1:], jnp.float32)
+  if idx.shape[-1] == 0:  # no keys (kv_len 0): a sum over nothing, as flax
+    return zeros
   return jax.lax.fori_loop(0, idx.shape[-1], add_rank, zeros, unroll=8)
 
 
 def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Array],
             dropout: inputs.Dropout | None, precision: Any, selection: str,
-            recall_target: float) -> jax.Array:
-  """Top-k attention of the canonical inputs; returns float32 `[B, H, Lq_pad, Dv]`."""
+            recall_target: float, with_kept: bool
+            ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+  """Top-k attention of the canonical inputs; returns float32 `[B, H, Lq_pad, Dv]`.
+
+  With `with_kept` it returns `(out, kept key indices, kept masked scores)`, the latter two
+  int32 and float32 `[B, H, Lq_pad, k]` without gradient (their cotangents are ignored).
+  """
   chunk = can.chunk
 
   def kept_weights(kept, multiplier):
@@ -126,16 +133,21 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
     out, kept = jax.lax.map(one_chunk, (jnp.arange(can.num_chunks), chunked(q)))
     return inputs.from_chunks(out), jax.tree.map(inputs.from_chunks, kept)
 
+  def outputs(out, idx, kept):
+    return (out, idx, kept) if with_kept else out
+
   @jax.custom_vjp
   def attend(q, key, v, bias, masks, rng):
-    return forward(q, key, v, bias, masks, rng)[0]
+    out, (idx, kept, _) = forward(q, key, v, bias, masks, rng)
+    return outputs(out, idx, kept)
 
   def attend_fwd(q, key, v, bias, masks, rng):
     out, (idx, kept, valid) = forward(q, key, v, bias, masks, rng)
-    return out, (q, key, v, bias, idx, kept, valid, rng)
+    return outputs(out, idx, kept), (q, key, v, bias, idx, kept, valid, rng)
 
-  def attend_bwd(residuals, d_out):
+  def attend_bwd(residuals, d_outputs):
     q, key, v, bias, idx, kept, valid, rng = residuals
+    d_out = d_outputs[0] if with_kept else d_outputs
 
     def one_chunk(carry, args):
       dk, dv = carry
@@ -164,9 +176,13 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
             dbias, None, None)
 
   attend.defvjp(attend_fwd, attend_bwd)
-  return attend(can.query, can.key, can.value, can.bias,
-                (can.mask, can.key_padding_mask, can.query_padding_mask),
-                None if dropout is None else dropout.rng)
+  result = attend(can.query, can.key, can.value, can.bias,
+                  (can.mask, can.key_padding_mask, can.query_padding_mask),
+                  None if dropout is None else dropout.rng)
+  if not with_kept:
+    return result
+  out, idx, kept = result
+  return out, jax.lax.stop_gradient(idx), jax.lax.stop_gradient(kept)
 
 
 def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -183,12 +199,15 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
   Dropout acts on the kept weights `[C, k]` of each chunk, drawn from
   `fold_in(dropout_rng, chunk_index)` (with broadcast_dropout one mask per (query, rank) shared
-  by batch entries and heads). Gradients flow to query, key, value and bias. `module` is accepted
-  for flax's `attention_fn` contract but weights are not sown.
+  by batch entries and heads). Gradients flow to query, key, value and bias.
 
   Args:
     query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic,
-      dtype, precision, module: as in `topk.dot_product_attention`.
+      dtype, precision: as in `topk.dot_product_attention`.
+    module: if given (flax's sow_weights=True), sows into its 'intermediates' collection the
+      kept weights as 'attention_weights' (before dropout, computation dtype) and their key
+      indices as 'attention_indices' (int32), both `[batch..., heads, q_len, min(k, kv_len)]`,
+      instead of dense `[..., q_len, kv_len]` weights. They carry no gradient.
     k: keys kept per query (an int >= 1; values above kv_len keep all keys).
     query_chunk_size, is_causal, key_padding_mask, query_padding_mask, kernel: as in
       `topk.chunked_attention`.
@@ -199,15 +218,22 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   Returns:
     `[batch..., q_len, heads, d_v]` in the computation dtype.
   """
-  del module
   k = inputs.check_positive_int(k, 'k')
   check_selection(selection, recall_target)
-  kernel_fn = kernels.get_kernel(kernel)
-  dropout = inputs.make_dropout(dropout_rng, dropout_rate, deterministic, broadcast_dropout)
-  can = inputs.canonicalize(query, key, value, bias=bias, mask=mask, dtype=dtype,
-                            query_chunk_size=query_chunk_size, is_causal=is_causal,
-                            key_padding_mask=key_padding_mask,
-                            query_padding_mask=query_padding_mask)
-  out = _attend(can, min(k, can.key.shape[2]), kernel_fn, dropout, precision, selection,
-                recall_target)
+  can, kernel_fn, dropout = inputs.prepare(
+      query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
+      dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
+      dtype=dtype, kernel=kernel, query_chunk_size=query_chunk_size, is_causal=is_causal,
+      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+  k = min(k, can.key.shape[2])
+  if module is None:
+    return inputs.to_output(can, _attend(can, k, kernel_fn, dropout, precision, selection,
+                                         recall_target, False))
+  out, idx, kept = _attend(can, k, kernel_fn, dropout, precision, selection, recall_target, True)
+
+  def per_query(x):  # [B, H, Lq_pad, k] -> [batch..., H, q_len, k]
+    return x[:, :, :can.q_len].reshape(can.batch_shape + x.shape[1:2] + (can.q_len, k))
+
+  module.sow('intermediates', 'attention_weights', per_query(kernel_fn(kept)).astype(can.dtype))
+  module.sow('intermediates', 'attention_indices', per_query(idx))
   return inputs.to_output(can, out)
