@@ -1,0 +1,146 @@
+"""Analysis of captured attention: r-sparse approximations of each layer's output, their errors,
+and the accuracy of a model whose attention outputs are replaced by them.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from studies.value_aware import solvers
+from studies.value_aware.capture import LayerCall, Run, capture_attention, predictions
+
+# Approximations compared; 'exact' recomputes full kernel attention (a check of the capture).
+METHODS = ('exact', 'oblivious', 'oblivious_raw', 'value_aware')
+# Methods whose downstream accuracy is measured (the error table covers all of METHODS).
+REPLACED_METHODS = ('oblivious', 'value_aware')
+
+
+def _attending(weights: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Queries `[..., L]` with an unmasked key and non-zero kernel mass.
+
+  The others are padding (every key masked) or, under relu-type kernels, rows with no positive
+  score, whose output is the empty sum 0: outside the hull of the values, so no convex
+  combination approximates it and its relative error is undefined.
+  """
+  attends = jnp.sum(weights, axis=-1) > 0
+  return attends if mask is None else attends & jnp.any(mask, axis=-1)
+
+
+def approximate(call: LayerCall, kernel: str, method: str, r: int,
+                query_chunk_size: int | None = None) -> jax.Array:
+  """Attention output `[B, H, L, d_v]` of `call` under `method` with budget r; the value-aware
+  solver handles `query_chunk_size` queries at a time (None: all).
+
+  Queries that attend to nothing keep the exact output (see `_attending`).
+  """
+  weights = solvers.attention_weights(call.query, call.key, call.mask, kernel)
+  exact = jnp.einsum('...qk,...kv->...qv', weights, call.value)
+  if method == 'exact':
+    return exact
+  if method in ('oblivious', 'oblivious_raw'):
+    approx = solvers.top_r_approximation(weights, call.value, r,
+                                             renormalise=method == 'oblivious').output
+  elif method == 'value_aware':
+    approx = solvers.value_aware_greedy(call.value, exact, r, call.mask, weights=weights,
+                                            query_chunk_size=query_chunk_size).output
+  else:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
+  return jnp.where(_attending(weights, call.mask)[..., None], approx, exact)
+
+
+def layer_errors(call: LayerCall, kernel: str, rs: list[int], max_queries: int,
+                 seed: int = 0, query_chunk_size: int | None = None) -> list[dict[str, Any]]:
+  """Mean relative output error and top-r mass of `call`, per r and method.
+
+  Uses at most `max_queries` randomly chosen attending (query, head) pairs (`_attending`).
+
+  Returns:
+    Rows {'layer', 'r', 'method', 'rel_error', 'top_r_mass', 'queries'}.
+  """
+  batch, heads, length, _ = call.query.shape
+  n = call.key.shape[-2]
+  mask = (jnp.ones((batch, heads, length, n), bool) if call.mask is None else
+          jnp.broadcast_to(call.mask, (batch, heads, length, n)))
+  all_weights = solvers.attention_weights(call.query, call.key, mask, kernel)
+  rows = np.flatnonzero(np.asarray(_attending(all_weights, mask)).reshape(-1))
+  rows = np.random.default_rng(seed).permutation(rows)[:max_queries]
+  b, h, q = np.unravel_index(rows, (batch, heads, length))
+  # One problem per sampled query: value [m, n, d_v], mask and weights [m, 1, n].
+  value = call.value[b, h]
+  sub_mask = mask[b, h, q][:, None]
+  weights = all_weights[b, h, q][:, None]
+  exact = jnp.einsum('...qk,...kv->...qv', weights, value)
+  results = []
+  for r in rs:
+    approxes = {
+        'oblivious': solvers.top_r_approximation(weights, value, r).output,
+        'oblivious_raw': solvers.top_r_approximation(weights, value, r,
+                                                         renormalise=False).output,
+        'value_aware': solvers.value_aware_greedy(
+            value, exact, r, sub_mask, weights=weights,
+            query_chunk_size=query_chunk_size).output,
+    }
+    mass = float(jnp.mean(solvers.top_r_mass(weights, r)))
+    for method, approx in approxes.items():
+      error = solvers.relative_error(exact, approx)
+      results.append({'layer': call.layer, 'r': r, 'method': method,
+                      'rel_error': float(jnp.mean(error)), 'top_r_mass': mass,
+                      'queries': len(rows)})
+  return results
+
+
+def replacement(kernel: str, method: str, r: int, layer: str,
+                 query_chunk_size: int | None = None):
+  """A `replace` for `predictions`: swaps in `method`'s output for `layer` ('all' = every
+  layer)."""
+
+  def replace(call: LayerCall, x: jax.Array) -> jax.Array:
+    if layer not in ('all', call.layer):
+      return x
+    return jnp.swapaxes(approximate(call, kernel, method, r, query_chunk_size), -3, -2)
+
+  return replace
+
+
+def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int | None = None,
+              accuracy_rs: list[int] | None = None) -> tuple[list[dict], list[dict]]:
+  """Error rows (averaged over batches) for budgets `rs` and accuracy rows of one run for
+  `accuracy_rs` (default `rs`): replacing whole layers solves every query, far costlier than the
+  sampled error table."""
+  sums: dict[tuple, list[dict]] = {}
+  layers: list[str] = []
+  for batch in run.batches():
+    inputs = {name: value for name, value in batch.items() if name != 'targets'}
+    for call in capture_attention(run.model, run.params, inputs):
+      layers += [call.layer] if call.layer not in layers else []
+      for row in layer_errors(call, run.kernel, rs, max_queries,
+                              query_chunk_size=query_chunk_size):
+        sums.setdefault((row['layer'], row['r'], row['method']), []).append(row)
+  errors = []
+  for (layer, r, method), rows in sums.items():
+    weights = np.array([row['queries'] for row in rows], float)
+    errors.append({'run': run.name, 'kernel': run.kernel, 'layer': layer, 'r': r,
+                   'method': method, 'queries': int(weights.sum()), **{
+                       name: float(np.average([row[name] for row in rows], weights=weights))
+                       for name in ('rel_error', 'top_r_mass')}})
+  model, targets = predictions(run, None)
+
+  def row(layer, r, method, predicted):
+    # Agreement with the unmodified model is meaningful even for random-init smoke models.
+    return {'run': run.name, 'kernel': run.kernel, 'layer': layer, 'r': r, 'method': method,
+            'accuracy': float(np.mean(predicted == targets)),
+            'agreement': float(np.mean(predicted == model))}
+
+  accuracies = [row('none', 0, 'model', model),
+                row('all', 0, 'exact', predictions(run, replacement(run.kernel, 'exact', 0,
+                                                                     'all'))[0])]
+  for layer in layers + ['all']:
+    for method in REPLACED_METHODS:
+      for r in rs if accuracy_rs is None else accuracy_rs:
+        replace = replacement(run.kernel, method, r, layer, query_chunk_size)
+        predicted = predictions(run, replace)[0]
+        accuracies.append(row(layer, r, method, predicted))
+  return errors, accuracies
+
+

@@ -1,0 +1,205 @@
+"""Capture of attention inputs from trained (or random-init) LRA models, without model changes.
+
+A `Run` is a model, its parameters and validation batches (`load_run` restores a `lra/train.py`
+workdir, `random_run` initialises a config's model at random). `capture_attention` returns each
+attention layer's per-head queries, keys, values and mask (`nn.intercept_methods` on
+`MultiHeadDotProductAttention`); `predictions` runs a model with each layer's attention output
+optionally rewritten.
+"""
+import dataclasses
+import functools
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lra import data, models
+
+Batch = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Run:
+  """A model to study: `batches()` yields validation batches (numpy dicts with 'targets')."""
+
+  name: str
+  kernel: str
+  model: nn.Module
+  params: Any
+  batches: Callable[[], Iterator[Batch]]
+
+
+@dataclasses.dataclass
+class LayerCall:
+  """One attention call, per-head layout: query `[B, H, L, d]`, key `[B, H, n, d]`, value
+  `[B, H, n, d_v]`, bool mask broadcastable to `[B, H, L, n]` or None."""
+
+  layer: str
+  query: jax.Array
+  key: jax.Array
+  value: jax.Array
+  mask: jax.Array | None
+
+
+def _limited(batches: Iterator[Batch], num_batches: int) -> Iterator[Batch]:
+  return itertools.islice(batches, num_batches)
+
+
+def load_run(workdir: str, num_batches: int, checkpoint: str = 'best') -> Run:
+  """Restores a trained workdir (its config.json and best checkpoint) and its validation data.
+
+  The one place that knows how `lra/train.py` lays out a workdir.
+  """
+  from lra import train  # Heavy (optax, orbax); only trained runs need it.
+  from lra.checkpointing import RunCheckpoints
+
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'--workdir {workdir!r} has no config.json.')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  task, trainer = train.setup(config)
+  checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  try:
+    _, state = checkpoints.restore(checkpoint, trainer.init_state())
+  finally:
+    checkpoints.close()
+  return Run(os.path.basename(os.path.normpath(workdir)), config.attention.kernel,
+             models.build_model(config, task.info), state.params,
+             lambda: _limited(task.validation().as_numpy_iterator(), num_batches))
+
+
+def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
+               synthetic: bool, seed: int = 0) -> Run:
+  """A randomly initialised model for `config` with `kernel`; random tokens if `synthetic`."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.attention.kernel = kernel
+  info = data.task_info(config.task, max_length=config.max_length, **config.task_options)
+  model = models.build_model(config, info)
+
+  def synthetic_batches() -> Iterator[Batch]:
+    rng = np.random.default_rng(seed)  # Every pass sees the same batches.
+    for _ in range(num_batches):
+      shape = (config.eval_batch_size, info.max_length)
+      # Random lengths, so that padding masks are exercised.
+      lengths = rng.integers(info.max_length // 2, info.max_length + 1, size=(shape[0], 1))
+      tokens = [np.where(np.arange(shape[1]) < lengths,
+                         rng.integers(1, info.vocab_size, size=shape), 0).astype(np.int32)
+                for _ in range(2)]
+      inputs = ({'inputs1': tokens[0], 'inputs2': tokens[1]} if info.dual else
+                {'inputs': tokens[0]})
+      yield {**inputs, 'targets': rng.integers(0, info.num_classes, shape[0]).astype(np.int32)}
+
+  def real_batches() -> Iterator[Batch]:
+    task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
+                         eval_batch_size=config.eval_batch_size, max_length=config.max_length,
+                         seed=config.seed, **config.task_options)
+    return _limited(task.validation().as_numpy_iterator(), num_batches)
+
+  batches = synthetic_batches if synthetic else real_batches
+  example = next(iter(synthetic_batches()))
+  params = model.init(jax.random.key(seed), example, train=False)['params']
+  return Run(f'random_{kernel}', kernel, model, params, batches)
+
+
+# ----------------------------------------------------------------------------- interception
+
+
+def _attention_child(context: nn.module.InterceptorContext) -> tuple[str, str] | None:
+  """(layer path, child name) for calls of an attention layer's query/key/value/out projection."""
+  parent = context.module.parent
+  if (context.method_name == '__call__' and isinstance(parent, nn.MultiHeadDotProductAttention)
+      and context.module.name in ('query', 'key', 'value', 'out')):
+    return '/'.join(parent.path), context.module.name
+  return None
+
+
+def _per_head(x: jax.Array) -> jax.Array:
+  """flax layout `[B, L, H, d]` -> `[B, H, L, d]` float32."""
+  return jnp.swapaxes(x, -3, -2).astype(jnp.float32)
+
+
+def _call_mask(module: nn.MultiHeadDotProductAttention, mask: jax.Array | None
+               ) -> jax.Array | None:
+  """Bool mask broadcastable to `[B, H, L, n]` of one attention call, or None: the call's `mask`
+  and the padding masks bound into its `attention_fn` (`[B, n]` keys, `[B, L]` queries)."""
+  bound = getattr(module.attention_fn, 'keywords', {})
+  masks = [] if mask is None else [mask.astype(bool)]
+  if bound.get('key_padding_mask') is not None:
+    masks.append(bound['key_padding_mask'].astype(bool)[:, None, None, :])
+  if bound.get('query_padding_mask') is not None:
+    masks.append(bound['query_padding_mask'].astype(bool)[:, None, :, None])
+  return functools.reduce(jnp.logical_and, masks) if masks else None
+
+
+def _intercepting(on_out: Callable[[LayerCall, jax.Array], jax.Array]):
+  """An interceptor that gathers each attention call's q/k/v/mask and, at the output
+  projection, replaces its input `x` by `on_out(call, x)`."""
+  pending: dict[str, dict[str, Any]] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if (context.method_name == '__call__'
+        and isinstance(context.module, nn.MultiHeadDotProductAttention)):
+      if context.module.normalize_qk or context.module.decode:
+        raise ValueError('value-aware study supports plain self/cross attention only.')
+      pending['/'.join(context.module.path)] = {'mask': _call_mask(context.module,
+                                                                   kwargs.get('mask'))}
+      return next_fun(*args, **kwargs)
+    child = _attention_child(context)
+    if child is None:
+      return next_fun(*args, **kwargs)
+    layer, name = child
+    if name != 'out':
+      output = next_fun(*args, **kwargs)
+      pending[layer][name] = _per_head(output)
+      return output
+    parts = pending.pop(layer)
+    call = LayerCall(layer, parts['query'], parts['key'], parts['value'], parts['mask'])
+    x = on_out(call, args[0])
+    return next_fun(x.astype(args[0].dtype), *args[1:], **kwargs)
+
+  return interceptor
+
+
+def capture_attention(model: nn.Module, params: Any, batch: Batch) -> list[LayerCall]:
+  """Runs the model on `batch` and returns every attention call's inputs, in call order."""
+  calls = []
+
+  def keep(call, x):
+    calls.append(call)
+    return x
+
+  with nn.intercept_methods(_intercepting(keep)):
+    model.apply({'params': params}, batch, train=False)
+  return calls
+
+
+def predictions(run: Run, replace: Callable[[LayerCall, jax.Array], jax.Array] | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Predicted and true labels `[N]` on `run`'s validation batches, with attention outputs
+  rewritten by `replace` if given."""
+
+  @jax.jit
+  def predict(params, batch):
+    if replace is None:
+      return jnp.argmax(run.model.apply({'params': params}, batch, train=False), -1)
+    with nn.intercept_methods(_intercepting(replace)):
+      return jnp.argmax(run.model.apply({'params': params}, batch, train=False), -1)
+
+  predicted, targets = [], []
+  for batch in run.batches():
+    inputs = {name: value for name, value in batch.items() if name != 'targets'}
+    predicted.append(np.asarray(predict(run.params, inputs)))
+    targets.append(batch['targets'])
+  if not targets:
+    raise ValueError(f'run {run.name} has no validation batches.')
+  return np.concatenate(predicted), np.concatenate(targets)
+
+
