@@ -80,6 +80,19 @@ class TopKFeedForwardTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'k must|query_chunk_size must|dropout_rate must'):
       topk.TopKFeedForward(mlp_dim=MLP_DIM, **fields).init(jax.random.key(0), _x())
 
+  def test_integer_input_promoted_and_complex_refused(self):
+    layer = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, query_chunk_size=4)
+    x = jnp.asarray(np.random.default_rng(2).integers(-3, 4, (2, 5, D_MODEL)), jnp.int32)
+    params = layer.init(jax.random.key(0), x)
+    out = layer.apply(params, x)
+    self.assertEqual(out.dtype, jnp.float32)
+    np.testing.assert_allclose(out, layer.apply(params, x.astype(jnp.float32)), atol=1e-6)
+    self.assertGreater(np.abs(out).max(), 0.1)
+    with self.assertRaisesRegex(ValueError, 'x must be a real or integer array'):
+      layer.apply(params, x.astype(jnp.complex64))
+    with self.assertRaisesRegex(ValueError, 'dtype must be a real floating-point dtype'):
+      topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, dtype=jnp.int32).apply(params, x)
+
 
 if __name__ == '__main__':
   absltest.main()

@@ -44,7 +44,8 @@ class TopKFeedForward(nn.Module):
     query_chunk_size: tokens per chunk.
     dropout_rate: dropout after the activation and after the output layer.
     activation: elementwise activation applied to the kept pre-activations.
-    dtype: computation dtype (default: the input's); parameters are float32.
+    dtype: computation dtype, real floating point (default: the input's, integer promoted to
+      float32); parameters are float32. Complex input is refused.
     kernel_init: initialiser of both kernels.
     bias_init: initialiser of both biases.
   """
@@ -66,7 +67,8 @@ class TopKFeedForward(nn.Module):
     inputs.check_positive_int(self.mlp_dim, 'mlp_dim')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate}.')
-    dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
+    x = inputs.real_array(x, 'x', 'a real or integer array')
+    dtype = inputs.computation_dtype(self.dtype, x)
     out_dim = x.shape[-1] if self.out_dim is None else self.out_dim
     w_in, b_in = _DenseParams(self.mlp_dim, self.kernel_init, self.bias_init,
                               name='Dense_0')(x.shape[-1])

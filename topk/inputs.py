@@ -85,7 +85,7 @@ class Canonical:
     return self.query.shape[2] // self.chunk
 
 
-def _real_array(x: Any, name: str, what: str) -> jax.Array:
+def real_array(x: Any, name: str, what: str) -> jax.Array:
   """Returns `x` as an array, or raises ValueError(`name must be what`) unless its dtype is bool,
   integer or real floating point (complex would silently lose its imaginary part)."""
   dtype = x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype
@@ -97,10 +97,10 @@ def _real_array(x: Any, name: str, what: str) -> jax.Array:
 
 def _mask(x: Any, name: str) -> jax.Array:
   """Returns a bool or 0/1 mask as a bool array."""
-  return _real_array(x, name, 'bool or 0/1 real numbers') != 0
+  return real_array(x, name, 'bool or 0/1 real numbers') != 0
 
 
-def _computation_dtype(dtype: Any, *arrays: jax.Array) -> np.dtype:
+def computation_dtype(dtype: Any, *arrays: jax.Array) -> np.dtype:
   """The requested dtype, which must be real floating point, or flax's promotion of the inputs:
   their common dtype, with integer and bool promoted to (at least) float32."""
   if dtype is None:
@@ -178,7 +178,7 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
     ValueError: for mismatched shapes, masks or bias that do not broadcast, complex or
       non-numeric inputs, or a dtype that is not real floating point.
   """
-  query, key, value = (_real_array(x, name, 'a real or integer array') for x, name in
+  query, key, value = (real_array(x, name, 'a real or integer array') for x, name in
                        ((query, 'query'), (key, 'key'), (value, 'value')))
   if query.ndim < 3 or not query.ndim == key.ndim == value.ndim:
     raise ValueError('query, key and value must have the same rank >= 3 ([batch..., length, '
@@ -205,7 +205,7 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
   chunk = max(chunk, 1)
   q_pad = max(-(-q_len // chunk), 1) * chunk - q_len  # q_len 0: one chunk of padding
 
-  dtype = _computation_dtype(dtype, query, key, value)
+  dtype = computation_dtype(dtype, query, key, value)
 
   def to_bhld(x: jax.Array, pad: int = 0) -> jax.Array:
     x = x.astype(dtype).reshape((math.prod(batch_shape),) + x.shape[-3:])
@@ -216,7 +216,7 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
   if mask is not None:
     mask = _canonical_4d(_mask(mask, 'mask'), 'mask', full_shape, q_pad, True)
   if bias is not None:
-    bias = _real_array(bias, 'bias', 'a real or integer array').astype(jnp.float32)
+    bias = real_array(bias, 'bias', 'a real or integer array').astype(jnp.float32)
     bias = _canonical_4d(bias, 'bias', full_shape, q_pad, 0.0)
   if key_padding_mask is not None:
     key_padding_mask = _canonical_padding(key_padding_mask, 'key_padding_mask', batch_shape,
