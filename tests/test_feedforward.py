@@ -53,6 +53,19 @@ def test_param_tree_matches_dense_mlp():
     with self.assertRaisesRegex(ValueError, 'dtype must be a real floating-point dtype'):
       topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, dtype=jnp.int32).apply(params, x)
 
+  def test_integer_input_promoted_and_complex_refused(self):
+    layer = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, query_chunk_size=4)
+    x = jnp.asarray(np.random.default_rng(2).integers(-3, 4, (2, 5, D_MODEL)), jnp.int32)
+    params = layer.init(jax.random.key(0), x)
+    out = layer.apply(params, x)
+    self.assertEqual(out.dtype, jnp.float32)
+    np.testing.assert_allclose(out, layer.apply(params, x.astype(jnp.float32)), atol=1e-6)
+    self.assertGreater(np.abs(out).max(), 0.1)
+    with self.assertRaisesRegex(ValueError, 'x must be a real or integer array'):
+      layer.apply(params, x.astype(jnp.complex64))
+    with self.assertRaisesRegex(ValueError, 'dtype must be a real floating-point dtype'):
+      topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, dtype=jnp.int32).apply(params, x)
+
 
 @pytest.mark.parametrize('activation, k, chunk', [(nn.relu, MLP_DIM, 4), (nn.gelu, MLP_DIM + 3, 3),
                                                   (nn.relu, 3, 4), (nn.gelu, 1, 16)])
