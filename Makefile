@@ -34,7 +34,7 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -n 2 tests
 
-# Attention memory/speed versus length, then issue 7's speed targets (with PyTorch's fused
+# Attention memory/speed versus length, then the selection speed targets (with PyTorch's fused
 # attention as a reference when torch is installed in the venv: pip install torch==2.13.0).
 bench: setup
 	$(PYTHON) -m benchmarks.attention

@@ -1,4 +1,4 @@
-"""Speed of top-k selection and top-k attention against exact baselines (issue 7's targets).
+"""Speed of top-k selection and top-k attention against exact baselines, with their targets.
 
 Queries are processed in chunks as in `topk_attention`: per chunk, scores
 `[heads, chunk, L] = q_chunk @ k^T`, then the top `k` keys per query. All cases run in one

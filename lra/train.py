@@ -1,9 +1,10 @@
-"""Training and evaluation loop for LRA classification (issue 6).
+"""Training and evaluation loop for LRA classification.
 
 One trainer for every task and attention kind. Data parallelism uses `jax.jit` over a 1-D
 ('data',) mesh of all devices: batches are sharded on their first axis, the train state is
-replicated. This module is the marked edge where a `ConfigDict` is read (field names in
-CONTRACT.md); everything below `train_and_evaluate` / `evaluate` takes plain values.
+replicated. This module is the marked edge where a `ConfigDict` is read (its fields are listed in
+configs/common.py and the README); `build` checks every value before any data is read, and
+everything below `train_and_evaluate` / `evaluate` takes plain values.
 
 A workdir holds:
   config.json            the run's config, written at start

@@ -10,7 +10,7 @@ from lra import train
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CONTRACT_FIELDS = {
+_FIELDS = {
     'task', 'task_options', 'data_dir', 'seed', 'batch_size', 'eval_batch_size', 'max_length',
     'num_train_steps', 'eval_frequency', 'num_eval_steps', 'checkpoint_every', 'keep_checkpoints',
     'log_every', 'learning_rate', 'schedule', 'warmup_steps', 'weight_decay', 'grad_clip_norm',
@@ -77,9 +77,9 @@ def test_full_config_matches_reference(name, arg):
 
 @pytest.mark.parametrize('name, preset', [(name, preset) for name in _MODULES
                                           for preset in ('', 'smoke')])
-def test_builds_locked_with_contract_fields(name, preset):
+def test_builds_locked_with_every_field(name, preset):
   config = _MODULES[name].get_config(preset)
-  assert set(config.keys()) == _CONTRACT_FIELDS
+  assert set(config.keys()) == _FIELDS
   assert config.is_locked
   with pytest.raises(AttributeError):
     config.not_a_field = 1

@@ -40,32 +40,6 @@ def test_param_tree_matches_dense_mlp():
   dense = DenseMlp(MLP_DIM, nn.relu).init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, dense)
 
-  def test_integer_input_promoted_and_complex_refused(self):
-    layer = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, query_chunk_size=4)
-    x = jnp.asarray(np.random.default_rng(2).integers(-3, 4, (2, 5, D_MODEL)), jnp.int32)
-    params = layer.init(jax.random.key(0), x)
-    out = layer.apply(params, x)
-    self.assertEqual(out.dtype, jnp.float32)
-    np.testing.assert_allclose(out, layer.apply(params, x.astype(jnp.float32)), atol=1e-6)
-    self.assertGreater(np.abs(out).max(), 0.1)
-    with self.assertRaisesRegex(ValueError, 'x must be a real or integer array'):
-      layer.apply(params, x.astype(jnp.complex64))
-    with self.assertRaisesRegex(ValueError, 'dtype must be a real floating-point dtype'):
-      topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, dtype=jnp.int32).apply(params, x)
-
-  def test_integer_input_promoted_and_complex_refused(self):
-    layer = topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, query_chunk_size=4)
-    x = jnp.asarray(np.random.default_rng(2).integers(-3, 4, (2, 5, D_MODEL)), jnp.int32)
-    params = layer.init(jax.random.key(0), x)
-    out = layer.apply(params, x)
-    self.assertEqual(out.dtype, jnp.float32)
-    np.testing.assert_allclose(out, layer.apply(params, x.astype(jnp.float32)), atol=1e-6)
-    self.assertGreater(np.abs(out).max(), 0.1)
-    with self.assertRaisesRegex(ValueError, 'x must be a real or integer array'):
-      layer.apply(params, x.astype(jnp.complex64))
-    with self.assertRaisesRegex(ValueError, 'dtype must be a real floating-point dtype'):
-      topk.TopKFeedForward(mlp_dim=MLP_DIM, k=4, dtype=jnp.int32).apply(params, x)
-
 
 @pytest.mark.parametrize('activation, k, chunk', [(nn.relu, MLP_DIM, 4), (nn.gelu, MLP_DIM + 3, 3),
                                                   (nn.relu, 3, 4), (nn.gelu, 1, 16)])
@@ -118,3 +92,19 @@ def test_out_dim_dropout_and_dtype():
 def test_bad_input(fields):
   with pytest.raises(ValueError, match='k must|query_chunk_size must|dropout_rate must'):
     topk.TopKFeedForward(mlp_dim=MLP_DIM, **fields).init(jax.random.key(0), _x())
+
+
+@pytest.mark.parametrize('module, options', [
+    (topk.TopKFeedForward, {'k': 4, 'query_chunk_size': 4}), (topk.DenseFeedForward, {})])
+def test_integer_input_promoted_and_complex_refused(module, options):
+  layer = module(mlp_dim=MLP_DIM, **options)
+  x = jnp.asarray(np.random.default_rng(2).integers(-3, 4, (2, 5, D_MODEL)), jnp.int32)
+  params = layer.init(jax.random.key(0), x)
+  out = layer.apply(params, x)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, layer.apply(params, x.astype(jnp.float32)), atol=1e-6)
+  assert np.abs(out).max() > 0.1
+  with pytest.raises(ValueError, match='x must be a real or integer array'):
+    layer.apply(params, x.astype(jnp.complex64))
+  with pytest.raises(ValueError, match='dtype must be a real floating-point dtype'):
+    module(mlp_dim=MLP_DIM, dtype=jnp.int32, **options).apply(params, x)

@@ -59,8 +59,9 @@ class DenseFeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """Maps `x [..., d]` to `[..., out_dim]`."""
-    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=self.kernel_init,
-                              bias_init=self.bias_init)
+    x = inputs.real_array(x, 'x', 'a real or integer array')
+    dense = functools.partial(nn.Dense, dtype=inputs.computation_dtype(self.dtype, x),
+                              kernel_init=self.kernel_init, bias_init=self.bias_init)
     h = self.activation(dense(self.mlp_dim)(x))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     out = dense(x.shape[-1] if self.out_dim is None else self.out_dim)(h)

@@ -3,7 +3,7 @@
 Each row is `Source<TAB>Target`, e.g. `( ( ( ( [MAX 2 ) 9 ) 4 ) ] )<TAB>9`; a `Source<TAB>Target`
 header line is optional. Parentheses only encode the generator's binary nesting and are dropped,
 as in LRA. Unlike LRA, whose token ids followed Python set order and so changed between
-processes (lra.md §7.4), the ids here are fixed by `TOKENS`.
+processes, the ids here are fixed by `TOKENS`.
 """
 import os
 

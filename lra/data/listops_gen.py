@@ -1,4 +1,4 @@
-r"""ListOps generator: LRA's algorithm (lra.md §3), seeded and reproducible.
+r"""ListOps generator: LRA's algorithm, seeded and reproducible.
 
 Writes `<output_dir>/listops-1000/basic_{train,val,test}.tsv` (header `Source\tTarget`), the
 layout `lra.data.get_task('listops', output_dir)` reads. Example, a short set for a demo:

@@ -80,7 +80,7 @@ def attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array | None =
   """Kernel attention weights `[..., n_q, n]` for query `[..., n_q, d]`, key `[..., n, d]`.
 
   Scores are scaled by 1/sqrt(d) as in dot-product attention; masked scores (mask False) are
-  set to the dtype's most negative value before the kernel, as `topk.attention` does.
+  set to the dtype's most negative value before the kernel, as `topk`'s attention forms do.
   """
   if query.shape[-1] != key.shape[-1]:
     raise ValueError(f'query {query.shape} and key {key.shape} must share the last (d) axis.')
