@@ -124,22 +124,9 @@ if __name__ == '__main__':
   _WORKDIR_ROOT = flags.DEFINE_string('workdir_root', None, 'Parent of the per-point workdirs; '
                                       'default runs/<config>_<arg>.')
 
-  _SHARED: list[tuple[str, str]] = []
-
-  def parse_flags(argv: list[str]) -> list[str]:
-    try:
-      rest, shared = config_loader.split_overrides(argv)
-    except config_loader.ConfigError as error:
-      sys.exit(f'sweep.py: {error}')
-    _SHARED.extend(shared)
-    return app.parse_flags_with_usage(rest)
-
-  def main(argv: Sequence[str]) -> None:
+  def main(argv: list[str], shared: list[tuple[str, str]]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    try:
-      run_sweep(_CONFIG.value, _SHARED, _WORKDIR_ROOT.value, _RUN.value)
-    except config_loader.ConfigError as error:
-      sys.exit(f'sweep.py: {error}')
+    run_sweep(_CONFIG.value, shared, _WORKDIR_ROOT.value, _RUN.value)
 
-  app.run(main, flags_parser=parse_flags)
+  config_loader.run(main)

@@ -11,8 +11,6 @@ Several processes (multi-host GPU, or several processes on one host): start one 
 `--multiprocess`; `jax.distributed.initialize` then auto-detects SLURM, Open MPI and Cloud TPU, or
 reads JAX_COORDINATOR_ADDRESS together with --num_processes and --process_id.
 """
-import sys
-
 import jax
 from absl import app, flags, logging
 
@@ -33,26 +31,11 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --multiproces
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --multiprocess, if not auto-detected.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# The --config.<field> overrides, taken out of argv before absl parses the other flags.
-_OVERRIDES: list[tuple[str, str]] = []
 
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    rest, overrides = config_loader.split_overrides(argv)
-  except config_loader.ConfigError as error:
-    sys.exit(f'train.py: {error}')
-  _OVERRIDES.extend(overrides)
-  return app.parse_flags_with_usage(rest)
-
-
-def main(argv: list[str]) -> None:
+def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    config = config_loader.get_config(_CONFIG.value, _OVERRIDES)
-  except config_loader.ConfigError as error:
-    sys.exit(f'train.py: {error}')
+  config = config_loader.get_config(_CONFIG.value, overrides)
   # Imported here so that a config mistake is reported fast and TF never sees the GPUs.
   import tensorflow as tf
 
@@ -71,4 +54,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   jax.config.config_with_absl()  # JAX's options as absl flags, as big_vision's trainers do
-  app.run(main, flags_parser=_parse_flags)
+  config_loader.run(main)

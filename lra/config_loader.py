@@ -2,19 +2,20 @@
 
 Shared by train.py, sweep.py and the value-aware study. Each mistake (a missing file, a file
 without `get_config`, a bad arg, an unknown field, a value of the wrong type) raises
-`ConfigError` with one message naming it, which the scripts print as one line. Overrides are
+`ConfigError` with one message naming it, which the scripts print as one line (`run`). Overrides are
 typed by the field they replace, as `ml_collections.config_flags` types them. Importing this
 module imports neither JAX nor TensorFlow.
 """
 import importlib.util
 import os
 import pathlib
+import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
-from absl import flags
+from absl import app, flags
 
 _PREFIX = '--config.'
 # Parsers of override values by the type of the field they replace.
@@ -124,3 +125,30 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides) -> 
     except ValueError:
       raise ConfigError(f'--config.{field}={text!r}: expected {kind.__name__}.') from None
     holder[name] = value
+
+
+def run(main: Callable[[list[str], list[tuple[str, str]]], None]) -> None:
+  """`absl.app.run` for a script that takes `--config.<field>=<value>` overrides.
+
+  The overrides are taken out of argv before absl parses the script's own flags and are passed
+  to `main(argv, overrides)`; a `ConfigError` ends the program with one line naming the script
+  and the mistake, and exit status 1.
+  """
+  overrides: list[tuple[str, str]] = []
+  program = os.path.basename(sys.argv[0])
+
+  def parse_flags(argv: list[str]) -> list[str]:
+    try:
+      rest, found = split_overrides(argv)
+    except ConfigError as error:
+      sys.exit(f'{program}: {error}')
+    overrides.extend(found)
+    return app.parse_flags_with_usage(rest)
+
+  def main_with_overrides(argv: list[str]) -> None:
+    try:
+      main(argv, overrides)
+    except ConfigError as error:
+      sys.exit(f'{program}: {error}')
+
+  app.run(main_with_overrides, flags_parser=parse_flags)
