@@ -217,9 +217,11 @@ def test_bad_options_raise(kwargs, match):
     select.top_k(jnp.zeros((2, 10)), 3, **kwargs)
 
 
-def test_unknown_backend_entry_raises(monkeypatch):
-  monkeypatch.setitem(select.BACKEND, 'cuda', 'radix')
-  with pytest.raises(ValueError, match='unknown methods'):
+@pytest.mark.parametrize('platform, name, match', [
+    ('cuda', 'radix', 'unknown methods'), ('cuda', 'ffi', 'CPU only')])
+def test_bad_backend_entry_raises(platform, name, match, monkeypatch):
+  monkeypatch.setitem(select.BACKEND, platform, name)
+  with pytest.raises(ValueError, match=match):
     select.top_k(jnp.zeros((2, 10)), 3)
 
 

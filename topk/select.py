@@ -105,8 +105,6 @@ def _exact_top_k_jvp(k, backend, primals, tangents):
 def _exact(scores: jax.Array, k: int, method: str | None) -> tuple[jax.Array, jax.Array]:
   if method is not None and method not in METHODS:
     raise ValueError(f'top_k: method must be one of {sorted(METHODS)}, got {method!r}')
-  if method == 'ffi' and _CPU_METHOD != 'ffi':
-    raise ValueError(f'top_k: method \'ffi\' needs {LIBRARY} (run `make build`)')
   backend = dict(BACKEND)
   if method == 'ffi':  # The kernel exists on CPU only.
     backend['cpu'] = method
@@ -115,6 +113,9 @@ def _exact(scores: jax.Array, k: int, method: str | None) -> tuple[jax.Array, ja
   unknown = {name for name in backend.values() if name not in METHODS}
   if unknown:
     raise ValueError(f'top_k: BACKEND names unknown methods {unknown}; valid: {sorted(METHODS)}')
+  if any(name == 'ffi' and (platform != 'cpu' or _CPU_METHOD != 'ffi')
+         for platform, name in backend.items()):
+    raise ValueError(f"top_k: 'ffi' runs on CPU only and needs {LIBRARY} (`make build`)")
   takes = lambda name: METHODS[name][1] is None or scores.dtype in METHODS[name][1]
   backend = tuple((platform, name if takes(name) else 'lax') for platform, name in backend.items())
   if all(name == 'lax' for _, name in backend):
