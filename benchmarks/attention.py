@@ -85,6 +85,11 @@ def machine() -> str:
   return f'{model} ({os.cpu_count()} cores)'
 
 
+def size(num_bytes: float) -> str:
+  """`num_bytes` in GiB, or in MiB below one GiB."""
+  return f'{num_bytes / GIB:.1f} GiB' if num_bytes >= GIB else f'{num_bytes / MIB:.1f} MiB'
+
+
 def _qk(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   del v
   return jnp.einsum('bqhd,bkhd->bhqk', q, k)
@@ -140,21 +145,25 @@ def _spec(args: argparse.Namespace, length: int, dtype: str) -> jax.ShapeDtypeSt
   return jax.ShapeDtypeStruct((args.batch, length, args.heads, args.head_dim), DTYPES[dtype])
 
 
-def _jax_row(form: str, data: tuple[jax.Array, ...], dtype: str, args: argparse.Namespace,
-             limit: int) -> dict[str, float]:
-  """Memory and times of a JAX form; raises Unavailable when it does not fit or fails."""
+def _measure_jax(row: dict, data: tuple[jax.Array, ...], args: argparse.Namespace,
+                 limit: int) -> None:
+  """Fills `row` with the memory and times of its JAX form on `data`.
+
+  Raises Unavailable when the form does not fit `limit` bytes or fails; what was measured
+  before (e.g. the memory of a pass over the limit) stays in `row`.
+  """
+  form, dtype = row['form'], row['dtype']
   fn = _jax_form(form, dtype, args)
   spec = jax.ShapeDtypeStruct(data[0].shape, data[0].dtype)
   passes = {'fwd': jax.jit(fn)} if form == 'qk_product' else {'fwd': jax.jit(fn),
                                                                'fwd_bwd': fwd_bwd(fn)}
-  row = {}
   try:
     for name, jitted in passes.items():
       temp, total = _memory(jitted, spec)
       row[f'{name}_temp_mib'] = temp / MIB
       if total > limit:
-        raise Unavailable(f'{name} needs {total / GIB:.1f} GiB compiled, over the limit of '
-                          f'{limit / GIB:.1f} GiB')
+        raise Unavailable(f'{name} needs {size(total)} compiled, over the limit of '
+                          f'{size(limit)}')
     for name, jitted in passes.items():
       row[f'{name}_ms'] = 1e3 * _median_seconds(
           lambda jitted=jitted: jax.block_until_ready(jitted(*data)), args.repeats)
@@ -162,11 +171,10 @@ def _jax_row(form: str, data: tuple[jax.Array, ...], dtype: str, args: argparse.
     raise
   except Exception as e:  # a compile or run failure is reported in the table, not fatal
     raise Unavailable(f'{type(e).__name__}: {str(e).splitlines()[0][:200]}') from None
-  return row
 
 
-def _torch_row(data: tuple[jax.Array, ...], args: argparse.Namespace) -> dict[str, float]:
-  """Times of PyTorch's fused attention on the same inputs and device as JAX."""
+def _measure_torch(row: dict, data: tuple[jax.Array, ...], args: argparse.Namespace) -> None:
+  """Fills `row` with the times of PyTorch's fused attention on the same inputs and device."""
   try:
     import numpy as np
     import torch
@@ -195,25 +203,23 @@ def _torch_row(data: tuple[jax.Array, ...], args: argparse.Namespace) -> dict[st
     sync()
 
   try:
-    return {'fwd_ms': 1e3 * _median_seconds(forward, args.repeats),
-            'fwd_bwd_ms': 1e3 * _median_seconds(forward_backward, args.repeats)}
+    row['fwd_ms'] = 1e3 * _median_seconds(forward, args.repeats)
+    row['fwd_bwd_ms'] = 1e3 * _median_seconds(forward_backward, args.repeats)
   except RuntimeError as e:  # e.g. CUDA out of memory
     raise Unavailable(f'torch: {str(e).splitlines()[0][:200]}') from None
 
 
-def _longest_fitting(form: str, start: int, args: argparse.Namespace, limit: int,
+def _longest_fitting(form: str, start: int, lowest: int, args: argparse.Namespace, limit: int,
                      deadline: float) -> tuple[int | None, str]:
-  """Longest power-of-two multiple of `start` whose fwd+bwd compiles within `limit` bytes.
-
-  Doubles upward from `start` (halves downward if `start` does not fit), compile only, up to
-  --max_search_length and until `deadline` (time.perf_counter()); returns it and a note.
-  """
+  """Longest length `start * 2**n` (n may be negative, not below `lowest`) whose fwd+bwd
+  compiles within `limit` bytes; compile only, up to --max_search_length and until `deadline`
+  (time.perf_counter()). Returns it (None if none fits) and a note."""
   fn = _jax_form(form, args.dtypes[0], args)
   fits = lambda length: _memory(fwd_bwd(fn), _spec(args, length, args.dtypes[0]))[1] <= limit
   length = start
   while not fits(length):
     length //= 2
-    if length < 1 or time.perf_counter() > deadline:
+    if length < lowest or time.perf_counter() > deadline:
       return None, ''
   while length * 2 <= args.max_search_length:
     if time.perf_counter() > deadline:
@@ -234,6 +240,8 @@ def _with_ratios(rows: list[dict], baseline: str) -> None:
 
 
 def _plot(rows: list[dict], path: str) -> str:
+  if all(r['skipped'] for r in rows):
+    return 'nothing measured: no PNG'
   try:
     import matplotlib
   except ImportError:
@@ -244,6 +252,8 @@ def _plot(rows: list[dict], path: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for form, dtype in sorted({(r['form'], r['dtype']) for r in rows}):
     mine = [r for r in rows if (r['form'], r['dtype']) == (form, dtype) and not r['skipped']]
+    if not mine:
+      continue
     lengths = [r['length'] for r in mine]
     label = f'{form} {dtype}'
     if form not in ('qk_product', 'torch'):
@@ -335,14 +345,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
   device, limit = machine(), memory_limit(args.memory_limit_mib)
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}); batch {args.batch}, '
         f'heads {args.heads}, head_dim {args.head_dim}, k {args.k}, chunk {args.chunk}; memory '
-        f'limit {limit / GIB:.1f} GiB; time budget {args.budget_s} s', flush=True)
+        f'limit {size(limit)}; time budget {args.budget_s} s', flush=True)
 
   lengths = sorted(set(args.lengths))
   longest = {}
   for form in (f for f in PROJECT_FORMS if f in args.forms):
-    longest[form], note = _longest_fitting(form, lengths[-1], args, limit,
+    longest[form], note = _longest_fitting(form, lengths[-1], lengths[0], args, limit,
                                            start + args.budget_s / 4)
-    print(f'longest length within {limit / GIB:.1f} GiB (fwd+bwd {args.dtypes[0]}, compiled): '
+    print(f'longest length within {size(limit)} (fwd+bwd {args.dtypes[0]}, compiled): '
           f'{form}: {longest[form]}{note}', flush=True)
   if args.time_longest and longest.get('topk') and longest['topk'] > lengths[-1]:
     lengths.append(longest['topk'])
@@ -366,9 +376,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row.update(device=device, jax=jax.__version__, form=form, length=length, dtype=dtype,
                    skipped=skip or '')
         try:
-          if not skip:
-            row.update(_torch_row(data, args) if form == 'torch' else
-                       _jax_row(form, data, dtype, args, limit))
+          if form == 'torch' and not skip:
+            _measure_torch(row, data, args)
+          elif not skip:
+            _measure_jax(row, data, args, limit)
         except Unavailable as e:
           row['skipped'] = str(e)
         rows.append(row)

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from benchmarks.attention import GIB, machine, memory_limit, ratio_line
+from benchmarks.attention import GIB, machine, memory_limit, ratio_line, size
 from configs.common import validate
 from lra import data, models, train
 
@@ -76,7 +76,7 @@ def measure(config: ml_collections.ConfigDict, repeats: int, limit: int) -> dict
          'compile_s': time.perf_counter() - start, 'step_ms': math.nan, 'run_hours': math.nan,
          'skipped': ''}
   if not row['fits']:
-    row['skipped'] = f'needs {total / GIB:.1f} GiB, over the limit of {limit / GIB:.1f} GiB'
+    row['skipped'] = f'needs {size(total)}, over the limit of {size(limit)}'
     return row
   state = trainer.init_state()
   device_batch = train.shard_batch(batch, trainer.mesh)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   args = _parse(argv)
   device, limit = machine(), memory_limit(args.memory_limit_mib)
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} '
-        f'devices); memory limit {limit / GIB:.1f} GiB', flush=True)
+        f'devices); memory limit {size(limit)}', flush=True)
   rows = []
   for spec in args.config:
     config = load_config(spec)
