@@ -114,10 +114,13 @@ def _jax_form(form: str, dtype: str, args: argparse.Namespace) -> Callable[..., 
   return topk.make_attention_fn(form, **options)
 
 
-def _memory(jitted: Callable[..., object], spec: jax.ShapeDtypeStruct) -> tuple[int, int]:
-  """(temp bytes, temp + argument + output bytes) of the compiled function."""
-  mem = jitted.lower(spec, spec, spec).compile().memory_analysis()
-  return (mem.temp_size_in_bytes,
+def _compile(jitted: Callable[..., object], spec: jax.ShapeDtypeStruct
+             ) -> tuple[jax.stages.Compiled, int, int]:
+  """The function compiled for `(spec, spec, spec)`, its temp bytes and all the bytes it holds
+  (temp + arguments + outputs). Timing calls this executable, so each pass compiles once."""
+  compiled = jitted.lower(spec, spec, spec).compile()
+  mem = compiled.memory_analysis()
+  return (compiled, mem.temp_size_in_bytes,
           mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
 
 
@@ -158,15 +161,16 @@ def _measure_jax(row: dict, data: tuple[jax.Array, ...], args: argparse.Namespac
   passes = {'fwd': jax.jit(fn)} if form == 'qk_product' else {'fwd': jax.jit(fn),
                                                                'fwd_bwd': fwd_bwd(fn)}
   try:
+    compiled = {}
     for name, jitted in passes.items():
-      temp, total = _memory(jitted, spec)
+      compiled[name], temp, total = _compile(jitted, spec)
       row[f'{name}_temp_mib'] = temp / MIB
       if total > limit:
         raise Unavailable(f'{name} needs {size(total)} compiled, over the limit of '
                           f'{size(limit)}')
-    for name, jitted in passes.items():
+    for name, executable in compiled.items():
       row[f'{name}_ms'] = 1e3 * _median_seconds(
-          lambda jitted=jitted: jax.block_until_ready(jitted(*data)), args.repeats)
+          lambda executable=executable: jax.block_until_ready(executable(*data)), args.repeats)
   except Unavailable:
     raise
   except Exception as e:  # a compile or run failure is reported in the table, not fatal
@@ -215,12 +219,20 @@ def _longest_fitting(form: str, start: int, lowest: int, args: argparse.Namespac
   compiles within `limit` bytes; compile only, up to --max_search_length and until `deadline`
   (time.perf_counter()). Returns it (None if none fits) and a note."""
   fn = _jax_form(form, args.dtypes[0], args)
-  fits = lambda length: _memory(fwd_bwd(fn), _spec(args, length, args.dtypes[0]))[1] <= limit
+
+  def fits(length: int) -> bool:
+    try:
+      return _compile(fwd_bwd(fn), _spec(args, length, args.dtypes[0]))[2] <= limit
+    except Exception:  # e.g. XLA refuses a buffer that large: it does not fit either
+      return False
+
   length = start
   while not fits(length):
     length //= 2
-    if length < lowest or time.perf_counter() > deadline:
+    if length < lowest:
       return None, ''
+    if time.perf_counter() > deadline:
+      return None, ' (search stopped by the time budget)'
   while length * 2 <= args.max_search_length:
     if time.perf_counter() > deadline:
       return length, ' (search stopped by the time budget)'
@@ -291,7 +303,7 @@ def _targets(rows: list[dict], args: argparse.Namespace) -> Iterator[str]:
   if jax.default_backend() == 'cpu' and {'topk', 'vanilla'} <= set(args.forms):
     # Compile only, so it is checked at 8192 whatever --lengths says.
     spec = _spec(args, 8192, 'float32')
-    mem = {form: _memory(fwd_bwd(_jax_form(form, 'float32', args)), spec)[0]
+    mem = {form: _compile(fwd_bwd(_jax_form(form, 'float32', args)), spec)[1]
            for form in ('topk', 'vanilla')}
     yield ratio_line('fwd+bwd temp memory at L=8192 float32, topk / vanilla', mem['topk'],
                      mem['vanilla'], 1 / 16)

@@ -81,6 +81,21 @@ def test_attention_memory_limit_and_time_budget_skip_rows(tmp_path):
                                                               (128, 'time budget:')]
 
 
+def test_attention_defaults_follow_the_backend(monkeypatch):
+  cpu = attention._parse([])
+  assert (cpu.lengths, cpu.dtypes, cpu.baseline, cpu.chunk, cpu.time_longest) == (
+      [1024, 2048, 4096, 8192], ['float32'], 'vanilla', 256, False)
+  monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
+  gpu = attention._parse([])
+  assert (gpu.lengths, gpu.dtypes, gpu.baseline, gpu.chunk, gpu.time_longest, gpu.budget_s) == (
+      [4096, 16384, 65536], ['bfloat16', 'float32'], 'cudnn', 1024, True, 220)
+  assert set(gpu.forms) == {'cudnn', 'torch', 'vanilla', 'chunked', 'topk'}
+  assert attention._jax_form('cudnn', 'bfloat16', gpu) is attention._cudnn
+  with pytest.raises(attention.Unavailable, match='bfloat16 and float16 only'):
+    attention._jax_form('cudnn', 'float32', gpu)
+  assert attention._parse(['--lengths', '64', '--no-time_longest']).time_longest is False
+
+
 @pytest.mark.parametrize('flag', [['--forms', 'flash'], ['--dtypes', 'float64'],
                                   ['--baseline', 'dense'], ['--repeats', '0']])
 def test_attention_rejects_bad_flags(flag, tmp_path):
