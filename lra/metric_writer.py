@@ -2,18 +2,14 @@
 
 We do not use `clu.metric_writers`: in clu 0.0.12 it imports the `tensorboard` package, which the
 pinned stack does not install. `tf.summary.write` with the scalars-plugin metadata produces the
-same event records without it.
+same event records without it. TensorFlow is imported by the first writer, not by this module, so
+that `lra.train` imports without it (`benchmarks.model_step` runs the train step on GPU machines
+that have no TensorFlow).
 """
 
 import json
 import os
 from collections.abc import Mapping
-
-import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
-
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
 
 
 class MetricWriter:
@@ -30,6 +26,12 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     # Appending keeps the history of an interrupted run when it resumes in the same workdir.
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    self._tf = tf
+    self._metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
     self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
@@ -38,10 +40,11 @@ class MetricWriter:
     values = {name: float(value) for name, value in values.items()}
     self._jsonl.write(json.dumps({'step': int(step), 'split': split, **values}) + '\n')
     self._jsonl.flush()
+    tf = self._tf
     with self._summary.as_default():
       for name, value in values.items():
         tf.summary.write(f'{split}/{name}', tf.constant(value, tf.float32), step=int(step),
-                         metadata=_SCALAR_METADATA)
+                         metadata=self._metadata)
     self._summary.flush()
 
   def close(self) -> None:

@@ -181,6 +181,13 @@ class Trainer:
     """Dispatches one train step; the returned metrics are still on device."""
     return self._train_step(state, shard_batch(batch, self.mesh))
 
+  def lower_step(self, state: Any, batch: Batch) -> jax.stages.Lowered:
+    """The train step lowered for `state` (arrays or `jax.ShapeDtypeStruct`s) and `batch`.
+
+    `.compile().memory_analysis()` of the result is the device memory a training step needs.
+    """
+    return self._train_step.lower(state, shard_batch(batch, self.mesh))
+
   def evaluate(self, params: Any, batches: Iterator[Batch]) -> Metrics:
     """Exact mean loss and accuracy over all examples of `batches`."""
     totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
@@ -221,14 +228,18 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
   task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
                        eval_batch_size=config.eval_batch_size, max_length=config.max_length,
                        seed=config.seed, **config.task_options)
-  model = models.build_model(config, task.info)
+  return task, make_trainer(config, task.info)
+
+
+def make_trainer(config: ml_collections.ConfigDict, info: data.TaskInfo) -> Trainer:
+  """The model, optimizer and trainer a config describes, for a task's static `info` (no data)."""
+  model = models.build_model(config, info)
   schedule = make_schedule(config.schedule, config.learning_rate, config.warmup_steps,
                            config.num_train_steps)
   tx = make_optimizer(schedule, weight_decay=config.weight_decay,
                       grad_clip_norm=config.grad_clip_norm)
-  trainer = Trainer(model, tx, schedule, _example_batch(task.info), seed=config.seed,
-                    mesh=make_mesh(), eval_batch_size=config.eval_batch_size)
-  return task, trainer
+  return Trainer(model, tx, schedule, _example_batch(info), seed=config.seed, mesh=make_mesh(),
+                 eval_batch_size=config.eval_batch_size)
 
 
 def _limit(iterator: Iterator[Batch], num_batches: int) -> Iterator[Batch]:

@@ -4,9 +4,6 @@ import tensorflow as tf
 from lra.data import tfds_source
 from lra.data.pipeline import Split, fit_length
 
-VOCAB_SIZE = 256
-NUM_CLASSES = 10
-MAX_LENGTH = 32 * 32
 # 45K / 5K / 10K as LRA.
 TFDS_SPLITS = {'train': 'train[:90%]', 'validation': 'train[90%:]', 'test': 'test'}
 TRAIN_SHUFFLE_BUFFER = 10_000

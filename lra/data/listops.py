@@ -10,13 +10,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from lra.data.info import LISTOPS_TOKENS as TOKENS
+from lra.data.info import task_info
 from lra.data.pipeline import Split, fit_length, missing_release_file
 
-# Token id = index + 1; id 0 is padding. Never reorder: saved models depend on these ids.
-TOKENS = ('[MIN', '[MAX', '[MED', '[SM', ']', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
-VOCAB_SIZE = len(TOKENS) + 1
-NUM_CLASSES = 10
-MAX_LENGTH = 2000
+NUM_CLASSES = task_info('listops').num_classes
 DIRNAME = 'listops-1000'
 FILES = {'train': 'basic_train.tsv', 'validation': 'basic_val.tsv', 'test': 'basic_test.tsv'}
 

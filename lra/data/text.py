@@ -5,9 +5,6 @@ import tensorflow as tf
 from lra.data import tfds_source
 from lra.data.pipeline import Split, fit_length
 
-VOCAB_SIZE = 257
-NUM_CLASSES = 2
-MAX_LENGTH = 1000
 # IMDB has no validation set; LRA validates on the test split (so it must not pick checkpoints).
 TFDS_SPLITS = {'train': 'train', 'validation': 'test', 'test': 'test'}
 TRAIN_SHUFFLE_BUFFER = 25_000
