@@ -348,8 +348,8 @@ def test_image_from_mock_tfds(tmp_path):
   assert sum(len(b['targets']) for b in test) == 5
 
 
-def test_missing_tfds_dataset_says_how_to_build(tmp_path):
+def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
   os.makedirs(tmp_path / 'tfds')
-  command = f'tfds build imdb_reviews --data_dir={tmp_path}/tfds'
+  command = f'python -m lra.data.prepare_tfds --data_dir={tmp_path} --datasets=cifar10'
   with pytest.raises(FileNotFoundError, match=command):
-    get_task('text', str(tmp_path), batch_size=2)
+    get_task('image', str(tmp_path), batch_size=2)
