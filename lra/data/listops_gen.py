@@ -80,7 +80,8 @@ def generate(seed: int, num_examples: int, *, max_depth: int = 10, max_args: int
   """`num_examples` distinct (source, label) pairs with min_length < tokens < max_length.
 
   Raises:
-    ValueError: bad limits, or too few distinct expressions found within the attempt budget.
+    ValueError: a negative count, bad limits, or too few distinct expressions found within the
+      attempt budget.
   """
   if num_examples < 0:
     raise ValueError(f'need num_examples >= 0, got {num_examples}')
