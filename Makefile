@@ -10,14 +10,15 @@ STAMP := $(VENV)/.installed
 # remove $(STAMP) first so that setup runs again.
 JAX_EXTRA ?=
 
-# Create the virtual environment, install the pinned stack (re-runs when requirements change)
-# and build the CPU top-k selection kernel.
+# Create the virtual environment, install the pinned stack and the test tools (re-runs when either
+# requirements file changes) and build the CPU top-k selection kernel.
 setup: $(STAMP) build
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -r requirements.txt $(if $(JAX_EXTRA),'jax[$(JAX_EXTRA)]')
+	$(PYTHON) -m pip install --quiet -r requirements.txt -r requirements-dev.txt \
+	  $(if $(JAX_EXTRA),'jax[$(JAX_EXTRA)]')
 	touch $(STAMP)
 
 # Exact top-k selection for CPU (topk/select.py loads it; falls back to lax.top_k without it).
