@@ -152,7 +152,7 @@ class RunCheckpoints:
         logging.warning('Checkpoint %s is unusable (%s).', path, cause)
         continue
       if failures:
-        logging.warning('Resuming from the older checkpoint %s instead of %d unusable newer '
+        logging.warning('Falling back to the older checkpoint %s past %d unusable newer '
                         'one(s).', path, len(failures))
         self.set_aside([s for s in steps if s > step])
       return step, state

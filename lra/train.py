@@ -12,7 +12,7 @@ A workdir holds:
   tensorboard/           the same scalars as TensorBoard events (`<split>/<metric>`)
   checkpoints/<step>/    periodic orbax checkpoints (the last `keep_checkpoints`)
   best_checkpoint/<step>/  the best-validation-accuracy checkpoint
-  unusable_checkpoints/  periodic checkpoints a resume could not restore (lra.checkpointing)
+  unusable_checkpoints/  checkpoints set aside: unrestorable, or of a diverged state
   profile/               a `jax.profiler` trace of `profile_steps` steps, when asked for
   results.json           final metrics (see `train_and_evaluate`)
   eval_results_<tag>.json  written by `evaluate`
@@ -324,12 +324,12 @@ class _Profiler:
     self._log_dir = log_dir
     self._start, self._stop = first_step + 2, first_step + 1 + num_steps
     self._enabled = num_steps > 0
-    self._active = False
+    self._started = self._active = False
 
   def before(self, step: int) -> None:
     if self._enabled and step == self._start:
       jax.profiler.start_trace(self._log_dir)
-      self._active = True
+      self._started = self._active = True
 
   def after(self, step: int, state: Any) -> None:
     if self._active and step == self._stop:
@@ -342,7 +342,7 @@ class _Profiler:
       self._active = False
       logging.info('Wrote a profile of steps %d-%d to %s.', self._start, self._stop,
                    self._log_dir)
-    elif self._enabled and not os.path.isdir(self._log_dir):
+    elif self._enabled and not self._started:
       logging.warning('No profile written: this process ran fewer than 2 steps.')
 
 

@@ -429,7 +429,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(profiled_run, list
   _corrupt(os.path.join(workdir, 'checkpoints', '4'), how)
   resumed = train.train_and_evaluate(config, workdir)
   assert f'Checkpoint {workdir}/checkpoints/4 is unusable' in caplog.text
-  assert f'Resuming from the older checkpoint {workdir}/checkpoints/3' in caplog.text
+  assert f'Falling back to the older checkpoint {workdir}/checkpoints/3' in caplog.text
   assert os.listdir(os.path.join(workdir, 'unusable_checkpoints')) == ['4']
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']  # 4 saved anew
   for split in ('validation', 'test'):
