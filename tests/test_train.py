@@ -316,19 +316,14 @@ def test_evaluate_without_checkpoint_is_an_error(listops_data, tmp_path):
 
 
 @pytest.mark.filterwarnings('ignore:overflow encountered in cast')
-@pytest.mark.parametrize('learning_rate, error', [
-    # Parameters of ~1e30 are finite, but the next forward pass overflows.
-    (1e30, r'training loss is nan at step 2'),
-    # A rate beyond float32 makes the parameters infinite: caught at the update, before a save.
-    (1e39, r'the update of step 1 made the train state NaN or infinite \(the loss of its batch '
-           r'was [0-9.]+\)'),
-], ids=['loss_overflows', 'update_overflows'])
-def test_non_finite_loss_names_the_step(learning_rate, error, listops_data, tmp_path):
-  # Without warmup the first update already blows the parameters up.
-  config = smoke_config('listops', listops_data, learning_rate=learning_rate, warmup_steps=0,
+def test_non_finite_update_names_the_step(listops_data, tmp_path):
+  # A rate beyond float32 makes the first update infinite: caught at that step, before any save.
+  # (A finite state whose next loss is NaN is test_diverged_run_saves_nothing_diverged_...)
+  config = smoke_config('listops', listops_data, learning_rate=1e39, warmup_steps=0,
                         schedule='constant')
   with pytest.raises(FloatingPointError, match=(
-      rf'^{error}; no checkpoint is left, so a rerun .* starts from scratch$')):
+      r'^the update of step 1 made the train state NaN or infinite \(the loss of its batch was '
+      r'[0-9.]+\); no checkpoint is left, so a rerun .* starts from scratch$')):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.listdir(tmp_path / 'checkpoints')
 
