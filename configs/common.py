@@ -87,6 +87,7 @@ def base_config(attention: str) -> ml_collections.ConfigDict:
   config.num_eval_steps = -1  # validation batches per evaluation; -1 = whole split
   config.keep_checkpoints = 2  # periodic checkpoints kept, plus the best
   config.log_every = 50  # steps between progress lines
+  config.profile_steps = 0  # train steps traced with jax.profiler into workdir/profile; 0 = off
   config.grad_clip_norm = 0.0  # global-norm gradient clipping; 0 = off
   # lra.models.TransformerConfig fields; the task adds sizes, pooling and positions.
   config.model = ml_collections.ConfigDict(dict(

@@ -104,7 +104,7 @@ def test_config_selection_reaches_select_top_k(monkeypatch):
   model = build_model(config, info)
   jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                  {'inputs': jnp.ones((1, info.max_length), jnp.int32)})
-  assert calls and all(c == {'approximate': True, 'recall_target': 0.8} for c in calls)
+  assert calls and all(c == {'selection': 'approximate', 'recall_target': 0.8} for c in calls)
 
 
 @pytest.mark.parametrize('spec, module', [

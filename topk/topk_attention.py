@@ -23,14 +23,13 @@ import jax.numpy as jnp
 
 from topk import inputs, select
 
-# Selections of the kept keys: name -> whether `select.top_k` approximates (`lax.approx_max_k`).
-SELECTIONS = {'exact': False, 'approximate': True}
-
 
 def check_selection(selection: str, recall_target: float) -> None:
-  """Raises ValueError unless `selection` is a key of `SELECTIONS` and 0 < recall_target <= 1."""
-  if selection not in SELECTIONS:
-    raise ValueError(f'Unknown selection {selection!r}; valid selections: {sorted(SELECTIONS)}.')
+  """Raises ValueError unless `selection` is a key of `select.SELECTIONS` and
+  0 < recall_target <= 1 (checked for every selection: a bad value is bad)."""
+  if selection not in select.SELECTIONS:
+    raise ValueError(f'Unknown selection {selection!r}; valid selections: '
+                     f'{sorted(select.SELECTIONS)}.')
   if (isinstance(recall_target, bool) or not isinstance(recall_target, (int, float))
       or not 0 < recall_target <= 1):
     raise ValueError(f'recall_target must be a number in (0, 1], got {recall_target!r}.')
@@ -121,8 +120,7 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
     def one_chunk(args):
       i, q_chunk = args
       scores = inputs.chunk_scores(c, i, q_chunk, key, bias, precision)
-      kept, idx = select.top_k(scores, k, approximate=SELECTIONS[selection],
-                               recall_target=recall_target)
+      kept, idx = select.top_k(scores, k, selection=selection, recall_target=recall_target)
       valid = inputs.chunk_validity(c, i)
       if valid is not None:
         valid = jnp.take_along_axis(jnp.broadcast_to(valid, scores.shape), idx, axis=-1)
@@ -211,8 +209,8 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     k: keys kept per query (an int >= 1; values above kv_len keep all keys).
     query_chunk_size, is_causal, key_padding_mask, query_padding_mask, kernel: as in
       `topk.chunked_attention`.
-    selection: a key of `SELECTIONS`: 'exact', or 'approximate' (`jax.lax.approx_max_k`: fast
-      on TPU, trades exactness for speed; exact on CPU and GPU).
+    selection: a key of `topk.select.SELECTIONS`: 'exact', or 'approximate'
+      (`jax.lax.approx_max_k`: fast on TPU, trades exactness for speed; exact on CPU and GPU).
     recall_target: expected fraction of the true top k that 'approximate' finds, in (0, 1].
 
   Returns:
