@@ -45,7 +45,7 @@ def _random_bits(seed: int, shape: tuple[int, ...], dtype) -> jax.Array:
 @requires_kernel
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_kernel_is_active_and_compiled_in(dtype):
-  assert select.BACKEND == 'ffi'
+  assert select.BACKEND['cpu'] == 'ffi'
   scores = jnp.zeros((2, 8), dtype)
   hlo = jax.jit(lambda s: select.top_k(s, 3)).lower(scores).compile().as_text()
   assert 'custom_call_target="topk_select"' in hlo
@@ -165,15 +165,64 @@ def test_other_dtypes_and_approximate():
   _assert_matches_lax(jnp.arange(50, dtype=jnp.int32) % 7, 5)
   _assert_matches_lax(jax.random.normal(jax.random.key(8), (3, 40), jnp.float16), 5)
   scores = jax.random.normal(jax.random.key(9), (3, 40))
-  values, indices = select.top_k(scores, 5, approximate=True, recall_target=0.9)
+  values, indices = select.top_k(scores, 5, selection='approximate', recall_target=0.9)
   assert values.shape == indices.shape == (3, 5)
   np.testing.assert_array_equal(values, jnp.take_along_axis(scores, indices, axis=-1))
+
+
+@pytest.mark.parametrize('scores, kwargs', [
+    (jnp.zeros((2, 10)), {}),  # the FFI kernel (or lax.top_k without it)
+    (jnp.zeros((2, 10), jnp.int32), {}),  # lax.top_k
+    (jnp.zeros((2, 10)), {'method': 'lax'}),
+    (jnp.zeros((2, 10)), {'method': 'two_stage'}),
+    (jnp.zeros((2, 10)), {'selection': 'approximate'}),
+])
+def test_returns_a_tuple_on_every_path(scores, kwargs):
+  result = select.top_k(scores, 3, **kwargs)
+  assert type(result) is tuple and len(result) == 2
 
 
 @pytest.mark.parametrize('k', [-1, 11])
 def test_bad_k_raises(k):
   with pytest.raises(ValueError, match='k must be in'):
     select.top_k(jnp.zeros((2, 10)), k)
+
+
+@pytest.mark.parametrize('k', ['8', 2.0, True, None])
+def test_non_int_k_raises(k):
+  with pytest.raises(ValueError, match='k must be an int'):
+    select.top_k(jnp.zeros((2, 10)), k)
+
+
+def test_numpy_int_k_is_accepted():
+  _assert_matches_lax(jnp.arange(10.0), 3, select.top_k(jnp.arange(10.0), np.int64(3)))
+
+
+@pytest.mark.parametrize('scores', [
+    jnp.zeros((2, 4), jnp.complex64), jnp.zeros((2, 4), bool), np.array(['a', 'b', 'c'])])
+def test_non_real_scores_raise(scores):
+  with pytest.raises(ValueError, match='real'):
+    select.top_k(scores, 1)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    ({'selection': 'fast'}, 'selection must be one of'),
+    ({'method': 'radix'}, 'method must be one of'),
+    ({'selection': 'approximate', 'method': 'lax'}, 'exact selection only'),
+    ({'selection': 'approximate', 'recall_target': 0.0}, 'recall_target'),
+    ({'selection': 'approximate', 'recall_target': 1.5}, 'recall_target'),
+])
+def test_bad_options_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    select.top_k(jnp.zeros((2, 10)), 3, **kwargs)
+
+
+@pytest.mark.parametrize('platform, name, match', [
+    ('cuda', 'radix', 'unknown methods'), ('cuda', 'ffi', 'CPU only')])
+def test_bad_backend_entry_raises(platform, name, match, monkeypatch):
+  monkeypatch.setitem(select.BACKEND, platform, name)
+  with pytest.raises(ValueError, match=match):
+    select.top_k(jnp.zeros((2, 10)), 3)
 
 
 def test_scalar_raises():

@@ -5,20 +5,32 @@ lower index first. Floats follow the IEEE total order, as XLA's TopK does on CPU
 -NaN < -inf < ... < -0 < +0 < ... < inf < +NaN, so NaNs rank above every number (bfloat16 is
 compared as float32, so its NaNs tie with, and come back as, the quiet NaN of their sign).
 
-On CPU, float32 and bfloat16 scores go through an exact C++ kernel (`csrc/topk_select.cc`,
-built by `make build` into `build/libtopk_select.so`) registered through the XLA FFI; XLA's
-own CPU TopK is several times slower than the score product it follows. The kernel uses AVX2
-where the processor has it (checked at run time) and portable code elsewhere. Other backends,
-other dtypes, or a missing library use `jax.lax.top_k`. `BACKEND` and `ISA` say which is active.
+Exact selection runs one method per platform, chosen with `jax.lax.platform_dependent` from
+`BACKEND` (platform -> name in `METHODS`), every method equal to `lax.top_k`:
+* 'ffi' (CPU): an exact C++ kernel (`csrc/topk_select.cc`, built by `make build` into
+  `build/libtopk_select.so`) registered through the XLA FFI; XLA's own CPU TopK is several times
+  slower than the score product it follows. AVX2 where the processor has it (checked at run
+  time, `ISA`), portable code elsewhere. Without the library CPU uses 'lax'.
+* 'two_stage' (default on GPU) and 'pallas' (a Triton compaction kernel): see `topk.select_gpu`.
+  XLA's GPU TopK sorts whole rows for k > 16.
+* 'lax': `jax.lax.top_k`, for other platforms and for dtypes a method does not take.
+`BACKEND` is the setting: assign an entry (e.g. `BACKEND['cuda'] = 'pallas'`) before tracing to
+change what runs there, or pass `method=` to `top_k` for one call. A method forced on a platform
+it does not target still runs there ('pallas' in Pallas' interpreter off GPU), which is how the
+tests run the GPU paths on CPU.
 """
 import ctypes
 import functools
 import logging
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from topk import select_gpu
 
 LIBRARY = pathlib.Path(__file__).resolve().parents[1] / 'build' / 'libtopk_select.so'
 _TARGET = 'topk_select'
@@ -43,8 +55,8 @@ def _register() -> tuple[str, str | None]:
   return 'ffi', isa
 
 
-# 'ffi' or 'lax'; with 'ffi', the kernel's instruction set on this machine: 'avx2' or 'portable'.
-BACKEND, ISA = _register()
+_CPU_METHOD, ISA = _register()  # ISA: 'avx2' or 'portable' with the kernel, else None.
+_GPU_PLATFORMS = ('cuda', 'rocm')
 
 
 def _ffi_top_k(scores: jax.Array, k: int, vectorized: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -56,43 +68,103 @@ def _ffi_top_k(scores: jax.Array, k: int, vectorized: bool = True) -> tuple[jax.
       vmap_method='broadcast_all')(scores, vectorized=vectorized)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _exact_top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  return jax.lax.platform_dependent(
-      scores, cpu=lambda s: _ffi_top_k(s, k), default=lambda s: tuple(jax.lax.top_k(s, k)))
+# Exact methods: name -> (fn(scores, k, platform), dtypes it takes; None: all of lax.top_k's).
+METHODS: dict[str, tuple[Callable[[jax.Array, int, str], tuple[jax.Array, jax.Array]],
+                         tuple[Any, ...] | None]] = {
+    'lax': (lambda s, k, platform: tuple(jax.lax.top_k(s, k)), None),
+    'ffi': (lambda s, k, platform: _ffi_top_k(s, k), _KERNEL_DTYPES),
+    'two_stage': (lambda s, k, platform: select_gpu.two_stage_top_k(s, k), None),
+    'pallas': (lambda s, k, platform: select_gpu.pallas_top_k(
+        s, k, interpret=platform not in _GPU_PLATFORMS), select_gpu.PALLAS_DTYPES),
+}
+# What exact selection runs per platform ('default': any other, e.g. TPU). The GPU choice is
+# 'two_stage' because it is the one measured faster than lax.top_k on a GPU (an H100); 'pallas'
+# has not been timed on one.
+BACKEND: dict[str, str] = {'cpu': _CPU_METHOD, 'cuda': 'two_stage', 'rocm': 'two_stage',
+                           'default': 'lax'}
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _exact_top_k(scores: jax.Array, k: int,
+                 backend: tuple[tuple[str, str], ...]) -> tuple[jax.Array, jax.Array]:
+  """Exact selection with `backend`'s `(platform, method)` pairs, every method taking the dtype."""
+  branches = {platform: functools.partial(METHODS[name][0], k=k, platform=platform)
+              for platform, name in backend}
+  return jax.lax.platform_dependent(scores, **branches)
 
 
 @_exact_top_k.defjvp
-def _exact_top_k_jvp(k, primals, tangents):
+def _exact_top_k_jvp(k, backend, primals, tangents):
   # As lax.top_k: the values' tangent is the input tangent gathered at the selected indices.
   (scores,), (tangent,) = primals, tangents
-  values, indices = _exact_top_k(scores, k)
+  values, indices = _exact_top_k(scores, k, backend)
   value_tangent = jnp.take_along_axis(tangent, indices, axis=-1)
   return (values, indices), (value_tangent, np.zeros(indices.shape, jax.dtypes.float0))
 
 
-def top_k(scores: jax.Array, k: int, *, approximate: bool = False,
-          recall_target: float = 0.95) -> tuple[jax.Array, jax.Array]:
+def _exact(scores: jax.Array, k: int, method: str | None) -> tuple[jax.Array, jax.Array]:
+  if method is not None and method not in METHODS:
+    raise ValueError(f'top_k: method must be one of {sorted(METHODS)}, got {method!r}')
+  backend = dict(BACKEND)
+  if method == 'ffi':  # The kernel exists on CPU only.
+    backend['cpu'] = method
+  elif method is not None:
+    backend = dict.fromkeys(backend, method)
+  unknown = {name for name in backend.values() if name not in METHODS}
+  if unknown:
+    raise ValueError(f'top_k: BACKEND names unknown methods {unknown}; valid: {sorted(METHODS)}')
+  if any(name == 'ffi' and (platform != 'cpu' or _CPU_METHOD != 'ffi')
+         for platform, name in backend.items()):
+    raise ValueError(f"top_k: 'ffi' runs on CPU only and needs {LIBRARY} (`make build`)")
+  takes = lambda name: METHODS[name][1] is None or scores.dtype in METHODS[name][1]
+  backend = tuple((platform, name if takes(name) else 'lax') for platform, name in backend.items())
+  if all(name == 'lax' for _, name in backend):
+    return tuple(jax.lax.top_k(scores, k))
+  return _exact_top_k(scores, k, backend)
+
+
+def _approximate(scores: jax.Array, k: int, recall_target: float) -> tuple[jax.Array, jax.Array]:
+  if not 0.0 < recall_target <= 1.0:
+    raise ValueError(f'top_k: recall_target must be in (0, 1], got {recall_target}')
+  return tuple(jax.lax.approx_max_k(scores, k, recall_target=recall_target))
+
+
+# Selections: name -> fn(scores, k, method, recall_target).
+SELECTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    'exact': lambda s, k, method, recall_target: _exact(s, k, method),
+    'approximate': lambda s, k, method, recall_target: _approximate(s, k, recall_target),
+}
+
+
+def top_k(scores: jax.Array, k: int, *, selection: str = 'exact', recall_target: float = 0.95,
+          method: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Returns the `k` largest entries of `scores [..., n]` and their indices, `[..., k]` each.
 
   Args:
-    scores: array `[..., n]`, n >= k.
-    k: number of entries to select, 0 <= k <= n.
-    approximate: use `jax.lax.approx_max_k`, which trades exactness for speed on TPU (exact
-      on CPU and GPU); its recall is `recall_target`.
-    recall_target: expected fraction of the true top k found when `approximate`.
+    scores: real (integer or floating) array `[..., n]`.
+    k: number of entries to select, an int with 0 <= k <= n.
+    selection: a key of `SELECTIONS`: 'exact' (equal to `jax.lax.top_k`) or 'approximate'
+      (`jax.lax.approx_max_k`: trades exactness for speed on TPU; exact on CPU and GPU).
+    recall_target: expected fraction of the true top k found by 'approximate', in (0, 1].
+    method: a key of `METHODS` forcing that exact method on every platform (only on CPU for
+      'ffi') instead of `BACKEND`'s choice; for tests and measurements.
 
   Returns:
     `(values [..., k], indices int32 [..., k])`, values in descending order.
   """
+  dtype = scores.dtype if hasattr(scores, 'dtype') else np.asarray(scores).dtype
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise ValueError(f'top_k: scores must be a real (integer or floating) array, got {dtype}')
   scores = jnp.asarray(scores)
   if scores.ndim == 0:
     raise ValueError('top_k: scores must have at least one axis, got a scalar')
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+    raise ValueError(f'top_k: k must be an int, got {k!r} ({type(k).__name__})')
   if not 0 <= k <= scores.shape[-1]:
     raise ValueError(
         f'top_k: k must be in [0, {scores.shape[-1]}] (the last axis of scores), got {k}')
-  if approximate:
-    return jax.lax.approx_max_k(scores, k, recall_target=recall_target)
-  if BACKEND == 'ffi' and scores.dtype in _KERNEL_DTYPES:
-    return _exact_top_k(scores, k)
-  return jax.lax.top_k(scores, k)
+  if selection not in SELECTIONS:
+    raise ValueError(f'top_k: selection must be one of {sorted(SELECTIONS)}, got {selection!r}')
+  if selection != 'exact' and method is not None:
+    raise ValueError(f'top_k: method applies to exact selection only, got {selection!r}')
+  return SELECTIONS[selection](scores, int(k), method, recall_target)
