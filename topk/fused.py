@@ -2,7 +2,7 @@
 
 The unfused forward writes each query chunk's float32 scores `[C, kv_len]` to memory and reads
 them back to select. Here one kernel instance per block of `block_q` queries streams the keys
-tile by tile, computes the scaled, biased, masked scores of each tile in fast memory (`pl.dot`)
+tile by tile, computes the scaled, biased, masked scores of each tile in fast memory (`dot`)
 and writes only the kept scores and key indices `[B, H, Lq, k]`:
 
 1. bound: the maximum of each of `G` strided key groups (key `j` is in group `j mod G`,
@@ -61,6 +61,7 @@ def _row_block(ref: jax.Array | None, index: jax.Array, rows: jax.Array, r0: jax
   row_ok = (rows < q_len)[:, None] if lq != 1 else jnp.ones((1, 1), bool)
   col_ok = (c0 + jax.lax.broadcasted_iota(jnp.int32, (1, tile), 1) < kv_len) if lk != 1 else (
       jnp.ones((1, 1), bool))
+  index = jnp.asarray(index, jnp.int32)  # also where the entry is always 0
   return plgpu.load(ref.at[index, pl.ds(r0, block_q) if lq != 1 else pl.ds(0, 1),
                            pl.ds(c0, tile) if lk != 1 else pl.ds(0, 1)],
                     mask=row_ok & col_ok, other=other)
@@ -100,7 +101,7 @@ def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, kept_ref, idx_
     inside = cols < kv_len
     key_ok = c0 + jax.lax.broadcasted_iota(jnp.int32, (width, 1), 0) < kv_len
     keys = plgpu.load(key_ref.at[bh, pl.ds(c0, width), :], mask=key_ok, other=0)
-    s = pl.dot(q, keys, trans_b=True, precision=precision)
+    s = plgpu.dot(q, keys, trans_b=True, precision=precision)
     load = functools.partial(_row_block, rows=rows, r0=r0, c0=c0, block_q=block_q, tile=width,
                              q_len=q_len, kv_len=kv_len)
     if bias_ref is not None:
@@ -217,7 +218,7 @@ def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
     can: canonical inputs (`unsupported(can, k)` must be None); their masks, bias and
       `is_causal` apply as in `inputs.chunk_scores`.
     k: keys kept per query, `1 <= k <= kv_len`.
-    precision: the score product's precision (`pl.dot`'s).
+    precision: the score product's precision (`dot`'s).
     interpret: run in Pallas' interpreter (any platform) instead of compiling with Triton.
     block_q: queries per kernel instance; key_tile: keys per compaction step; groups: strided
       key groups of the bound (default: `max(key_tile, 2k)` rounded up to a power of two), also
