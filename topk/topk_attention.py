@@ -3,7 +3,9 @@
 One pass over query chunks: a chunk's `[C, kv_len]` scores go to `topk.select.top_k`, which
 returns the k largest scores with their key indices; the kernel is applied to those kept scores
 only (so the normaliser sums over kept keys), dropout to the kept weights, and the kept values
-are mixed. No key is gathered and no score recomputed in the forward. A
+are mixed. No key is gathered and no score recomputed in the forward. Where `topk.fused` applies
+(GPU by default), a fused kernel yields each query's kept scores and key indices without writing
+the chunk's scores, and the rest is the same. A
 `jax.custom_vjp` keeps q, k, v, the bias, the kept indices, scores and validity flags (all
 O(q_len * k) besides the inputs) and, chunk by chunk, gathers the kept keys/values again and
 scatter-adds their gradients, never forming a `[C, kv_len]` array; the selection itself is not
