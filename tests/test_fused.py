@@ -93,7 +93,7 @@ def _fused_and_unfused(monkeypatch, fn, args):
   monkeypatch.setattr(fused, 'PLATFORMS', set())
   unfused = _value_and_grads(fn, args)
   monkeypatch.setattr(fused, 'PLATFORMS', {'cpu'})
-  return _value_and_grads(lambda *a: fn(*a), args), unfused
+  return _value_and_grads(fn, args), unfused
 
 
 @pytest.mark.parametrize('dtype, k, options, dropout, tolerance', [
