@@ -3,16 +3,22 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo test bench lint clean
+.PHONY: setup build demo test bench bench-gpu lint clean
 
-# Create the virtual environment, install the pinned stack (re-runs when requirements change)
-# and build the CPU top-k selection kernel.
+# jax's accelerator extra, e.g. `make setup JAX_EXTRA=cuda12` on an NVIDIA GPU machine: installs
+# jax[cuda12] at the pinned jax version (its CUDA plugin and CUDA libraries). On an existing venv
+# remove $(STAMP) first so that setup runs again.
+JAX_EXTRA ?=
+
+# Create the virtual environment, install the pinned stack and the test tools (re-runs when either
+# requirements file changes) and build the CPU top-k selection kernel.
 setup: $(STAMP) build
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -r requirements.txt
+	$(PYTHON) -m pip install --quiet -r requirements.txt -r requirements-dev.txt \
+	  $(if $(JAX_EXTRA),'jax[$(JAX_EXTRA)]')
 	touch $(STAMP)
 
 # Exact top-k selection for CPU (topk/select.py loads it; falls back to lax.top_k without it).
@@ -39,6 +45,10 @@ test: setup
 bench: setup
 	$(PYTHON) -m benchmarks.attention
 	$(PYTHON) -m benchmarks.select
+
+# On one GPU: attention forms and full-size training steps, about 8 minutes (README "GPU and TPU").
+bench-gpu: setup
+	PYTHON=$(PYTHON) bash benchmarks/gpu.sh
 
 lint: setup
 	$(PYTHON) -m ruff check .

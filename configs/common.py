@@ -83,6 +83,7 @@ def base_config(attention: str) -> ml_collections.ConfigDict:
   config.num_eval_steps = -1  # validation batches per evaluation; -1 = whole split
   config.keep_checkpoints = 2  # periodic checkpoints kept, plus the best
   config.log_every = 50  # steps between progress lines
+  config.profile_steps = 0  # train steps traced with jax.profiler into workdir/profile; 0 = off
   config.grad_clip_norm = 0.0  # global-norm gradient clipping; 0 = off
   # lra.models.TransformerConfig fields; the task adds sizes, pooling and positions.
   config.model = ml_collections.ConfigDict(dict(
@@ -162,6 +163,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(_positive_int(value), field, value, 'an int >= 1')
   _check(config.num_eval_steps == -1 or _positive_int(config.num_eval_steps), 'num_eval_steps',
          config.num_eval_steps, '-1 (whole split) or an int >= 1')
+  _check(config.profile_steps == 0 or _positive_int(config.profile_steps), 'profile_steps',
+         config.profile_steps, '0 (off) or an int >= 1')
   _check(config.learning_rate > 0, 'learning_rate', config.learning_rate, '> 0')
   for field in ('warmup_steps', 'weight_decay', 'grad_clip_norm'):
     _check(config[field] >= 0, field, config[field], '>= 0')

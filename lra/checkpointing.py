@@ -4,40 +4,73 @@ Layout inside a workdir:
   checkpoints/<step>/       periodic, the last `keep` of them (resume starts from the latest)
   best_checkpoint/<step>/   the single step with the highest validation accuracy so far, with that
                             accuracy stored as its orbax metric
+  unusable_checkpoints/<step>/  periodic checkpoints set aside: ones a resume could not restore
+                            (it fell back past them), or states whose training loss diverged
+
+Every checkpoint is finite: `save` and `save_best` refuse a state with a NaN or infinity, so a
+diverged run never leaves a checkpoint that its rerun would resume into.
 """
 
+import math
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
 _BEST_METRIC = 'accuracy'
+_WALL_TIME = 'wall_time_s'
+UNUSABLE_DIR = 'unusable_checkpoints'
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint where one is needed; the message names each one tried."""
+
+
+def is_finite(tree: PyTree) -> jax.Array:
+  """Scalar bool: every floating-point value in `tree` is finite (integer leaves are ignored)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in leaves]))
+
+
+_is_finite = jax.jit(is_finite)
 
 
 class RunCheckpoints:
   """Saves and restores the train state of one workdir.
 
   Saves are synchronous: the states are small, and a finished save means a signal-triggered exit
-  right after it leaves a complete checkpoint.
+  right after it leaves a complete checkpoint. Opened with `read_only=True` (evaluation), nothing
+  is created, written or moved.
   """
 
-  def __init__(self, workdir: str, *, keep: int):
+  def __init__(self, workdir: str, *, keep: int, read_only: bool = False):
     if keep < 1:
       raise ValueError(f'keep_checkpoints must be >= 1, got {keep}')
+    self._workdir = os.path.abspath(workdir)
+    self._read_only = read_only
     self._latest = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, 'checkpoints')),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False))
+        os.path.join(self._workdir, 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                             read_only=read_only,
+                                             enable_async_checkpointing=False))
     self._best = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, 'best_checkpoint')),
+        os.path.join(self._workdir, 'best_checkpoint'),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda metrics: metrics[_BEST_METRIC], best_mode='max',
-            enable_async_checkpointing=False))
+            max_to_keep=None if read_only else 1, best_fn=lambda metrics: metrics[_BEST_METRIC],
+            best_mode='max', read_only=read_only, enable_async_checkpointing=False))
 
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
+
+  def steps(self) -> list[int]:
+    """Steps of the periodic checkpoints, oldest first."""
+    return sorted(self._latest.all_steps())
 
   def best_step(self) -> int | None:
     return self._best.best_step()
@@ -47,38 +80,116 @@ class RunCheckpoints:
     step = self._best.best_step()
     return -float('inf') if step is None else float(self._best.metrics(step)[_BEST_METRIC])
 
-  def save(self, step: int, state: PyTree) -> None:
-    """Saves a periodic checkpoint; a step that is already saved is left as it is."""
-    if self._latest.latest_step() != step:
-      self._latest.save(step, args=ocp.args.StandardSave(state))
+  def path(self, which: str, step: int) -> str:
+    """The folder of checkpoint `step` of 'latest' (periodic) or 'best'."""
+    return str(self._manager(which).directory / str(step))
 
-  def save_best(self, step: int, state: PyTree, accuracy: float) -> bool:
-    """Saves `state` as the best checkpoint if `accuracy` beats the best so far (ties keep the
-    earlier step). Returns whether it did."""
-    if accuracy <= self.best_accuracy():
+  def save(self, step: int, state: PyTree, *, wall_time_s: float) -> None:
+    """Saves a periodic checkpoint with the run's elapsed `wall_time_s`; a step that is already
+    saved is left as it is.
+
+    Raises:
+      FloatingPointError: `state` holds a NaN or infinity (nothing is written).
+    """
+    if self._latest.latest_step() != step:
+      self._check_finite(step, state)
+      self._latest.save(step, args=ocp.args.StandardSave(state),
+                        custom_metadata={_WALL_TIME: wall_time_s})
+
+  def save_best(self, step: int, state: PyTree, validation: dict[str, float]) -> bool:
+    """Saves `state` as the best checkpoint if its validation accuracy beats the best so far (ties
+    keep the earlier step) and its validation loss is finite. Returns whether it did.
+
+    Raises:
+      FloatingPointError: `state` holds a NaN or infinity (nothing is written).
+    """
+    accuracy, loss = validation['accuracy'], validation['loss']
+    if not (math.isfinite(loss) and math.isfinite(accuracy)) or accuracy <= self.best_accuracy():
       return False
+    self._check_finite(step, state)
     self._best.save(step, args=ocp.args.StandardSave(state), metrics={_BEST_METRIC: accuracy})
     return True
 
+  def wall_time_s(self, step: int) -> float:
+    """Elapsed wall time of the run when periodic checkpoint `step` was saved (0 if unknown)."""
+    metadata = self._latest.metadata(step).custom_metadata or {}
+    return float(metadata.get(_WALL_TIME, 0.0))
+
   def restore(self, which: str, target: PyTree) -> tuple[int, PyTree]:
-    """Restores the 'best' or the 'latest' checkpoint, laid out like `target` (shapes, dtypes,
-    shardings).
+    """Restores the 'best' or the 'latest' usable checkpoint, laid out like `target` (shapes,
+    dtypes, shardings).
+
+    A checkpoint is usable when it restores and holds only finite values. For 'latest' an
+    unusable checkpoint is logged and the next older kept one is tried; once one restores, the
+    newer unusable ones are moved to `unusable_checkpoints/` (unless read-only), so the run can
+    save those steps again. Nothing is moved when none restores (e.g. the config's model differs
+    from the checkpoints').
 
     Returns:
       (step, state).
     Raises:
       FileNotFoundError: the workdir has no such checkpoint.
+      CheckpointError: none of them is usable; names each and why.
     """
-    managers = {'best': self._best, 'latest': self._latest}
-    if which not in managers:
-      raise ValueError(f'checkpoint must be one of {sorted(managers)}, got {which!r}')
-    manager = managers[which]
-    step = manager.best_step() if which == 'best' else manager.latest_step()
-    if step is None:
+    manager = self._manager(which)
+    if which == 'best':
+      steps = [] if manager.best_step() is None else [manager.best_step()]
+    else:
+      steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f'no checkpoint under {manager.directory}')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    failures = []
+    for step in steps:
+      path = self.path(which, step)
+      try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        self._check_finite(step, state)
+      except Exception as error:  # orbax, TensorStore and JSON each raise their own types
+        first_line = str(error).split('\n', 1)[0][:300]  # TensorStore appends its spec
+        cause = f'{type(error).__name__}: {first_line}'
+        failures.append(f'{path}: {cause}')
+        logging.warning('Checkpoint %s is unusable (%s).', path, cause)
+        continue
+      if failures:
+        logging.warning('Falling back to the older checkpoint %s past %d unusable newer '
+                        'one(s).', path, len(failures))
+        self.set_aside([s for s in steps if s > step])
+      return step, state
+    raise CheckpointError(
+        'no usable checkpoint; each failed to restore:\n  ' + '\n  '.join(failures) +
+        '\nIf the config matches the run, move these folders away (or use a new --workdir) to '
+        'start again.')
 
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+  def _manager(self, which: str) -> ocp.CheckpointManager:
+    managers = {'best': self._best, 'latest': self._latest}
+    if which not in managers:
+      raise ValueError(f'checkpoint must be one of {sorted(managers)}, got {which!r}')
+    return managers[which]
+
+  def _check_finite(self, step: int, state: PyTree) -> None:
+    if not bool(_is_finite(state)):
+      raise FloatingPointError(f'the train state of step {step} holds NaN or infinite values')
+
+  def set_aside(self, steps: list[int]) -> None:
+    """Moves periodic checkpoints `steps` to `unusable_checkpoints/` (kept for inspection, out
+    of the resume's way); read-only checkpoints move nothing."""
+    if self._read_only or not steps:
+      return
+    aside = os.path.join(self._workdir, UNUSABLE_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, str(step))
+        suffix = 0
+        while os.path.exists(target):
+          suffix += 1
+          target = os.path.join(aside, f'{step}-{suffix}')
+        os.rename(self.path('latest', step), target)
+        logging.warning('Moved unusable checkpoint %s to %s.', self.path('latest', step), target)
+    multihost_utils.sync_global_devices('RunCheckpoints:set_aside')
+    self._latest.reload()

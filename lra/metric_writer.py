@@ -2,49 +2,77 @@
 
 We do not use `clu.metric_writers`: in clu 0.0.12 it imports the `tensorboard` package, which the
 pinned stack does not install. `tf.summary.write` with the scalars-plugin metadata produces the
-same event records without it.
+same event records without it. TensorFlow is imported by the first writer, not by this module, so
+that `lra.train` imports without it (`benchmarks.model_step` runs the train step on GPU machines
+that have no TensorFlow).
 """
 
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
-
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+from absl import logging
 
 
 class MetricWriter:
   """Appends `{"step": int, "split": str, <name>: float, ...}` lines and TensorBoard scalars.
 
-  TensorBoard tags are `<split>/<name>`, e.g. `validation/accuracy`. A writer created with
-  `enabled=False` (processes other than 0 in a multi-process run) writes nothing.
+  TensorBoard tags are `<split>/<name>`, e.g. `validation/accuracy`. A NaN or infinite value is
+  written as `null` to `metrics.jsonl` (strict JSON has no NaN) and as it is to TensorBoard. A
+  writer created with `enabled=False` (processes other than 0 in a multi-process run) writes
+  nothing.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               keep: Callable[[dict[str, Any]], bool] = lambda record: True):
+    """`keep` selects the existing records to keep (a resumed run drops the ones it will write
+    again); the others are removed before anything is appended."""
     self._enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    # Appending keeps the history of an interrupted run when it resumes in the same workdir.
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = [line for line in f if _keep_line(line, keep)]
+      with open(path + '.tmp', 'w') as f:
+        f.writelines(lines)
+      os.replace(path + '.tmp', path)
+    self._jsonl = open(path, 'a')
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    self._tf = tf
+    self._metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
     self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     if not self._enabled:
       return
     values = {name: float(value) for name, value in values.items()}
-    self._jsonl.write(json.dumps({'step': int(step), 'split': split, **values}) + '\n')
+    strict = {name: value if math.isfinite(value) else None for name, value in values.items()}
+    record = {'step': int(step), 'split': split, **strict}
+    self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
     self._jsonl.flush()
+    tf = self._tf
     with self._summary.as_default():
       for name, value in values.items():
         tf.summary.write(f'{split}/{name}', tf.constant(value, tf.float32), step=int(step),
-                         metadata=_SCALAR_METADATA)
+                         metadata=self._metadata)
     self._summary.flush()
 
   def close(self) -> None:
     if self._enabled:
       self._jsonl.close()
       self._summary.close()
+
+
+def _keep_line(line: str, keep: Callable[[dict[str, Any]], bool]) -> bool:
+  try:
+    return keep(json.loads(line))
+  except json.JSONDecodeError:  # the last line of a process killed mid-write
+    logging.warning('Dropping an unreadable metrics.jsonl line: %r', line[:200])
+    return False

@@ -1,4 +1,4 @@
-"""Training and evaluation loop for LRA classification (issue 6).
+"""Training and evaluation loop for LRA classification.
 
 One trainer for every task and attention kind. Data parallelism uses `jax.jit` over a 1-D
 ('data',) mesh of all devices: batches are sharded on their first axis, the train state is
@@ -6,19 +6,24 @@ replicated. This module is the marked edge where a `ConfigDict` is read (field n
 CONTRACT.md); everything below `train_and_evaluate` / `evaluate` takes plain values.
 
 A workdir holds:
+  lock                   held by the training process (lra.workdir_lock): one run per workdir
   config.json            the run's config, written at start
   metrics.jsonl          one JSON object per line: {"step", "split", <metric>: value, ...}
   tensorboard/           the same scalars as TensorBoard events (`<split>/<metric>`)
   checkpoints/<step>/    periodic orbax checkpoints (the last `keep_checkpoints`)
   best_checkpoint/<step>/  the best-validation-accuracy checkpoint
+  unusable_checkpoints/  checkpoints set aside: unrestorable, or of a diverged state
+  profile/               a `jax.profiler` trace of `profile_steps` steps, when asked for
   results.json           final metrics (see `train_and_evaluate`)
   eval_results_<tag>.json  written by `evaluate`
 
-Resuming: `train_and_evaluate` on a workdir with checkpoints continues from the latest one. The
-data stream skips the batches already consumed and the dropout key is the seed's key folded with
-the step, so an interrupted and resumed run reproduces the uninterrupted one.
+Resuming: `train_and_evaluate` on a workdir with checkpoints continues from the latest usable one.
+The data stream skips the batches already consumed and the dropout key is the seed's key folded
+with the step, so an interrupted and resumed run reproduces the uninterrupted one; metric records
+past the resumed step are dropped and the elapsed wall time carries over in the checkpoint.
 """
 
+import contextlib
 import datetime
 import functools
 import itertools
@@ -38,13 +43,15 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lra import data, models
-from lra.checkpointing import RunCheckpoints
+from lra.checkpointing import UNUSABLE_DIR, RunCheckpoints, is_finite
 from lra.metric_writer import MetricWriter
 from lra.optim import make_optimizer, make_schedule
+from lra.workdir_lock import WorkdirLock
 
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, float]
@@ -96,6 +103,8 @@ def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array], *,
   """One optimizer update on a batch; returns the new state and scalar metrics of the batch.
 
   The dropout key is `dropout_key` folded with the step, so a resumed run draws the same masks.
+  The metric 'finite' says whether the new state (parameters and optimizer moments) is free of
+  NaN and infinity: the loss only shows a diverged update one step later.
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
 
@@ -109,7 +118,8 @@ def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array], *,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['targets']),
       'learning_rate': schedule(state.step),
   }
-  return state.apply_gradients(grads=grads), metrics
+  new_state = state.apply_gradients(grads=grads)
+  return new_state, {**metrics, 'finite': is_finite(new_state)}
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: Callable[..., jax.Array]
@@ -181,6 +191,13 @@ class Trainer:
     """Dispatches one train step; the returned metrics are still on device."""
     return self._train_step(state, shard_batch(batch, self.mesh))
 
+  def lower_step(self, state: Any, batch: Batch) -> jax.stages.Lowered:
+    """The train step lowered for `state` (arrays or `jax.ShapeDtypeStruct`s) and `batch`.
+
+    `.compile().memory_analysis()` of the result is the device memory a training step needs.
+    """
+    return self._train_step.lower(state, shard_batch(batch, self.mesh))
+
   def evaluate(self, params: Any, batches: Iterator[Batch]) -> Metrics:
     """Exact mean loss and accuracy over all examples of `batches`."""
     totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
@@ -221,14 +238,18 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
   task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
                        eval_batch_size=config.eval_batch_size, max_length=config.max_length,
                        seed=config.seed, **config.task_options)
-  model = models.build_model(config, task.info)
+  return task, make_trainer(config, task.info)
+
+
+def make_trainer(config: ml_collections.ConfigDict, info: data.TaskInfo) -> Trainer:
+  """The model, optimizer and trainer a config describes, for a task's static `info` (no data)."""
+  model = models.build_model(config, info)
   schedule = make_schedule(config.schedule, config.learning_rate, config.warmup_steps,
                            config.num_train_steps)
   tx = make_optimizer(schedule, weight_decay=config.weight_decay,
                       grad_clip_norm=config.grad_clip_norm)
-  trainer = Trainer(model, tx, schedule, _example_batch(task.info), seed=config.seed,
-                    mesh=make_mesh(), eval_batch_size=config.eval_batch_size)
-  return task, trainer
+  return Trainer(model, tx, schedule, _example_batch(info), seed=config.seed, mesh=make_mesh(),
+                 eval_batch_size=config.eval_batch_size)
 
 
 def _limit(iterator: Iterator[Batch], num_batches: int) -> Iterator[Batch]:
@@ -246,28 +267,51 @@ def _write_json(path: str, value: Any) -> None:
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks once per step.
+  """Turns SIGTERM/SIGINT into a stop after a step that every process agrees on.
+
+  One process: the handlers set a flag that `at(step)` reads.
+  Under `jax.distributed` (several processes, or `--multiprocess` with one): a per-process flag
+  would let hosts stop, and save, at different steps. `jax.distributed.initialize` installs JAX's
+  preemption notifier as the SIGTERM handler; it tells every process of the job, and
+  `multihost_utils.reached_preemption_sync_point(step)` turns True on all of them at the same
+  step (one past the largest step any of them had reached). A Python SIGTERM handler would
+  replace the notifier, so only SIGINT gets one, and it forwards the interrupt as a SIGTERM.
 
   Used as a context manager; handlers are only installed from the main thread (Python allows no
-  other) and the previous handlers come back on exit. `resend()` then delivers the signal again,
-  so the process ends the way it would have without us (after the checkpoint is written).
+  other) and the previous handlers come back on exit. `resend()` then delivers the signal again
+  (under `jax.distributed` with the default action, since the notifier would swallow it), so the
+  process ends the way a signal ends it (after the checkpoint is written).
   """
-
-  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.signum: int | None = None
+    self._synced = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+    if jax.process_count() > 1 and not self._synced:
+      raise RuntimeError('several processes need JAX\'s preemption service (the default '
+                         'jax_enable_preemption_service=True) so that a SIGTERM stops all of them '
+                         'at the same step')
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> '_StopRequest':
     if threading.current_thread() is threading.main_thread():
-      for signum in self._SIGNALS:
+      signums = (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT)
+      for signum in signums:
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
-    self.signum = signum
+    if self._synced:
+      signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier
+    else:
+      self.signum = signum
+
+  def at(self, step: int) -> bool:
+    """Whether training stops after `step`; every process calls it at every step."""
+    if self._synced and multihost_utils.reached_preemption_sync_point(step):
+      logging.warning('Preemption sync point reached at step %d on every process.', step)
+      self.signum = signal.SIGTERM
+    return self.signum is not None
 
   def __exit__(self, *exc_info: Any) -> None:
     for signum, handler in self._previous.items():
@@ -275,10 +319,53 @@ class _StopRequest:
 
   def resend(self) -> None:
     if self.signum is not None:
+      if self._synced:
+        signal.signal(self.signum, signal.SIG_DFL)
       signal.raise_signal(self.signum)
 
 
+# ----------------------------------------------------------------------------- profiling
+
+
+class _Profiler:
+  """Traces `num_steps` train steps with `jax.profiler` into `log_dir` (TensorBoard's profile
+  plugin reads it), from the second step this process runs, so that compilation stays out."""
+
+  def __init__(self, log_dir: str, first_step: int, num_steps: int):
+    self._log_dir = log_dir
+    self._start, self._stop = first_step + 2, first_step + 1 + num_steps
+    self._enabled = num_steps > 0
+    self._started = self._active = False
+
+  def before(self, step: int) -> None:
+    if self._enabled and step == self._start:
+      jax.profiler.start_trace(self._log_dir)
+      self._started = self._active = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self._active and step == self._stop:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self._active:
+      jax.profiler.stop_trace()
+      self._active = False
+      logging.info('Wrote a profile of steps %d-%d to %s.', self._start, self._stop,
+                   self._log_dir)
+    elif self._enabled and not self._started:
+      logging.warning('No profile written: this process ran fewer than 2 steps.')
+
+
 # ----------------------------------------------------------------------------- training
+
+
+class _Diverged(FloatingPointError):
+  """Training produced NaN or infinity; `state_step` is the first step whose state is bad."""
+
+  def __init__(self, message: str, state_step: int):
+    super().__init__(message)
+    self.state_step = state_step
 
 
 class _TrainMetrics:
@@ -297,14 +384,19 @@ class _TrainMetrics:
     """Fetches pending metrics (all but the newest if `keep_last`).
 
     Raises:
-      FloatingPointError: a step's loss is NaN or infinite.
+      _Diverged: a step's loss is NaN or infinite (the state it started from is bad), or its
+        update made the state so.
     """
     ready = self._pending[:-1] if keep_last else self._pending
     self._pending = self._pending[len(ready):]
     for step, metrics in ready:
       values = jax.device_get(metrics)
+      finite = values.pop('finite')
       if not np.isfinite(values['loss']):
-        raise FloatingPointError(f'training loss is {values["loss"]} at step {step}')
+        raise _Diverged(f'training loss is {values["loss"]} at step {step}', step - 1)
+      if not finite:
+        raise _Diverged(f'the update of step {step} made the train state NaN or infinite (the '
+                        f'loss of its batch was {values["loss"]:.4g})', step)
       for name, value in values.items():
         self._sums[name] = self._sums.get(name, 0.0) + float(value)
       self._steps += 1
@@ -322,94 +414,145 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Every `eval_frequency` steps (and at the last step) the model is evaluated on the validation
   split (`num_eval_steps` batches, -1 = all) and the best-accuracy state is checkpointed. At the
   end, the final state and the best state are each evaluated on the full validation and test
-  splits in this process.
+  splits in this process. Process 0 holds the workdir's lock throughout.
 
   Returns:
     The contents of results.json: {'step', 'validation': {'accuracy', 'loss'}, 'test': {...}
     (both of the final state), 'best_step', 'best': {'validation': ..., 'test': ...} (of the
-    best-validation state), 'wall_time_s' (this process), 'num_params', 'config'}.
+    best-validation state), 'wall_time_s' (summed over the processes that trained this workdir,
+    each up to the checkpoint the next one resumed from), 'num_params', 'config'}.
     After SIGTERM/SIGINT: a checkpoint of the current step is saved, no results are computed
     and the signal is re-delivered once the handlers are restored, so the process ends as it
     would have without them.
   Raises:
-    FloatingPointError: the training loss became NaN or infinite (the message names the step).
+    FloatingPointError: training diverged (NaN or infinity); the message names the step and the
+      last checkpoint, which is finite, so a rerun with a corrected config resumes from it.
+    WorkdirLockedError: another process is training in `workdir`.
+    CheckpointError: checkpoints exist but none can be restored.
   """
   start_time = time.time()
   task, trainer = setup(config)
   os.makedirs(workdir, exist_ok=True)
+  stop = _StopRequest()
+  try:
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+      return _train_and_evaluate(config, workdir, task, trainer, stop, start_time)
+  finally:
+    stop.resend()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Any,
+                        trainer: Trainer, stop: _StopRequest, start_time: float
+                        ) -> dict[str, Any]:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2) + '\n')
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
-  stop = _StopRequest()
+  writer = None
   try:
     state = trainer.init_state()
     count = num_params(state.params)
     logging.info('Model has %d parameters.', count)
+    previous_time = 0.0
     if checkpoints.latest_step() is not None:
-      _, state = checkpoints.restore('latest', state)
-      logging.info('Resuming from step %d in %s.', int(state.step), workdir)
+      step, state = checkpoints.restore('latest', state)
+      previous_time = checkpoints.wall_time_s(step)
+      logging.info('Resuming from step %d in %s.', step, workdir)
+    first = int(state.step)
+    # Records past the resumed step (and its final results) are written again.
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, keep=lambda record: (
+        record['step'] < first or (record['step'] == first
+                                   and not record['split'].startswith('final_'))))
+    wall_time = lambda: previous_time + time.time() - start_time
     with stop:
-      state = _train_loop(config, task, trainer, state, writer, checkpoints, stop)
+      try:
+        state = _train_loop(config, task, trainer, state, writer, checkpoints, stop, wall_time,
+                            os.path.join(workdir, 'profile'))
+      except _Diverged as error:
+        raise FloatingPointError(f'{error}; {_set_aside_diverged(checkpoints, error)}') from None
     if stop.signum is not None:
       logging.warning('Stopped by signal %d at step %d; checkpoint saved. Rerun to resume.',
                       stop.signum, int(state.step))
       return {'step': int(state.step), 'stopped_by_signal': stop.signum}
     results = _final_results(task, trainer, state, writer, checkpoints)
-    results.update(wall_time_s=time.time() - start_time, num_params=count,
-                   config=config.to_dict())
+    results.update(wall_time_s=wall_time(), num_params=count, config=config.to_dict())
     _write_json(os.path.join(workdir, 'results.json'), results)
     return results
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
     checkpoints.close()
-    stop.resend()
+
+
+def _set_aside_diverged(checkpoints: RunCheckpoints, error: _Diverged) -> str:
+  """Moves the periodic checkpoints of diverged states out of the resume's way (a state can be
+  finite yet so large that its next loss is NaN) and says where a rerun starts."""
+  diverged = [step for step in checkpoints.steps() if step >= error.state_step]
+  checkpoints.set_aside(diverged)
+  moved = (f'moved the diverged checkpoint(s) of step(s) {diverged} to {UNUSABLE_DIR}/; '
+           if diverged else '')
+  step = checkpoints.latest_step()
+  if step is None:
+    return (f'{moved}no checkpoint is left, so a rerun (e.g. with a lower learning_rate) starts '
+            'from scratch')
+  return (f'{moved}the last checkpoint, {checkpoints.path("latest", step)} (step {step}), is '
+          'sound and a rerun (e.g. with a lower learning_rate) resumes from it')
 
 
 def _train_loop(config: ml_collections.ConfigDict, task: Any, trainer: Trainer,
                 state: train_state.TrainState, writer: MetricWriter,
-                checkpoints: RunCheckpoints, stop: _StopRequest) -> train_state.TrainState:
+                checkpoints: RunCheckpoints, stop: _StopRequest,
+                wall_time: Callable[[], float], profile_dir: str) -> train_state.TrainState:
   """Runs steps from `state.step` to `num_train_steps` (or until a stop signal)."""
   total = config.num_train_steps
   first = int(state.step)
   batches = task.train(skip_batches=first).as_numpy_iterator()
   metrics = _TrainMetrics()
+  profiler = _Profiler(profile_dir, first, config.profile_steps)
   clock, clock_step = time.time(), first
-  for step in range(first + 1, total + 1):
-    state, step_metrics = trainer.step(state, next(batches))
-    metrics.add(step, step_metrics)
-    metrics.fetch(keep_last=True)
-    last = step == total
-    # Read the flag once: a signal arriving during this step's hooks is handled at the next step.
-    stopping = stop.signum is not None
-    do_log = step % config.log_every == 0 or last
-    do_eval = step % config.eval_frequency == 0 or last
-    do_save = step % config.checkpoint_every == 0 or last or stopping
-    if not (do_log or do_eval or do_save):
-      continue
-    metrics.fetch(keep_last=False)
-    if do_log:
-      summary = metrics.summary()
-      rate = (step - clock_step) / max(time.time() - clock, 1e-9)
-      summary['steps_per_second'] = rate
-      writer.write(step, 'train', summary)
-      eta = (total - step) / rate
-      logging.info('step %d/%d: loss %.4f accuracy %.4f lr %.3g, %.2f steps/s, ETA %s', step,
-                   total, summary['loss'], summary['accuracy'], summary['learning_rate'], rate,
-                   datetime.timedelta(seconds=round(eta)))
-    if do_eval:
-      validation = trainer.evaluate(state.params, _limit(task.validation().as_numpy_iterator(),
-                                                         config.num_eval_steps))
-      writer.write(step, 'validation', validation)
-      improved = checkpoints.save_best(step, state, validation['accuracy'])
-      logging.info('step %d validation: loss %.4f accuracy %.4f%s', step, validation['loss'],
-                   validation['accuracy'], ' (best so far)' if improved else '')
-    if do_save:
-      checkpoints.save(step, state)
-    if stopping:
-      break
-    clock, clock_step = time.time(), step  # steps/s counts training time only
+  try:
+    for step in range(first + 1, total + 1):
+      profiler.before(step)
+      state, step_metrics = trainer.step(state, next(batches))
+      profiler.after(step, state)
+      metrics.add(step, step_metrics)
+      metrics.fetch(keep_last=True)
+      last = step == total
+      # Asked once: a signal arriving during this step's hooks is handled at the next step.
+      stopping = stop.at(step)
+      do_log = step % config.log_every == 0 or last
+      do_eval = step % config.eval_frequency == 0 or last
+      do_save = step % config.checkpoint_every == 0 or last or stopping
+      if not (do_log or do_eval or do_save):
+        continue
+      # Every step up to this one is checked finite before anything is evaluated or saved.
+      metrics.fetch(keep_last=False)
+      if do_log:
+        summary = metrics.summary()
+        rate = (step - clock_step) / max(time.time() - clock, 1e-9)
+        summary['steps_per_second'] = rate
+        writer.write(step, 'train', summary)
+        eta = (total - step) / rate
+        logging.info('step %d/%d: loss %.4f accuracy %.4f lr %.3g, %.2f steps/s, ETA %s', step,
+                     total, summary['loss'], summary['accuracy'], summary['learning_rate'], rate,
+                     datetime.timedelta(seconds=round(eta)))
+      if do_eval:
+        validation = trainer.evaluate(state.params, _limit(task.validation().as_numpy_iterator(),
+                                                           config.num_eval_steps))
+        writer.write(step, 'validation', validation)
+        improved = checkpoints.save_best(step, state, validation)
+        note = ' (best so far)' if improved else ''
+        if not math.isfinite(validation['loss']):
+          note = ' (non-finite loss: never selected as best)'
+        logging.info('step %d validation: loss %.4f accuracy %.4f%s', step, validation['loss'],
+                     validation['accuracy'], note)
+      if do_save:
+        checkpoints.save(step, state, wall_time_s=wall_time())
+      if stopping:
+        break
+      clock, clock_step = time.time(), step  # steps/s counts training time only
+  finally:
+    profiler.close()
   return state
 
 
@@ -463,10 +606,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     {'step', 'checkpoint' (the one used), 'tag', 'validation': {'accuracy', 'loss'},
      'test': {...}, 'attention', 'ffn'}.
   Raises:
-    FileNotFoundError: the workdir has no checkpoint.
+    FileNotFoundError: the workdir has no checkpoint (checked before anything is built or
+      written).
+    CheckpointError: the checkpoint cannot be restored (for 'latest': none of the kept ones).
   """
+  if not any(os.path.isdir(os.path.join(workdir, name))
+             for name in ('checkpoints', 'best_checkpoint')):
+    raise FileNotFoundError(f'no checkpoint in --workdir {workdir!r}: evaluation needs a workdir '
+                            'that train.py has trained in')
   task, trainer = setup(config)
-  checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  # Read-only: evaluating never creates, moves or deletes anything in a workdir.
+  checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints, read_only=True)
   try:
     if checkpoint == 'best' and checkpoints.best_step() is None:
       logging.warning('No best checkpoint in %s (no validation ran); using the latest.', workdir)

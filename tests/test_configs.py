@@ -18,7 +18,7 @@ _CONTRACT_FIELDS = {
     'task', 'task_options', 'data_dir', 'seed', 'batch_size', 'eval_batch_size', 'max_length',
     'num_train_steps', 'eval_frequency', 'num_eval_steps', 'checkpoint_every', 'keep_checkpoints',
     'log_every', 'learning_rate', 'schedule', 'warmup_steps', 'weight_decay', 'grad_clip_norm',
-    'model', 'attention', 'ffn'}
+    'model', 'attention', 'ffn', 'profile_steps'}
 _MODULES = {'listops': listops, 'text': text, 'retrieval': retrieval, 'image': image,
             'pathfinder': pathfinder, 'pathx': pathx}
 

@@ -138,14 +138,48 @@ def test_listops_missing_file_names_path_and_generator(tmp_path):
     ('( [MAX 2 ] )\t3\textra', 'line 3: expected 2 tab-separated columns'),
     ('( [MAX 2 ] )\tnine', "line 3: Target must be an integer in \\[0, 10\\), got 'nine'"),
     ('( [MAX 2 ] )\t10', 'line 3: Target must be'),
-    ('( [MAX 23 ] )\t2', 'line 3: Source must be'),
-    ('( [MAX a ] )\t2', 'line 3: Source must be'),
+    ('( [MAX 23 ] )\t2', "line 3: malformed Source: unknown token '23'"),
+    ('( [MAX a ] )\t2', "line 3: malformed Source: unknown token 'a'"),
+    ('] ] ] 3\t3', 'line 3: malformed Source: ] at token 1 closes no operator'),
+    ('( ( [MAX 2 ) 9 )\t9', r'line 3: malformed Source: \[MAX at token 1 is never closed'),
+    ('( [MAX 2 ] ) 3\t3', 'line 3: malformed Source: token 4 follows the end of the expression'),
+    ('( [MIN 1 ( [SM ] ) ] )\t1', r'line 3: malformed Source: \[SM at token 3 has no arguments'),
+    ('( )\t1', 'line 3: malformed Source: empty expression'),
 ])
 def test_listops_malformed_rows(tmp_path, row, match):
   root = listops_dir(tmp_path, train_rows=LISTOPS_ROWS[:1] + [row])
   with pytest.raises(ValueError, match=match) as error:
     get_task('listops', root, batch_size=2)
-  assert 'basic_train.tsv' in str(error.value)
+  assert os.path.join('listops-1000', 'basic_train.tsv') in str(error.value)
+
+
+@pytest.mark.parametrize('source, match', [
+    ('] ] ] 3', '] at token 1 closes no operator'),
+    ('[MAX 2 9', r'\[MAX at token 1 is never closed by \]'),
+    ('[MIN 1 [MAX 2 ]', r'\[MIN at token 1 is never closed'),
+    ('[MAX 2 ] ]', 'token 4 follows the end of the expression at token 3'),
+    ('6 7', 'token 2 follows the end of the expression at token 1'),
+    ('[MAX ] 3', r'\[MAX at token 1 has no arguments'),
+    ('[SM 1 [MED ] ]', r'\[MED at token 3 has no arguments'),
+    (']', '] at token 1 closes no operator'),
+    ('', 'empty expression'),
+    ('[MAXa 1 ]', r"unknown token '\[MAXa'"),
+    ('[MAX 2\u00a03 ]', r"unknown token '2\\xa03'"),  # not a separator
+])
+def test_listops_encode_rejects_malformed_expressions(source, match):
+  with pytest.raises(ValueError, match=match):
+    listops.encode(source)
+
+
+@pytest.mark.parametrize('source, tokens', [
+    ('7', ['7']),
+    ('[SM 4 ]', ['[SM', '4', ']']),
+    ('( ( ( [MIN 1 ) ( ( [MAX 2 ) 3 ) ] ) ) ] )', ['[MIN', '1', '[MAX', '2', '3', ']', ']']),
+    ('[MED [SM 1 ] [MIN 2 3 ] 4 ]', ['[MED', '[SM', '1', ']', '[MIN', '2', '3', ']', '4', ']']),
+])
+def test_listops_encode_accepts_well_formed_expressions(source, tokens):
+  encoded = listops.encode(source)
+  assert encoded.dtype == np.uint8 and encoded.tolist() == ids(*tokens)
 
 
 def test_listops_empty_split_is_an_error(tmp_path):
@@ -156,8 +190,8 @@ def test_listops_empty_split_is_an_error(tmp_path):
 
 
 def test_vocabulary_and_train_stream_are_the_same_in_a_new_process(tmp_path):
-  expression = '( ( ( [MIN 0 ) ( ( [MED 1 2 ) ] ) ) [SM 3 4 5 6 7 8 9 [MAX ] )'
-  expected = [1, 6, 3, 7, 8, 5, 4, 9, 10, 11, 12, 13, 14, 15, 2, 5]
+  expression = '( [MIN 0 ( ( ( [MED 1 ) 2 ) ] ) ( [SM 3 4 5 6 7 8 ( [MAX 9 ] ) ] ) ] )'
+  expected = [1, 6, 3, 7, 8, 5, 4, 9, 10, 11, 12, 13, 14, 2, 15, 5, 5, 5]
   assert listops.encode(expression).tolist() == expected
   root = listops_dir(tmp_path)
   stream = lambda task: [b['inputs'][:, 0].tolist() for b in batches(task.train(2), 4)]
@@ -314,8 +348,8 @@ def test_image_from_mock_tfds(tmp_path):
   assert sum(len(b['targets']) for b in test) == 5
 
 
-def test_missing_tfds_dataset_says_how_to_build(tmp_path):
+def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
   os.makedirs(tmp_path / 'tfds')
-  command = f'tfds build imdb_reviews --data_dir={tmp_path}/tfds'
+  command = f'python -m lra.data.prepare_tfds --data_dir={tmp_path} --datasets=cifar10'
   with pytest.raises(FileNotFoundError, match=command):
-    get_task('text', str(tmp_path), batch_size=2)
+    get_task('image', str(tmp_path), batch_size=2)

@@ -6,8 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+from absl import app, flags
+from absl.testing import flagsaver
 
-from lra.data import get_task, listops_gen
+from lra.data import get_task, listops, listops_gen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,6 +71,8 @@ def test_seeded_and_reproducible():
 def test_bad_limits():
   with pytest.raises(ValueError, match='min_length < max_length - 1'):
     listops_gen.generate(0, 5, min_length=10, max_length=11)
+  with pytest.raises(ValueError, match='num_examples >= 0, got -1'):
+    listops_gen.generate(0, -1)
   with pytest.raises(ValueError, match='found only'):  # fewer than 20 distinct 1-token trees
     listops_gen.generate(0, 20, min_length=0, max_length=2)
 
@@ -85,3 +89,54 @@ def test_command_line_writes_files_that_get_task_reads(tmp_path):
   assert sum(len(b['targets']) for b in task.test().as_numpy_iterator()) == 4
   batch = next(task.train().as_numpy_iterator())
   assert batch['inputs'].shape == (8, 50) and batch['inputs'].max() < task.info.vocab_size
+
+
+def run_main(*args: str) -> None:
+  """Runs the command line's `main` in this process with `args` parsed as its flags."""
+  with flagsaver.flagsaver():
+    listops_gen.main(flags.FLAGS(['listops_gen', *args]))
+
+
+def test_splits_are_disjoint_and_parse(tmp_path):
+  """Bare digits (min_length=0) included: every row the generator writes is one the reader takes."""
+  run_main(f'--output_dir={tmp_path}', '--num_train=60', '--num_valid=25', '--num_test=15',
+           '--min_length=0', '--max_length=12')
+  sources = {}
+  for split, filename in listops.FILES.items():
+    path = os.path.join(tmp_path, listops.DIRNAME, filename)
+    with open(path, encoding='utf-8') as f:
+      sources[split] = [line.split('\t')[0] for line in f.read().splitlines()[1:]]
+    assert len(listops.read_tsv(path, 20)[2]) == len(sources[split])
+  assert {split: len(rows) for split, rows in sources.items()} == {
+      'train': 60, 'validation': 25, 'test': 15}
+  assert len(set().union(*sources.values())) == 100
+  assert any(source.isdigit() for rows in sources.values() for source in rows)
+
+
+@pytest.mark.parametrize('args, match', [
+    (['--num_train=-5', '--num_valid=10', '--num_test=10'], r"\{'train': -5\}"),
+    (['--num_train=3', '--num_valid=0', '--num_test=0'], r"\{'validation': 0, 'test': 0\}"),
+    (['--min_length=50', '--max_length=20'], 'min_length < max_length - 1, got 50, 20'),
+    (['--min_length=-1'], '0 <= min_length'),
+    (['--max_depth=0'], 'max_depth >= 1'),
+    (['--max_args=1'], 'max_args >= 2'),
+    (['extra'], "Unexpected arguments: \\['extra'\\]"),
+])
+def test_command_line_rejects_bad_values_before_writing(tmp_path, args, match):
+  with pytest.raises(app.UsageError, match=match):
+    run_main(f'--output_dir={tmp_path}', '--min_length=5', '--max_length=40', *args)
+  assert not os.listdir(tmp_path)
+
+
+def test_command_line_needs_output_dir():
+  with pytest.raises(app.UsageError, match='--output_dir is required'):
+    run_main('--num_train=1', '--num_valid=1', '--num_test=1', '--min_length=0', '--max_length=9')
+
+
+def test_command_line_exits_with_an_error_for_negative_counts(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'lra.data.listops_gen', f'--output_dir={tmp_path}',
+                           '--num_train=-5', '--num_valid=10', '--num_test=10'], cwd=REPO,
+                          capture_output=True, text=True)
+  assert result.returncode == 1
+  assert "every split needs at least one example, got {'train': -5}" in result.stderr
+  assert not os.listdir(tmp_path)

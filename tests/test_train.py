@@ -4,10 +4,14 @@ End-to-end runs use the real smoke configs on fixture data in the release format
 the generator, retrieval TSVs, Pathfinder PNGs) or TFDS mock data. One 4-step ListOps run is shared
 by the resume, sharding and evaluation tests.
 """
+import glob
 import importlib
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +26,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from lra import train
+from lra.checkpointing import CheckpointError, RunCheckpoints
 from lra.data import listops_gen
+from lra.metric_writer import MetricWriter
 from lra.optim import make_optimizer, make_schedule
+from lra.workdir_lock import WorkdirLock, WorkdirLockedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,10 +62,17 @@ def smoke_config(module: str, data_dir: str, arg: str = 'smoke', **overrides
   return config
 
 
+def _reject_constant(name: str) -> None:
+  raise ValueError(f'metrics.jsonl holds {name}, which is not JSON')
+
+
 def read_metrics(workdir: str) -> dict[tuple[int, str], dict[str, float]]:
+  """The records of metrics.jsonl by (step, split); asserts strict JSON and no duplicates."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    lines = [json.loads(line) for line in f]
-  return {(line.pop('step'), line.pop('split')): line for line in lines}
+    lines = [json.loads(line, parse_constant=_reject_constant) for line in f]
+  records = {(line.pop('step'), line.pop('split')): line for line in lines}
+  assert len(records) == len(lines), 'duplicate (step, split) records'
+  return records
 
 
 def read_json(path: str) -> dict:
@@ -80,6 +94,16 @@ def listops_run(listops_data, tmp_path_factory):
   """4 uninterrupted steps; validation after steps 2 and 4 on the whole split."""
   config = smoke_config('listops', listops_data, num_eval_steps=-1)
   workdir = str(tmp_path_factory.mktemp('listops_run'))
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope='module')
+def profiled_run(listops_data, tmp_path_factory):
+  """The listops_run config checkpointed every step (checkpoints 3 and 4 kept), steps 2-3
+  profiled."""
+  config = smoke_config('listops', listops_data, num_eval_steps=-1, checkpoint_every=1,
+                        profile_steps=2)
+  workdir = str(tmp_path_factory.mktemp('profiled_run'))
   return config, workdir, train.train_and_evaluate(config, workdir)
 
 
@@ -128,8 +152,9 @@ def test_pad_batch():
 
 def test_listops_run_writes_workdir(listops_run):
   config, workdir, results = listops_run
-  assert sorted(os.listdir(workdir)) == ['best_checkpoint', 'checkpoints', 'config.json',
+  assert sorted(os.listdir(workdir)) == ['best_checkpoint', 'checkpoints', 'config.json', 'lock',
                                          'metrics.jsonl', 'results.json', 'tensorboard']
+  assert os.path.getsize(os.path.join(workdir, 'lock')) == 0  # released
   assert read_json(os.path.join(workdir, 'results.json')) == json.loads(json.dumps(results))
   assert read_json(os.path.join(workdir, 'config.json'))['task'] == 'listops'
   assert results['step'] == 4 and results['num_params'] > 0
@@ -196,8 +221,16 @@ def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path
   config = smoke_config('listops', listops_data, num_eval_steps=-1, num_train_steps=2)
   first = train.train_and_evaluate(config, workdir)
   assert first['step'] == 2
+  # The elapsed time at the checkpoint is carried into the resumed run's wall_time_s.
+  metadata_path = os.path.join(workdir, 'checkpoints', '2', '_CHECKPOINT_METADATA')
+  metadata = read_json(metadata_path)
+  assert 0 < metadata['custom_metadata']['wall_time_s'] < first['wall_time_s']
+  metadata['custom_metadata']['wall_time_s'] = 1e6
+  with open(metadata_path, 'w') as f:
+    json.dump(metadata, f)
   config.num_train_steps = 4
   resumed = train.train_and_evaluate(config, workdir)
+  assert resumed['wall_time_s'] > 1e6
   expected, actual = read_metrics(full_workdir), read_metrics(workdir)
   for key in [(s, 'train') for s in range(1, 5)] + [(2, 'validation'), (4, 'validation')]:
     expected[key].pop('steps_per_second', None)
@@ -273,27 +306,37 @@ def test_evaluate_vanilla_checkpoint_with_exact_topk(listops_run):
 def test_evaluate_without_checkpoint_is_an_error(listops_data, tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     train.evaluate(smoke_config('listops', listops_data), str(tmp_path))
+  assert not os.listdir(tmp_path)  # nothing created
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    train.evaluate(smoke_config('listops', listops_data), str(tmp_path / 'missing'))
+  assert not os.path.exists(tmp_path / 'missing')
 
 
 # ----------------------------------------------------------------------------- failures, signals
 
 
-def test_non_finite_loss_names_the_step(listops_data, tmp_path):
-  # Without warmup the first update already blows the parameters up.
-  config = smoke_config('listops', listops_data, learning_rate=1e30, warmup_steps=0,
-                        schedule='constant', num_train_steps=8)
-  with pytest.raises(FloatingPointError, match=r'training loss is (nan|inf|-inf) at step [2-8]'):
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast')
+def test_non_finite_update_names_the_step(listops_data, tmp_path):
+  # A rate beyond float32 makes the first update infinite: caught at that step, before any save.
+  # (A finite state whose next loss is NaN is test_diverged_run_saves_nothing_diverged_...)
+  config = smoke_config('listops', listops_data, learning_rate=1e39, warmup_steps=0,
+                        schedule='constant')
+  with pytest.raises(FloatingPointError, match=(
+      r'^the update of step 1 made the train state NaN or infinite \(the loss of its batch was '
+      r'[0-9.]+\); no checkpoint is left, so a rerun .* starts from scratch$')):
     train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path / 'checkpoints')
 
 
-def test_sigterm_saves_a_checkpoint_at_the_current_step(listops_data, tmp_path,
-                                                        compilation_cache):
-  workdir = str(tmp_path / 'run')
+def _sigterm_a_long_run(workdir: str, data_dir: str, env: dict[str, str], *flags: str
+                       ) -> tuple[subprocess.Popen, str]:
+  """Starts train.py on a run of 100000 steps, sends SIGTERM once 3 steps are logged; returns
+  the ended process and its stderr."""
   command = [sys.executable, 'train.py', '--config=configs/listops.py:smoke',
-             f'--config.data_dir={listops_data}', f'--workdir={workdir}',
+             f'--config.data_dir={data_dir}', f'--workdir={workdir}',
              '--config.num_train_steps=100000', '--config.eval_frequency=100000',
-             '--config.checkpoint_every=100000']
-  process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **compilation_cache},
+             '--config.checkpoint_every=100000', *flags]
+  process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env},
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -308,8 +351,172 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(listops_data, tmp_path,
   finally:
     if process.poll() is None:
       process.kill()
+  return process, stderr
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step(listops_data, tmp_path,
+                                                        compilation_cache):
+  workdir = str(tmp_path / 'run')
+  process, stderr = _sigterm_a_long_run(workdir, listops_data, compilation_cache)
   assert process.returncode == -signal.SIGTERM, stderr[-3000:]
   last_logged = max(step for step, split in read_metrics(workdir) if split == 'train')
   # log_every=1 in smoke configs: the step the signal stopped at is the last one logged.
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(last_logged)], stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+
+
+def test_profile_steps_writes_a_trace(profiled_run):
+  _, workdir, results = profiled_run
+  traces = glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  assert results['step'] == 4
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def test_diverged_run_saves_nothing_diverged_and_a_rerun_recovers(listops_run, listops_data,
+                                                                  tmp_path):
+  _, full_workdir, full = listops_run
+  workdir = str(tmp_path)
+  # rsqrt warmup: step 1 runs at learning rate 0 (its state is sound); step 2's huge rate makes
+  # a finite state whose validation loss and next training loss are NaN.
+  config = smoke_config('listops', listops_data, num_eval_steps=-1, checkpoint_every=1,
+                        learning_rate=1e9)
+  with pytest.raises(FloatingPointError) as error:
+    train.train_and_evaluate(config, workdir)
+  message = str(error.value)
+  assert message.startswith('training loss is nan at step 3; moved the diverged checkpoint(s) '
+                            'of step(s) [2] to unusable_checkpoints/'), message
+  assert f'the last checkpoint, {workdir}/checkpoints/1 (step 1), is sound' in message
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
+  assert os.listdir(os.path.join(workdir, 'unusable_checkpoints')) == ['2']
+  assert not os.listdir(os.path.join(workdir, 'best_checkpoint'))  # NaN loss is never best
+  assert read_metrics(workdir)[(2, 'validation')]['loss'] is None  # NaN written as null
+  # The rerun with the listops_run's learning rate resumes from step 1 (whose state is the same
+  # at any rate, since step 1's rate is 0) and reproduces listops_run.
+  config.learning_rate = listops_run[0].learning_rate
+  resumed = train.train_and_evaluate(config, workdir)
+  for split in ('validation', 'test'):
+    assert resumed[split] == pytest.approx(full[split], rel=1e-6), split
+  expected, actual = read_metrics(full_workdir), read_metrics(workdir)
+  assert set(actual) == set(expected)  # records past step 1 of the failed run are gone
+  for step in range(1, 5):
+    assert actual[(step, 'train')]['loss'] == pytest.approx(expected[(step, 'train')]['loss'],
+                                                            rel=1e-6)
+
+
+def _corrupt(checkpoint: str, how: str) -> None:
+  if how == 'empty _METADATA':
+    open(os.path.join(checkpoint, 'default', '_METADATA'), 'w').close()
+  else:
+    array_file = max(glob.glob(os.path.join(checkpoint, 'default', 'ocdbt.process_0', 'd', '*')),
+                     key=os.path.getsize)
+    os.truncate(array_file, os.path.getsize(array_file) // 2)
+
+
+@pytest.mark.parametrize('how', ['truncated array file', 'empty _METADATA'])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(profiled_run, listops_data, how,
+                                                              tmp_path, caplog):
+  config, source, full = profiled_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  _corrupt(os.path.join(workdir, 'checkpoints', '4'), how)
+  resumed = train.train_and_evaluate(config, workdir)
+  assert f'Checkpoint {workdir}/checkpoints/4 is unusable' in caplog.text
+  assert f'Falling back to the older checkpoint {workdir}/checkpoints/3' in caplog.text
+  assert os.listdir(os.path.join(workdir, 'unusable_checkpoints')) == ['4']
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']  # 4 saved anew
+  for split in ('validation', 'test'):
+    assert resumed[split] == pytest.approx(full[split], rel=1e-6), split
+
+
+def test_all_checkpoints_corrupt_is_an_error_naming_them(profiled_run, tmp_path):
+  config, source, _ = profiled_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  for step, how in ((3, 'empty _METADATA'), (4, 'truncated array file')):
+    _corrupt(os.path.join(workdir, 'checkpoints', str(step)), how)
+  with pytest.raises(CheckpointError, match=(
+      rf'no usable checkpoint.*\n  {workdir}/checkpoints/4: .*\n  {workdir}/checkpoints/3: '
+      r'JSONDecodeError')):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']  # nothing moved
+  assert not os.path.exists(os.path.join(workdir, 'unusable_checkpoints'))
+
+
+def test_metric_writer_writes_strict_json(tmp_path):
+  writer = MetricWriter(str(tmp_path))
+  writer.write(1, 'train', {'loss': float('nan'), 'accuracy': 0.5})
+  writer.write(2, 'train', {'loss': float('inf'), 'accuracy': 0.25})
+  writer.close()
+  assert read_metrics(str(tmp_path)) == {(1, 'train'): {'loss': None, 'accuracy': 0.5},
+                                         (2, 'train'): {'loss': None, 'accuracy': 0.25}}
+  # A resumed writer keeps only what `keep` selects.
+  MetricWriter(str(tmp_path), keep=lambda record: record['step'] < 2).close()
+  assert list(read_metrics(str(tmp_path))) == [(1, 'train')]
+
+
+def test_save_refuses_a_non_finite_state(tmp_path):
+  checkpoints = RunCheckpoints(str(tmp_path), keep=1)
+  state = {'w': jnp.array([1.0, np.nan]), 'step': jnp.array(3)}
+  with pytest.raises(FloatingPointError, match='step 3 holds NaN or infinite'):
+    checkpoints.save(3, state, wall_time_s=1.0)
+  with pytest.raises(FloatingPointError, match='step 3 holds NaN or infinite'):
+    checkpoints.save_best(3, state, {'accuracy': 0.5, 'loss': 1.0})
+  assert not checkpoints.save_best(3, state, {'accuracy': 0.5, 'loss': float('nan')})
+  checkpoints.close()
+  assert not os.listdir(os.path.join(str(tmp_path), 'checkpoints'))
+  assert not os.listdir(os.path.join(str(tmp_path), 'best_checkpoint'))
+
+
+_LOCK_HOLDER = """
+import sys, time
+from lra.workdir_lock import WorkdirLock
+WorkdirLock(sys.argv[1]).acquire()
+print('LOCKED', flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_process_on_a_workdir_is_refused(listops_data, tmp_path, caplog):
+  workdir = str(tmp_path)
+  holder = subprocess.Popen([sys.executable, '-c', _LOCK_HOLDER, workdir], cwd=REPO,
+                            env={**os.environ, 'PYTHONPATH': REPO}, stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline() == 'LOCKED\n'
+    with pytest.raises(WorkdirLockedError,
+                       match=f'held by pid {holder.pid} on host {socket.gethostname()}'):
+      train.train_and_evaluate(smoke_config('listops', listops_data), workdir)
+    assert sorted(os.listdir(workdir)) == ['lock']  # nothing else written
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died without releasing: the lock is taken over, and that is logged.
+  with WorkdirLock(workdir):
+    assert f'from pid {holder.pid} on host {socket.gethostname()}, which exited' in caplog.text
+  assert os.path.getsize(os.path.join(workdir, 'lock')) == 0
+
+
+def test_sigterm_under_jax_distributed_stops_at_the_preemption_sync_point(
+    listops_data, tmp_path, compilation_cache):
+  # One process with --multiprocess takes the multi-host path: JAX's preemption notifier gets
+  # the SIGTERM and every process (here one) stops at the step reached_preemption_sync_point
+  # names, later than the step the signal arrived at.
+  workdir = str(tmp_path / 'run')
+  with socket.socket() as free:
+    free.bind(('localhost', 0))
+    port = free.getsockname()[1]
+  env = {**compilation_cache, 'JAX_COORDINATOR_ADDRESS': f'localhost:{port}'}
+  process, stderr = _sigterm_a_long_run(workdir, listops_data, env, '--multiprocess',
+                                        '--num_processes=1', '--process_id=0')
+  assert process.returncode == -signal.SIGTERM, stderr[-3000:]
+  assert 'preemption_notifier' in stderr and 'SIGTERM caught' in stderr, stderr[-3000:]
+  synced = [int(step) for step in re.findall(r'Preemption sync point reached at step (\d+)',
+                                             stderr)]
+  assert len(synced) == 1, stderr[-3000:]
+  last_logged = max(step for step, split in read_metrics(workdir) if split == 'train')
+  assert last_logged == synced[0]
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(synced[0])]
   assert not os.path.exists(os.path.join(workdir, 'results.json'))

@@ -4,9 +4,7 @@ import tensorflow as tf
 from lra.data import tfds_source
 from lra.data.pipeline import Split, fit_length
 
-VOCAB_SIZE = 256
-NUM_CLASSES = 10
-MAX_LENGTH = 32 * 32
+TFDS_NAME = 'cifar10'
 # 45K / 5K / 10K as LRA.
 TFDS_SPLITS = {'train': 'train[:90%]', 'validation': 'train[90%:]', 'test': 'test'}
 TRAIN_SHUFFLE_BUFFER = 10_000
@@ -24,6 +22,6 @@ def build_splits(data_dir: str, max_length: int) -> dict[str, Split]:
     return {'inputs': fit_length(pixels, max_length),
             'targets': tf.cast(example['label'], tf.int32)}
 
-  return {name: Split(tfds_source.load('cifar10', split, data_dir), decode,
+  return {name: Split(tfds_source.load(TFDS_NAME, split, data_dir), decode,
                       shuffle_buffer=TRAIN_SHUFFLE_BUFFER)
           for name, split in TFDS_SPLITS.items()}

@@ -6,17 +6,16 @@ as in LRA. Unlike LRA, whose token ids followed Python set order and so changed 
 processes (lra.md §7.4), the ids here are fixed by `TOKENS`.
 """
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
 
+from lra.data.info import LISTOPS_TOKENS as TOKENS
+from lra.data.info import task_info
 from lra.data.pipeline import Split, fit_length, missing_release_file
 
-# Token id = index + 1; id 0 is padding. Never reorder: saved models depend on these ids.
-TOKENS = ('[MIN', '[MAX', '[MED', '[SM', ']', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
-VOCAB_SIZE = len(TOKENS) + 1
-NUM_CLASSES = 10
-MAX_LENGTH = 2000
+NUM_CLASSES = task_info('listops').num_classes
 DIRNAME = 'listops-1000'
 FILES = {'train': 'basic_train.tsv', 'validation': 'basic_val.tsv', 'test': 'basic_test.tsv'}
 
@@ -26,15 +25,27 @@ _OPERATOR_BYTES = {b'[MIN': b'a', b'[MAX': b'b', b'[MED': b'c', b'[SM': b'd'}
 _ID_OF_BYTE = np.full(256, -1, np.int16)
 _ID_OF_BYTE[[_OPERATOR_BYTES.get(t.encode(), t.encode())[0] for t in TOKENS]] = np.arange(
     1, len(TOKENS) + 1)
+# Nesting depth step of each token id: +1 for an operator (which opens), -1 for `]`.
+_DEPTH_STEP = np.array([0] + [t.startswith('[') - (t == ']') for t in TOKENS], np.int8)
+_SEPARATORS = b'() \t\n\r\x0b\x0c'
 _IS_SEPARATOR = np.zeros(256, bool)
-_IS_SEPARATOR[list(b'() \t\n\r\x0b\x0c')] = True
+_IS_SEPARATOR[list(_SEPARATORS)] = True
 
 
-def encode(source: str) -> np.ndarray | None:
-  """Token ids uint8 [n] of one ListOps expression, or None if it has an unknown token."""
+def encode(source: str) -> np.ndarray:
+  """Token ids uint8 [n] of one ListOps expression, after checking that it is well formed.
+
+  Well formed: a digit, or an operator followed by one or more arguments (digits or nested
+  expressions) and `]`, with nothing after it (parentheses are dropped first). Checked with
+  whole-array numpy operations, like the tokenisation, since ListOps train has ~10^8 tokens.
+
+  Raises:
+    ValueError: an unknown token or a malformed expression, saying what and where (1-based token
+      positions, parentheses not counted).
+  """
   data = source.encode('utf-8')
   if any(letter in data for letter in _OPERATOR_BYTES.values()):
-    return None
+    raise ValueError(_unknown_token(source))
   for operator, letter in _OPERATOR_BYTES.items():
     data = data.replace(operator, letter)
   data = np.frombuffer(data, np.uint8)
@@ -42,8 +53,31 @@ def encode(source: str) -> np.ndarray | None:
   num_tokens = np.count_nonzero(separator[:-1] & ~separator[1:])
   ids = _ID_OF_BYTE[data[~separator[1:]]]
   if len(ids) != num_tokens or (ids < 0).any():
-    return None
-  return ids.astype(np.uint8)
+    raise ValueError(_unknown_token(source))
+  if not num_tokens:
+    raise ValueError('empty expression')
+  step = _DEPTH_STEP[ids]
+  depth = np.cumsum(step, dtype=np.int32)
+  # Well formed iff no operator is directly followed by `]` and the depth, after each token,
+  # stays positive until the last token brings it to 0. Positions are found on errors only.
+  empty = np.diff(step) == -2  # an operator (+1) directly followed by `]` (-1)
+  if depth[-1] == 0 and depth[:-1].min(initial=1) > 0 and not empty.any():
+    return ids.astype(np.uint8)
+  if empty.any():
+    operator = np.argmax(empty)
+    raise ValueError(f'{TOKENS[ids[operator] - 1]} at token {operator + 1} has no arguments')
+  if depth.min() > 0:
+    raise ValueError(f'{TOKENS[ids[0] - 1]} at token 1 is never closed by ]')
+  end = np.argmax(depth <= 0)  # where the first complete top-level expression ends
+  if depth[end] < 0:
+    raise ValueError(f'] at token {end + 1} closes no operator')
+  raise ValueError(f'token {end + 2} follows the end of the expression at token {end + 1}')
+
+
+def _unknown_token(source: str) -> str:
+  tokens = re.split(b'[%s]+' % re.escape(_SEPARATORS), source.encode('utf-8'))
+  unknown = next(t for t in (token.decode('utf-8') for token in tokens) if t and t not in TOKENS)
+  return f'unknown token {unknown!r}; the tokens are {" ".join(TOKENS)} and parentheses'
 
 
 def read_tsv(path: str, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,10 +104,10 @@ def read_tsv(path: str, max_length: int) -> tuple[np.ndarray, np.ndarray, np.nda
         raise ValueError(f'{path}, line {line_number}: expected 2 tab-separated columns '
                          f'(Source, Target), got {len(columns)}')
       target = _parse_label(columns[1], path, line_number)
-      ids = encode(columns[0])
-      if ids is None or not len(ids):
-        raise ValueError(f'{path}, line {line_number}: Source must be a non-empty sequence of '
-                         f'the tokens {" ".join(TOKENS)} and parentheses')
+      try:
+        ids = encode(columns[0])
+      except ValueError as e:
+        raise ValueError(f'{path}, line {line_number}: malformed Source: {e}') from None
       sequences.append(ids[:max_length])
       targets.append(target)
   if not targets:

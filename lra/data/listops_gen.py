@@ -80,8 +80,11 @@ def generate(seed: int, num_examples: int, *, max_depth: int = 10, max_args: int
   """`num_examples` distinct (source, label) pairs with min_length < tokens < max_length.
 
   Raises:
-    ValueError: bad limits, or too few distinct expressions found within the attempt budget.
+    ValueError: a negative count, bad limits, or too few distinct expressions found within the
+      attempt budget.
   """
+  if num_examples < 0:
+    raise ValueError(f'need num_examples >= 0, got {num_examples}')
   if max_depth < 1 or max_args < 2:
     raise ValueError(f'need max_depth >= 1 and max_args >= 2, got {max_depth}, {max_args}')
   if min_length < 0 or max_length <= min_length + 1:
@@ -105,21 +108,30 @@ def write_splits(output_dir: str, seed: int, num_train: int, num_valid: int, num
                  **limits: int) -> list[str]:
   """Generates one pool of distinct expressions, splits it in order, writes the TSVs.
 
+  The splits are consecutive slices of the pool, so no expression is in two splits.
+
   Returns:
     The written paths (train, validation, test).
+
+  Raises:
+    ValueError: a split size below 1 (the reader refuses empty splits) or bad `limits` (see
+      `generate`), before anything is generated or written.
   """
-  examples = generate(seed, num_train + num_valid + num_test, **limits)
+  sizes = {'train': num_train, 'validation': num_valid, 'test': num_test}
+  bad = {split: size for split, size in sizes.items() if size < 1}
+  if bad:
+    raise ValueError(f'every split needs at least one example, got {bad}')
+  examples = generate(seed, sum(sizes.values()), **limits)
   directory = os.path.join(output_dir, listops.DIRNAME)
   os.makedirs(directory, exist_ok=True)
-  bounds = {'train': (0, num_train), 'validation': (num_train, num_train + num_valid),
-            'test': (num_train + num_valid, len(examples))}
-  paths = []
-  for split, (start, stop) in bounds.items():
+  paths, start = [], 0
+  for split, size in sizes.items():
     path = os.path.join(directory, listops.FILES[split])
     with open(path, 'w', encoding='utf-8') as f:
       f.write('Source\tTarget\n')
-      f.writelines(f'{source}\t{label}\n' for source, label in examples[start:stop])
+      f.writelines(f'{source}\t{label}\n' for source, label in examples[start:start + size])
     paths.append(path)
+    start += size
   return paths
 
 
@@ -137,12 +149,16 @@ _MAX_LENGTH = flags.DEFINE_integer('max_length', 2000, 'Keep expressions with fe
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for path in write_splits(_OUTPUT_DIR.value, _SEED.value, _NUM_TRAIN.value, _NUM_VALID.value,
-                           _NUM_TEST.value, max_depth=_MAX_DEPTH.value, max_args=_MAX_ARGS.value,
-                           min_length=_MIN_LENGTH.value, max_length=_MAX_LENGTH.value):
-    print(path)
+  if not _OUTPUT_DIR.value:
+    raise app.UsageError('--output_dir is required')
+  try:
+    paths = write_splits(_OUTPUT_DIR.value, _SEED.value, _NUM_TRAIN.value, _NUM_VALID.value,
+                         _NUM_TEST.value, max_depth=_MAX_DEPTH.value, max_args=_MAX_ARGS.value,
+                         min_length=_MIN_LENGTH.value, max_length=_MAX_LENGTH.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  print('\n'.join(paths))
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('output_dir')
   app.run(main)

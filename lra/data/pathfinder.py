@@ -11,14 +11,10 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from lra.data.info import PATHFINDER_FOLDERS as DIFFICULTY_FOLDERS
+from lra.data.info import PATHFINDER_SIZES as SIZES
 from lra.data.pipeline import Split, fit_length, missing_release_file
 
-VOCAB_SIZE = 256
-NUM_CLASSES = 2
-SIZES = (32, 64, 128, 256)
-# LRA's difficulty splits: contour length 6 (baseline), 9 and 14 of the Pathfinder generator.
-DIFFICULTY_FOLDERS = {'easy': 'curv_baseline', 'intermediate': 'curv_contour_length_9',
-                      'hard': 'curv_contour_length_14'}
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 

@@ -1,74 +1,17 @@
-"""Registry of LRA tasks: `task_info` (static, no I/O) and `get_task` (builds the pipelines).
+"""Registry of LRA tasks: `get_task` builds the pipelines (static `task_info`: lra.data.info).
 
 `data_dir` is the unpacked `lra_release` folder of the LRA archive (the folder holding
 `listops-1000/`, `tsv_data/`, `pathfinder32/`, ...); its parent folder is accepted too. TFDS tasks
 (text, image) read prepared TFDS data from `<data_dir>/tfds` if that folder exists, else from
 `data_dir` itself.
 """
-import dataclasses
 import os
 import re
 from typing import Any
 
 from lra.data import image, listops, pathfinder, retrieval, text
-from lra.data.info import TaskInfo
+from lra.data.info import task_info
 from lra.data.pipeline import Task
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  vocab_size: int
-  num_classes: int
-  max_length: int
-  dual: bool = False
-  options: tuple[str, ...] = ()
-
-
-_PATHFINDER_OPTIONS = ('difficulty',)
-_SPECS = {
-    'listops': _Spec(listops.VOCAB_SIZE, listops.NUM_CLASSES, listops.MAX_LENGTH),
-    'text': _Spec(text.VOCAB_SIZE, text.NUM_CLASSES, text.MAX_LENGTH),
-    'retrieval': _Spec(text.VOCAB_SIZE, retrieval.NUM_CLASSES, retrieval.MAX_LENGTH, dual=True),
-    'image': _Spec(image.VOCAB_SIZE, image.NUM_CLASSES, image.MAX_LENGTH),
-    **{f'pathfinder{n}': _Spec(pathfinder.VOCAB_SIZE, pathfinder.NUM_CLASSES, n * n,
-                               options=_PATHFINDER_OPTIONS) for n in pathfinder.SIZES},
-    # Path-X is Pathfinder128 at the hard difficulty (lra.md §1, issue #11).
-    'pathx': _Spec(pathfinder.VOCAB_SIZE, pathfinder.NUM_CLASSES, 128 * 128),
-}
-TASK_NAMES = tuple(_SPECS)
-
-
-def _spec(name: str, max_length: int | None, task_options: dict[str, Any]) -> _Spec:
-  if name not in _SPECS:
-    raise ValueError(f'Unknown task {name!r}; valid names: {", ".join(TASK_NAMES)}')
-  spec = _SPECS[name]
-  unknown = sorted(set(task_options) - set(spec.options))
-  if unknown:
-    raise ValueError(f'Unknown task_options {unknown} for task {name!r}; valid options: '
-                     f'{list(spec.options) or "none"}')
-  difficulty = task_options.get('difficulty', 'hard')
-  if difficulty not in pathfinder.DIFFICULTY_FOLDERS:
-    raise ValueError(f'difficulty must be one of {list(pathfinder.DIFFICULTY_FOLDERS)}, '
-                     f'got {difficulty!r}')
-  if max_length is not None and max_length <= 0:
-    raise ValueError(f'max_length must be positive, got {max_length}')
-  return spec
-
-
-def task_info(name: str, *, max_length: int | None = None, **task_options: Any) -> TaskInfo:
-  """Static description of task `name` (no I/O).
-
-  Args:
-    name: one of `TASK_NAMES`.
-    max_length: tokens per sequence (per document for retrieval); default LRA's length.
-    **task_options: `difficulty` ('easy'|'intermediate'|'hard', default 'hard') for pathfinderN.
-
-  Returns:
-    The task's `TaskInfo`.
-  """
-  spec = _spec(name, max_length, task_options)
-  return TaskInfo(name=name, vocab_size=spec.vocab_size, num_classes=spec.num_classes,
-                  max_length=max_length or spec.max_length, dual=spec.dual)
 
 
 def release_dir(data_dir: str) -> str:

@@ -11,8 +11,6 @@ import tensorflow as tf
 from lra.data.pipeline import Split, missing_release_file
 from lra.data.text import encode_bytes
 
-NUM_CLASSES = 2
-MAX_LENGTH = 4000
 DIRNAME = 'tsv_data'
 FILES = {'train': 'new_aan_pairs.train.tsv', 'validation': 'new_aan_pairs.eval.tsv',
          'test': 'new_aan_pairs.test.tsv'}

@@ -5,9 +5,7 @@ import tensorflow as tf
 from lra.data import tfds_source
 from lra.data.pipeline import Split, fit_length
 
-VOCAB_SIZE = 257
-NUM_CLASSES = 2
-MAX_LENGTH = 1000
+TFDS_NAME = 'imdb_reviews'
 # IMDB has no validation set; LRA validates on the test split (so it must not pick checkpoints).
 TFDS_SPLITS = {'train': 'train', 'validation': 'test', 'test': 'test'}
 TRAIN_SHUFFLE_BUFFER = 25_000
@@ -26,6 +24,6 @@ def build_splits(data_dir: str, max_length: int) -> dict[str, Split]:
     return {'inputs': encode_bytes(example['text'], max_length),
             'targets': tf.cast(example['label'], tf.int32)}
 
-  return {name: Split(tfds_source.load('imdb_reviews', split, data_dir), decode,
+  return {name: Split(tfds_source.load(TFDS_NAME, split, data_dir), decode,
                       shuffle_buffer=TRAIN_SHUFFLE_BUFFER)
           for name, split in TFDS_SPLITS.items()}

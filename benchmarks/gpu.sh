@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Both GPU benchmarks in one command, all outputs in one folder: about 8 minutes on one H100.
+#
+#   OUT=results_h100 bash benchmarks/gpu.sh
+#
+# Writes attention.{csv,png,log} and model_step.{csv,log} to $OUT (default benchmarks/out/gpu).
+# Needs jax with CUDA, flax, optax, orbax-checkpoint, ml-collections (model_step's configs) and
+# this repository; torch and matplotlib are optional, TensorFlow is not used. $PYTHON picks the
+# interpreter; ATTENTION_ARGS and MODEL_STEP_ARGS append flags (later flags win), e.g. to shrink
+# both for a check on CPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/out/gpu}"
+python="${PYTHON:-python}"
+mkdir -p "$out"
+status=0
+
+# Attention forms versus length; its own time budget (220 s) keeps it within about 4 minutes.
+# shellcheck disable=SC2086  # the *_ARGS variables are flag lists
+"$python" -m benchmarks.attention --out "$out" ${ATTENTION_ARGS:-} 2>&1 | tee "$out/attention.log"
+status=$((status | PIPESTATUS[0]))
+
+# Full-size training steps in bfloat16, ListOps first; no new config starts after 150 s (one may
+# take up to about a minute to compile). JAX may use 95% of the card here (no torch in this
+# process), so "fits" means fits the card, not JAX's default 75% share.
+XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}" \
+  "$python" -m benchmarks.model_step --all --dtype bfloat16 --budget_s 150 --out "$out" \
+  ${MODEL_STEP_ARGS:-} 2>&1 | tee "$out/model_step.log"
+status=$((status | PIPESTATUS[0]))
+
+echo "outputs in $out"
+exit "$status"

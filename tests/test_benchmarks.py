@@ -1,0 +1,162 @@
+"""Tests of benchmarks.attention, benchmarks.model_step and benchmarks/gpu.sh on CPU, tiny shapes.
+
+The GPU-only forms (cuDNN flash) must appear as skip rows here; the benchmarks must import
+neither TensorFlow nor (benchmarks.attention) ml-collections, which GPU images often lack.
+"""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import attention, model_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--lengths', '64,128', '--dtypes', 'float32', '--repeats', '2', '--chunk', '32',
+        '--k', '8', '--max_search_length', '128']
+
+
+def _run_python(code: str) -> str:
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def _read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
+  with open(path, newline='') as f:
+    reader = csv.DictReader(f)
+    return reader.fieldnames, list(reader)
+
+
+def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
+  # --time_longest adds topk's longest fitting length (128 here) to the timed lengths, as on GPU.
+  argv = [*TINY, '--lengths', '64', '--time_longest', '--forms',
+          'qk_product,chunked,topk,cudnn,torch', '--baseline', 'chunked', '--out', str(tmp_path)]
+  stdout = _run_python(
+      'import sys\n'
+      'from benchmarks import attention\n'
+      f'attention.main({argv!r})\n'
+      "print('imported:', 'tensorflow' in sys.modules, 'ml_collections' in sys.modules)\n")
+  assert 'imported: False False' in stdout
+  assert f'device: {attention.machine()}' in stdout
+  assert (tmp_path / 'attention.png').stat().st_size > 0
+  columns, rows = _read_csv(str(tmp_path / 'attention.csv'))
+  assert tuple(columns) == attention.COLUMNS
+  assert [(r['form'], int(r['length'])) for r in rows] == [
+      (form, length) for length in (64, 128)
+      for form in ('qk_product', 'chunked', 'topk', 'cudnn', 'torch')]
+  at = {(r['form'], int(r['length'])): r for r in rows}
+  for length in (64, 128):
+    for form in ('qk_product', 'chunked', 'topk'):
+      r = at[(form, length)]
+      assert (r['skipped'], r['dtype'], r['jax']) == ('', 'float32', attention.jax.__version__)
+      passes = ('fwd',) if form == 'qk_product' else ('fwd', 'fwd_bwd')
+      for name in passes:
+        assert float(r[f'{name}_ms']) > 0 and float(r[f'{name}_temp_mib']) > 0
+        base = float(at[('chunked', length)][f'{name}_ms'])
+        assert float(r[f'{name}_ratio']) == pytest.approx(float(r[f'{name}_ms']) / base)
+    assert float(at[('chunked', length)]['fwd_bwd_ratio']) == 1.0
+    assert math.isnan(float(at[('qk_product', length)]['fwd_bwd_ms']))
+    cudnn = at[('cudnn', length)]
+    assert 'NVIDIA GPU' in cudnn['skipped'] and math.isnan(float(cudnn['fwd_ms']))
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      assert 'torch is not importable' in at[('torch', length)]['skipped']
+    else:
+      assert float(at[('torch', length)]['fwd_bwd_ms']) > 0
+  assert 'longest length within 16.0 GiB (fwd+bwd float32, compiled): topk: 128' in stdout
+
+
+def test_attention_memory_limit_and_time_budget_skip_rows(tmp_path):
+  rows = attention.main([*TINY, '--lengths', '64', '--forms', 'chunked', '--baseline', 'chunked',
+                         '--memory_limit_mib', '0.1', '--out', str(tmp_path)])
+  assert rows[0]['skipped'].startswith('fwd needs') and 'over the limit of' in rows[0]['skipped']
+  assert math.isnan(rows[0]['fwd_ms']) and rows[0]['fwd_temp_mib'] > 0
+  rows = attention.main([*TINY, '--forms', 'chunked', '--budget_s', '0', '--out', str(tmp_path)])
+  assert [(r['length'], r['skipped'][:12]) for r in rows] == [(64, 'time budget:'),
+                                                              (128, 'time budget:')]
+
+
+def test_attention_defaults_follow_the_backend(monkeypatch):
+  cpu = attention._parse([])
+  assert (cpu.lengths, cpu.dtypes, cpu.baseline, cpu.chunk, cpu.time_longest) == (
+      [1024, 2048, 4096, 8192], ['float32'], 'vanilla', 256, False)
+  monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
+  gpu = attention._parse([])
+  assert (gpu.lengths, gpu.dtypes, gpu.baseline, gpu.chunk, gpu.time_longest, gpu.budget_s) == (
+      [4096, 16384, 65536], ['bfloat16', 'float32'], 'cudnn', 1024, True, 220)
+  assert set(gpu.forms) == {'cudnn', 'torch', 'vanilla', 'chunked', 'topk'}
+  assert attention._jax_form('cudnn', 'bfloat16', gpu) is attention._cudnn
+  with pytest.raises(attention.Unavailable, match='bfloat16 and float16 only'):
+    attention._jax_form('cudnn', 'float32', gpu)
+  assert attention._parse(['--lengths', '64', '--no-time_longest']).time_longest is False
+
+
+@pytest.mark.parametrize('flag', [['--forms', 'flash'], ['--dtypes', 'float64'],
+                                  ['--baseline', 'dense'], ['--repeats', '0']])
+def test_attention_rejects_bad_flags(flag, tmp_path):
+  with pytest.raises((SystemExit, ValueError)):
+    attention.main([*TINY, *flag, '--out', str(tmp_path)])
+
+
+def test_model_step_smoke_without_tensorflow(tmp_path):
+  argv = ['--config=configs/listops.py:topk,smoke', '--repeats', '1', '--out', str(tmp_path)]
+  stdout = _run_python(
+      'import sys\n'
+      'from benchmarks import model_step\n'
+      f'model_step.main({argv!r})\n'
+      "print('imported:', 'tensorflow' in sys.modules)\n")
+  assert 'imported: False' in stdout
+  columns, rows = _read_csv(str(tmp_path / 'model_step.csv'))
+  assert tuple(columns) == model_step.COLUMNS and len(rows) == 1
+  row = rows[0]
+  assert (row['task'], row['kind'], row['dtype'], row['batch'], row['length']) == (
+      'listops', 'topk', 'float32', '8', '64')
+  assert row['fits'] == 'True' and row['skipped'] == ''
+  for name in ('params', 'temp_gib', 'argument_gib', 'total_gib', 'step_ms', 'run_hours'):
+    assert float(row[name]) > 0, name
+  assert float(row['total_gib']) >= float(row['temp_gib'])
+
+
+def test_model_step_reports_memory_of_a_step_that_does_not_fit():
+  config = model_step.load_config('configs/retrieval.py:vanilla,smoke')
+  config.model.num_layers = 1
+  row = model_step.measure(config, repeats=1, limit=1024)
+  assert (row['task'], row['fits'], row['length']) == ('retrieval', False, 64)
+  assert row['total_gib'] > 1024 / 2**30 and 'over the limit' in row['skipped']
+  assert math.isnan(row['step_ms'])
+
+
+def test_model_step_all_lists_every_task_and_kind():
+  args = model_step._parse(['--all', '--tasks', 'listops,pathx', '--kinds', 'vanilla,topk',
+                            '--preset', 'smoke'])
+  assert args.config == ['configs/listops.py:vanilla,smoke', 'configs/listops.py:topk,smoke',
+                         'configs/pathx.py:vanilla,smoke', 'configs/pathx.py:topk,smoke']
+  assert len(model_step._parse(['--all']).config) == 3 * len(model_step.TASK_CONFIGS)
+  assert all(os.path.isfile(os.path.join(ROOT, 'configs', f'{task}.py'))
+             for task in model_step.TASK_CONFIGS)
+  with pytest.raises(SystemExit):
+    model_step._parse(['--all', '--tasks', 'cifar'])
+  with pytest.raises(ValueError, match='does not exist'):
+    model_step.load_config('configs/cifar.py:topk')
+
+
+def test_gpu_script_writes_both_benchmarks_to_out(tmp_path):
+  env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
+             ATTENTION_ARGS=' '.join([*TINY, '--forms', 'chunked', '--budget_s', '0']),
+             MODEL_STEP_ARGS='--tasks listops --kinds topk --preset smoke --budget_s 0')
+  result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh')], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  for name in ('attention.csv', 'attention.log', 'model_step.csv', 'model_step.log'):
+    assert (tmp_path / name).stat().st_size > 0, name
+  _, rows = _read_csv(str(tmp_path / 'attention.csv'))
+  assert [(r['form'], r['length'], r['skipped'][:12]) for r in rows] == [
+      ('chunked', '64', 'time budget:'), ('chunked', '128', 'time budget:')]
+  _, rows = _read_csv(str(tmp_path / 'model_step.csv'))
+  assert [(r['config'], r['dtype']) for r in rows] == [('configs/listops.py:topk,smoke',
+                                                        'bfloat16')]

@@ -1,0 +1,112 @@
+"""`python -m lra.data.prepare_tfds` runs the real IMDB and CIFAR-10 builders on fake archives.
+
+Only the download is replaced (by small local files in the published formats); the builders, the
+preparation and the reading back through `get_task` are the ones the documented command uses.
+"""
+import io
+import os
+import tarfile
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import app, flags
+from absl.testing import flagsaver
+
+from lra.data import get_task, prepare_tfds
+
+IMDB_URL = 'http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz'
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
+REVIEWS = {'train': {'pos': ['Great film.', 'Loved it \u2764'], 'neg': ['Dull.']},
+           'test': {'pos': ['A classic.'], 'neg': ['Awful acting.', 'Too long']}}
+
+
+def fake_imdb(path: str) -> str:
+  """aclImdb_v1.tar.gz layout: aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt, train/unsup."""
+  with tarfile.open(path, 'w:gz') as archive:
+    files = {f'aclImdb/{split}/{label}/{i}_5.txt': text
+             for split, labels in REVIEWS.items() for label, texts in labels.items()
+             for i, text in enumerate(texts)}
+    files['aclImdb/train/unsup/0_0.txt'] = 'Unlabelled.'
+    for name, text in files.items():
+      data = text.encode('utf-8')
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      archive.addfile(info, io.BytesIO(data))
+  return path
+
+
+def fake_cifar10(root: str, rng: np.random.Generator) -> tuple[str, dict[str, np.ndarray]]:
+  """cifar-10-batches-bin/: records of label byte + 3072 bytes (R, G, B planes of 32 x 32)."""
+  folder = os.path.join(root, 'cifar-10-batches-bin')
+  os.makedirs(folder)
+  with open(os.path.join(folder, 'batches.meta.txt'), 'w') as f:
+    f.write('\n'.join(f'class{i}' for i in range(10)) + '\n')
+  images = {}
+  for k, name in enumerate([f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']):
+    records = []
+    for label in (k, k + 4):  # two images per file, 10 train, 2 test
+      planes = rng.integers(0, 256, (3, 32, 32), np.uint8)
+      images.setdefault('test' if name == 'test_batch' else 'train', []).append((label, planes))
+      records.append(bytes([label]) + planes.tobytes())
+    with open(os.path.join(folder, f'{name}.bin'), 'wb') as f:
+      f.write(b''.join(records))
+  return root, images
+
+
+def run_main(*args: str) -> None:
+  with flagsaver.flagsaver():
+    prepare_tfds.main(flags.FLAGS(['prepare_tfds', *args]))
+
+
+def byte_ids(text: str, length: int) -> list[int]:
+  ids = np.zeros(length, int)
+  data = np.frombuffer(text.encode('utf-8')[:length], np.uint8)
+  ids[:len(data)] = data + 1
+  return ids.tolist()
+
+
+def sorted_rows(dataset) -> list[tuple[int, list[int]]]:
+  return sorted((int(t), x.tolist()) for b in dataset.as_numpy_iterator()
+                for x, t in zip(b['inputs'], b['targets'], strict=True))
+
+
+def test_prepare_then_get_task_reads_the_examples(tmp_path):
+  downloads = tmp_path / 'downloads'
+  os.makedirs(downloads)
+  cifar_root, images = fake_cifar10(str(downloads), np.random.default_rng(0))
+  files = {IMDB_URL: fake_imdb(str(downloads / 'imdb.tar.gz')), CIFAR10_URL: cifar_root}
+  fetch = lambda self, url: files[url]
+  data_dir = str(tmp_path / 'lra_release')
+  with mock.patch.object(tfds.download.DownloadManager, 'download', fetch), \
+       mock.patch.object(tfds.download.DownloadManager, 'download_and_extract', fetch):
+    run_main(f'--data_dir={data_dir}')
+  assert sorted(os.listdir(os.path.join(data_dir, 'tfds'))) == ['cifar10', 'downloads',
+                                                                'imdb_reviews']
+
+  text = get_task('text', data_dir, batch_size=2, max_length=16)
+  label_ids = {'neg': 0, 'pos': 1}
+  expected = sorted((label_ids[label], byte_ids(review, 16))
+                    for label, reviews in REVIEWS['test'].items() for review in reviews)
+  assert sorted_rows(text.test()) == expected
+
+  image = get_task('image', data_dir, batch_size=2)
+  gray = lambda planes: tf.image.rgb_to_grayscale(planes.transpose(1, 2, 0)).numpy().ravel()
+  expected = {split: sorted((label, gray(planes).tolist()) for label, planes in examples)
+              for split, examples in images.items()}
+  assert sorted_rows(image.test()) == expected['test']
+  validation = sorted_rows(image.validation())  # train[90%:] of 10 images
+  assert len(validation) == 1 and validation[0] in expected['train']
+
+
+@pytest.mark.parametrize('args, match', [
+    ([], '--data_dir is required'),
+    (['--data_dir=/tmp/x', '--datasets=mnist'], "some of imdb_reviews, cifar10, got \\['mnist'\\]"),
+    (['--data_dir=/tmp/x', '--datasets='], 'some of imdb_reviews, cifar10, got \\[\\]'),
+    (['--data_dir=/tmp/x', 'extra'], 'Unexpected arguments'),
+])
+def test_command_line_rejects_bad_arguments(args, match):
+  with pytest.raises(app.UsageError, match=match):
+    run_main(*args)
