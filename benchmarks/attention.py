@@ -7,7 +7,8 @@ excluded), and both times as ratios to a baseline form of the same length and dt
   qk_product  the bare `q @ k^T` product (forward only)
   vanilla     dense attention as XLA compiles it (`topk.dot_product_attention`)
   chunked     exact query-chunked attention (`topk.chunked_attention`)
-  topk        top-k attention (`topk.topk_attention`)
+  topk        top-k attention (`topk.topk_attention`), unfused: scores, then `topk.select`
+  topk_fused  the same with the fused score-and-select kernel (`topk.fused`; NVIDIA GPU)
   cudnn       cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`;
               NVIDIA GPU, bfloat16/float16 only)
   torch       PyTorch's `scaled_dot_product_attention` on the same device, when torch is
@@ -37,19 +38,21 @@ import jax
 import jax.numpy as jnp
 
 import topk
+from topk import fused
 
 MIB = 2**20
 GIB = 2**30
 PROJECT_FORMS = ('vanilla', 'chunked', 'topk')  # the forms `topk.make_attention_fn` builds
-FORMS = ('qk_product', *PROJECT_FORMS, 'cudnn', 'torch')
+# 'topk' with `topk.fused.PLATFORMS` empty (unfused) or holding 'cuda' ('topk_fused') while traced.
+FORMS = ('qk_product', *PROJECT_FORMS, 'topk_fused', 'cudnn', 'torch')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Defaults per platform: CPU keeps the README's table; any accelerator gets the GPU study.
 DEFAULTS = {
     'cpu': dict(lengths='1024,2048,4096,8192', dtypes='float32', chunk=256, baseline='vanilla',
                 forms='qk_product,vanilla,chunked,topk', budget_s=math.inf, time_longest=False),
     'accelerator': dict(lengths='4096,16384,65536', dtypes='bfloat16,float32', chunk=1024,
-                        baseline='cudnn', forms='cudnn,torch,vanilla,chunked,topk', budget_s=220,
-                        time_longest=True),
+                        baseline='cudnn', forms='cudnn,torch,vanilla,chunked,topk,topk_fused',
+                        budget_s=220, time_longest=True),
 }
 COLUMNS = ('device', 'jax', 'form', 'length', 'dtype', 'fwd_ms', 'fwd_bwd_ms', 'fwd_temp_mib',
            'fwd_bwd_temp_mib', 'fwd_ratio', 'fwd_bwd_ratio', 'skipped')
@@ -109,9 +112,28 @@ def _jax_form(form: str, dtype: str, args: argparse.Namespace) -> Callable[..., 
     if dtype not in ('bfloat16', 'float16'):
       raise Unavailable(f'cuDNN flash attention supports bfloat16 and float16 only, not {dtype}')
     return _cudnn
-  options = {'topk': dict(k=args.k, query_chunk_size=args.chunk),
-             'chunked': dict(query_chunk_size=args.chunk), 'vanilla': {}}[form]
+  if form in ('topk', 'topk_fused'):
+    if form == 'topk_fused' and jax.default_backend() != 'gpu':
+      raise Unavailable('the fused kernel compiles for NVIDIA GPUs only (Pallas interpret mode '
+                        'elsewhere is a test path, not a benchmark)')
+    return _fused_switch(topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk),
+                         {'cuda'} if form == 'topk_fused' else set())
+  options = {'chunked': dict(query_chunk_size=args.chunk), 'vanilla': {}}[form]
   return topk.make_attention_fn(form, **options)
+
+
+def _fused_switch(fn: Callable[..., jax.Array], platforms: set[str]) -> Callable[..., jax.Array]:
+  """`fn` traced with `topk.fused.PLATFORMS` set to `platforms` (the switch is read at trace)."""
+  def traced(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    saved = set(fused.PLATFORMS)
+    fused.PLATFORMS.clear()
+    fused.PLATFORMS.update(platforms)
+    try:
+      return fn(q, k, v)
+    finally:
+      fused.PLATFORMS.clear()
+      fused.PLATFORMS.update(saved)
+  return traced
 
 
 def _compile(jitted: Callable[..., object], spec: jax.ShapeDtypeStruct
@@ -286,6 +308,11 @@ def _targets(rows: list[dict], args: argparse.Namespace) -> Iterator[str]:
   """The speed and memory targets whose rows this run measured, as ratio_line strings."""
   at = {(r['form'], r['length'], r['dtype']): r for r in rows if not r['skipped']}
   for (form, length, dtype), r in sorted(at.items()):
+    flash = at.get(('cudnn', length, dtype))
+    if form == 'topk_fused' and length >= 65536 and flash:
+      for column, name in (('fwd_ms', 'fwd'), ('fwd_bwd_ms', 'fwd+bwd')):
+        yield ratio_line(f'{name} time at L={length} {dtype}, topk_fused / cudnn flash',
+                         r[column], flash[column], 1.0)
     if form != 'topk':
       continue
     if length >= 16384 and ('cudnn', length, dtype) in at:

@@ -19,6 +19,7 @@ Neither has been timed on a GPU yet; on CPU they run for tests (Pallas with `int
 """
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,25 @@ def two_stage_top_k(scores: jax.Array, k: int,
   return values, jnp.take_along_axis(indices, positions, axis=-1)
 
 
+def compact_tile(refs: tuple[Any, ...], rows: jax.Array, tiles: tuple[jax.Array, ...],
+                 keep: jax.Array, count: jax.Array, start: int, room: int,
+                 spare: int) -> jax.Array:
+  """One compaction step inside a Triton-backend kernel: appends the kept entries of a tile.
+
+  Each of `tiles` (`[R, T]`) goes to the matching ref of `refs` (`[rows, width]`) at
+  `rows [R, T]` and slot `start + count + (kept entries before it in its row)` where `keep`;
+  only the first `room` kept entries of each row (counted over all tiles) are stored. Lanes not
+  stored point at the column `spare`, outside every region, because the interpreter writes
+  masked-out lanes too. Returns the new per-row count `[R]` of kept entries, stored or not.
+  """
+  slot = count[:, None] + jnp.cumsum(keep.astype(jnp.int32), axis=1) - 1
+  stored = keep & (slot < room)
+  slot = jnp.where(stored, start + slot, spare)
+  for ref, tile in zip(refs, tiles, strict=True):
+    plgpu.store(ref.at[rows, slot], tile, mask=stored)
+  return count + jnp.sum(keep.astype(jnp.int32), axis=1)
+
+
 def _compact_kernel(scores_ref, bound_ref, values_ref, indices_ref, count_ref, *, rows: int,
                     block_rows: int, tile: int, buffer: int):
   """Copies the entries `>= bound` of `block_rows` rows of `scores [rows, n]`, in index order,
@@ -81,12 +101,9 @@ def _compact_kernel(scores_ref, bound_ref, values_ref, indices_ref, count_ref, *
     x = s.astype(jnp.float32)
     keep = ok & (x >= bound[:, None])
     nans = nans + jnp.sum((ok & (x != x)).astype(jnp.int32), axis=1)
-    slot = count[:, None] + jnp.cumsum(keep.astype(jnp.int32), axis=1) - 1
-    stored = keep & (slot < buffer)
-    slot = jnp.where(stored, slot, buffer)
-    plgpu.store(values_ref.at[row_ids, slot], s, mask=stored)
-    plgpu.store(indices_ref.at[row_ids, slot], cols, mask=stored)
-    return count + jnp.sum(keep.astype(jnp.int32), axis=1), nans
+    count = compact_tile((values_ref, indices_ref), row_ids, (s, cols), keep, count, 0, buffer,
+                         buffer)
+    return count, nans
 
   zeros = jnp.zeros((block_rows,), jnp.int32)
   count, nans = jax.lax.fori_loop(0, pl.cdiv(n, tile), scan_tile, (zeros, zeros))

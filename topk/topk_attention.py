@@ -3,7 +3,9 @@
 One pass over query chunks: a chunk's `[C, kv_len]` scores go to `topk.select.top_k`, which
 returns the k largest scores with their key indices; the kernel is applied to those kept scores
 only (so the normaliser sums over kept keys), dropout to the kept weights, and the kept values
-are mixed. No key is gathered and no score recomputed in the forward. A
+are mixed. No key is gathered and no score recomputed in the forward. Where `topk.fused` applies
+(GPU by default), a fused kernel yields each query's kept scores and key indices without writing
+the chunk's scores, and the rest is the same. A
 `jax.custom_vjp` keeps q, k, v, the bias, the kept indices, scores and validity flags (all
 O(q_len * k) besides the inputs) and, chunk by chunk, gathers the kept keys/values again and
 scatter-adds their gradients, never forming a `[C, kv_len]` array; the selection itself is not
@@ -21,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from topk import inputs, select
+from topk import fused, inputs, select
 
 
 def check_selection(selection: str, recall_target: float) -> None:
@@ -118,18 +120,32 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
                             query_padding_mask=query_padding_mask)
 
     def one_chunk(args):
-      i, q_chunk = args
-      scores = inputs.chunk_scores(c, i, q_chunk, key, bias, precision)
-      kept, idx = select.top_k(scores, k, selection=selection, recall_target=recall_target)
+      # fused_rows: the kernel's (kept, indices, redo) of this chunk, or None (unfused path).
+      i, q_chunk, fused_rows = args
+      scores = lambda: select.top_k(inputs.chunk_scores(c, i, q_chunk, key, bias, precision), k,
+                                    selection=selection, recall_target=recall_target)
+      kept, idx = scores() if fused_rows is None else fused.merge(fused_rows, scores)
       valid = inputs.chunk_validity(c, i)
       if valid is not None:
-        valid = jnp.take_along_axis(jnp.broadcast_to(valid, scores.shape), idx, axis=-1)
+        shape = idx.shape[:3] + key.shape[2:3]
+        valid = jnp.take_along_axis(jnp.broadcast_to(valid, shape), idx, axis=-1)
       weights = kept_weights(kept, multiplier(rng, i, idx.shape))
       out = _mix_rows(weights, idx, v, can.dtype)
       return out, (idx, kept, valid)
 
-    out, kept = jax.lax.map(one_chunk, (jnp.arange(can.num_chunks), chunked(q)))
-    return inputs.from_chunks(out), jax.tree.map(inputs.from_chunks, kept)
+    def run(fused_rows):
+      xs = (jnp.arange(can.num_chunks), chunked(q), jax.tree.map(chunked, fused_rows))
+      out, kept = jax.lax.map(one_chunk, xs)
+      return inputs.from_chunks(out), jax.tree.map(inputs.from_chunks, kept)
+
+    # The kernel selects exactly; an approximate selection stays on the unfused path.
+    platforms = fused.platforms(c, k) if selection == 'exact' else ()
+    if not platforms:
+      return run(None)
+    kernel_on = {platform: lambda _, p=platform: run(fused.kept_top_k(
+        c, k, precision, interpret=p not in fused.GPU_PLATFORMS, **fused.OPTIONS))
+                 for platform in platforms}
+    return jax.lax.platform_dependent(q, default=lambda _: run(None), **kernel_on)
 
   def outputs(out, idx, kept):
     return (out, idx, kept) if with_kept else out

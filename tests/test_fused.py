@@ -1,0 +1,171 @@
+"""Tests for the fused score-and-select kernel (topk.fused) in Pallas' interpreter on CPU.
+
+Shapes stay small (the interpreter is slow) with tiles of 16 so that a row spans several tiles,
+the last one partial. The kernel's score product may round differently from XLA's, so values
+are compared to a tolerance, except on integer-valued inputs where both are exact.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import topk
+from topk import fused, inputs
+
+TRITON = '__gpu$xla.gpu.triton'
+SMALL = dict(block_q=16, key_tile=16)  # and groups max(16, 2k)
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+  """`topk_attention` selects with the kernel on CPU (interpreted), with small tiles."""
+  monkeypatch.setattr(fused, 'PLATFORMS', {'cpu', 'cuda'})
+  monkeypatch.setattr(fused, 'OPTIONS', dict(SMALL))
+
+
+def _case(dtype, q_len=40, kv_len=200, heads=2, depth=16, integer=False):
+  """`(q, k, v)` `[2, L, heads, depth]` and masking arguments that cover every kind: a full
+  mask, causal, key padding (5 valid keys in the second sequence: fewer than k), query padding,
+  and a bias that is -inf on one (query, key) pair. Drawn with numpy (no compilation)."""
+  rng = np.random.default_rng(0)
+  draw = lambda *shape: rng.integers(-1, 2, shape) if integer else rng.standard_normal(shape)
+  q = jnp.asarray(draw(2, q_len, heads, depth), dtype)
+  k, v = (jnp.asarray(draw(2, kv_len, heads, depth), dtype) for _ in range(2))
+  bias = rng.standard_normal((1, heads, q_len, kv_len)).astype(np.float32)
+  bias[0, 0, 30, 3] = -np.inf
+  masks = dict(
+      is_causal=True,
+      mask=jnp.asarray(rng.uniform(size=(1, 1, q_len, kv_len)) < 0.9),
+      bias=jnp.asarray(np.round(bias) if integer else bias),
+      key_padding_mask=jnp.arange(kv_len) < jnp.array([[kv_len], [5]]),
+      query_padding_mask=jnp.arange(q_len) < jnp.array([[q_len], [33]]))
+  return (q, k, v), masks
+
+
+def _kernel_and_dense(args, masks, k, **options):
+  """The kernel's `(kept, indices, redo)` and `lax.top_k` of the dense masked scores."""
+  def both(args):
+    can = inputs.canonicalize(*args, **masks)
+    dense = inputs.chunk_scores(can, 0, can.query, can.key, can.bias, None)
+    return fused.kept_top_k(can, k, interpret=True, **options), jax.lax.top_k(dense, k)
+
+  (kept, idx, redo), want = jax.jit(both)(args)
+  return (kept, idx, np.asarray(redo)), want
+
+
+@pytest.mark.parametrize('dtype, integer, k, options', [
+    # Small integer scores (exact in both products): many ties, broken toward the lower key.
+    (jnp.float32, True, 8, {}),
+    # A loose bound (the 15th of 16 group maxima) and room for k + 1 candidates: most rows
+    # overflow on purpose.
+    (jnp.bfloat16, False, 15, dict(groups=16, buffer=32)),
+])
+def test_kept_scores_equal_lax_top_k(dtype, integer, k, options):
+  args, masks = _case(dtype, integer=integer)
+  (kept, idx, redo), (want_kept, want_idx) = _kernel_and_dense(args, masks, k,
+                                                               **SMALL | options)
+  # Causal rows with fewer than k keys, the sequence with 5 valid keys and padded queries
+  # come out of the kernel (the masked keys they keep in their own slots) ...
+  short = np.zeros(redo.shape, bool)
+  short[0, :, :k - 1] = short[1] = True
+  short[:, 0, 30] = False  # the row with a -inf bias
+  assert not redo[short].any()
+  if not options:  # ... and with room enough, only the row with a -inf bias is left over.
+    want_redo = np.zeros(redo.shape, bool)
+    want_redo[:, 0, 30] = True  # the bias broadcasts over the batch
+    np.testing.assert_array_equal(redo, want_redo)
+  else:
+    assert redo[~short].mean() > 0.5
+  np.testing.assert_array_equal(np.asarray(idx)[~redo], np.asarray(want_idx)[~redo])
+  tolerance = 0 if integer else 1e-6
+  np.testing.assert_allclose(np.asarray(kept)[~redo], np.asarray(want_kept)[~redo],
+                             rtol=tolerance, atol=tolerance)
+  assert kept.dtype == jnp.float32 and idx.dtype == jnp.int32
+
+
+def _value_and_grads(fn, args):
+  loss = lambda *a: jnp.sum(jnp.sin(fn(*a)))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+
+
+def _fused_and_unfused(monkeypatch, fn, args):
+  """`fn`'s value and gradients with the kernel forced on CPU, and with it off."""
+  monkeypatch.setattr(fused, 'PLATFORMS', set())
+  unfused = _value_and_grads(fn, args)
+  monkeypatch.setattr(fused, 'PLATFORMS', {'cpu'})
+  return _value_and_grads(fn, args), unfused
+
+
+@pytest.mark.parametrize('dtype, k, options, dropout, tolerance', [
+    (jnp.float32, 8, {}, 0.1, 1e-5),  # dropout acts on the kept weights, after selection
+    # Most rows overflow (as in the test above) and are redone by the unfused path.
+    (jnp.bfloat16, 15, dict(groups=16, buffer=32), 0.0, 2e-2),
+])
+def test_topk_attention_equals_unfused(dtype, k, options, dropout, tolerance, kernel_on_cpu,
+                                       monkeypatch):
+  args, masks = _case(dtype)  # query chunks of 16 do not divide 40 queries
+  monkeypatch.setattr(fused, 'OPTIONS', SMALL | options)
+  fn = lambda *a: topk.topk_attention(*a, k=k, query_chunk_size=16, dropout_rate=dropout,
+                                      dropout_rng=jax.random.key(1), **masks)
+  got, want = _fused_and_unfused(monkeypatch, fn, args)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
+      got, want)
+
+
+def test_k_at_least_kv_len_equals_dense(kernel_on_cpu):
+  args, masks = _case(jnp.float32, kv_len=40)
+  mask = (masks.pop('mask') & jnp.tril(jnp.ones((40, 40), bool))
+          & masks.pop('key_padding_mask')[:, None, None, :]
+          & masks.pop('query_padding_mask')[:, None, :, None])
+  del masks['is_causal']
+  got = _value_and_grads(lambda *a: topk.topk_attention(
+      *a, k=64, query_chunk_size=16, mask=mask, **masks), args)
+  want = _value_and_grads(lambda *a: topk.dot_product_attention(*a, mask=mask, **masks), args)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+def _traced(fn, depth=16):
+  """`fn(canonical inputs)` traced (not run) on a `[1, 32, 1, depth]` query, key and value."""
+  x = jax.ShapeDtypeStruct((1, 32, 1, depth), jnp.float32)
+  return jax.eval_shape(lambda x: fn(inputs.canonicalize(x, x, x)), x)
+
+
+def test_switch_and_unsupported_inputs(monkeypatch):
+  monkeypatch.setattr(fused, 'PLATFORMS', {'cpu', 'cuda'})
+  chosen = []
+  _traced(lambda can: chosen.append(fused.platforms(can, 4)), depth=8)
+  _traced(lambda can: chosen.append(fused.platforms(can, 4)))
+  assert chosen == [(), ('cpu', 'cuda')]  # head_dim 8: Triton's dot needs 16
+  for k, options, message in ((4, dict(depth=8), 'head_dim 8'),
+                              (4, dict(block_q=24), 'block_q must be a power of two'),
+                              (4, dict(key_tile=8), 'key_tile must be a power of two'),
+                              (4, dict(buffer=8), r'buffer >= 2k \+ 1'),
+                              (33, {}, r'k must be in \[1, kv_len = 32\]')):
+    depth = options.pop('depth', 16)
+    with pytest.raises(ValueError, match=message):
+      _traced(lambda can, k=k, options=options: fused.kept_top_k(can, k, interpret=True,
+                                                                 **options), depth)
+  monkeypatch.setattr(fused, 'PLATFORMS', {'tpu'})
+  with pytest.raises(ValueError, match='unknown platforms'):
+    _traced(lambda can: fused.platforms(can, 4))
+
+
+def test_lowers_for_cuda_and_stays_off_cpu():
+  # The default switch: the kernel in the CUDA lowering of forward and backward, not on CPU.
+  spec, length = jax.ShapeDtypeStruct, 1000
+  args = (spec((1, length, 2, 64), jnp.bfloat16),) * 3
+  masks = dict(bias=spec((1, 2, length, length), jnp.float32),
+               mask=spec((1, 1, 1, length), bool), key_padding_mask=spec((1, length), bool),
+               query_padding_mask=spec((1, length), bool))
+
+  def grads(args, masks):
+    loss = lambda *a: jnp.sum(topk.topk_attention(*a, k=64, query_chunk_size=256,
+                                                  is_causal=True, **masks))
+    return jax.grad(loss, argnums=(0, 1, 2))(*args)
+
+  exported = jax.export.export(
+      jax.jit(grads), platforms=['cuda'],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(args, masks)
+  assert TRITON in exported.mlir_module()
+  assert 'triton' not in jax.jit(grads).lower(args, masks).as_text()

@@ -1,0 +1,299 @@
+"""A fused score-and-select Pallas kernel (Triton backend) for `topk_attention`'s forward.
+
+The unfused forward writes each query chunk's float32 scores `[C, kv_len]` to memory and reads
+them back to select. Here one kernel instance per block of `block_q` queries streams the keys
+tile by tile, computes the scaled, biased, masked scores of each tile in fast memory (`dot`)
+and writes only the kept scores and key indices `[B, H, Lq, k]`:
+
+1. bound: the maximum of each of `G` strided key groups (key `j` is in group `j mod G`,
+   `G >= k`), then the k-th largest of those maxima by `k` rounds of max-and-remove. The k
+   largest group maxima are k distinct entries, so this `t` is at most the row's k-th largest.
+2. compaction: the scores are recomputed tile by tile; entries `>= t` above the masked score
+   `inputs.NEG` go, in key order, to a per-row candidate buffer (slot by `cumsum`, count carried
+   across tiles); entries equal to `NEG` (masked keys) go to a second region of `k` slots, so
+   rows with fewer than k valid keys (causal starts, padding) stay exact without storing every
+   masked key.
+3. selection: `k` rounds of max-and-remove over the buffer, equal values taken in slot order.
+   Every entry that can be in the top k is in the buffer, in key order, masked ones after the
+   rest, so the kept values and indices equal `lax.top_k` of the dense scores, tie order
+   included. Exactness is per row up to the score product's rounding: Triton's and XLA's
+   products may round differently, so two keys whose scores differ by that much may swap.
+
+A row whose buffer overflows, or that holds a NaN score or one below `NEG` (a bias of -inf),
+comes back flagged in `redo`; `merge` redoes such rows with the unfused selection.
+
+Memory: besides the outputs, the kernel writes the candidate buffers `[B, H, Lq, buffer]`
+(float32 and int32): O(Lq * k), never `[Lq, kv_len]`. No GPU was available when it was written:
+it is tested in Pallas' interpreter and lowered for CUDA on CPU, its speed is unmeasured, and
+the defaults below are guesses to tune on a GPU.
+"""
+import functools
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from topk import inputs, select_gpu
+
+# Computation dtypes the kernel takes (Triton's dot inputs).
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Platforms where the kernel compiles with Triton; on 'cpu' it runs in Pallas' interpreter.
+GPU_PLATFORMS = ('cuda',)
+# The switch, read when `topk_attention` is traced: the platforms where its forward selects with
+# this kernel (for the inputs it takes; `unsupported` says which), the unfused path elsewhere.
+# Empty until the kernel has been compiled and timed on a GPU: add 'cuda' to use it there (the
+# GPU benchmark's 'topk_fused' form does), 'cpu' to run it in the interpreter (tests).
+PLATFORMS: set[str] = set()
+# `kept_top_k`'s tuning keywords (block sizes, buffer, Triton's settings) `topk_attention` uses.
+OPTIONS: dict[str, Any] = {}
+
+
+def _row_block(ref: jax.Array | None, index: jax.Array, rows: jax.Array, r0: jax.Array,
+               c0: jax.Array, block_q: int, tile: int, q_len: int, kv_len: int,
+               other: Any) -> jax.Array | None:
+  """Loads tile `[block_q|1, tile|1]` at `(r0, c0)` of `ref [N, Lq|1, Lk|1]` entry `index`,
+  keeping its broadcast axes of size 1; `other` outside `[q_len, kv_len]`."""
+  if ref is None:
+    return None
+  lq, lk = ref.shape[1:]
+  row_ok = (rows < q_len)[:, None] if lq != 1 else jnp.ones((1, 1), bool)
+  col_ok = (c0 + jax.lax.broadcasted_iota(jnp.int32, (1, tile), 1) < kv_len) if lk != 1 else (
+      jnp.ones((1, 1), bool))
+  index = jnp.asarray(index, jnp.int32)  # also where the entry is always 0
+  return plgpu.load(ref.at[index, pl.ds(r0, block_q) if lq != 1 else pl.ds(0, 1),
+                           pl.ds(c0, tile) if lk != 1 else pl.ds(0, 1)],
+                    mask=row_ok & col_ok, other=other)
+
+
+def _take_max(x: jax.Array, slot: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One round of max-and-remove over the rows of `x [R, n]` (`slot`: column numbers): returns
+  `x` with each row's first maximum set to -inf, the maxima `[R]` and their slots `[R]`."""
+  top = jnp.max(x, axis=1)
+  first = jnp.min(jnp.where(x == top[:, None], slot, x.shape[1]), axis=1)
+  return jnp.where(slot == first[:, None], -jnp.inf, x), top, first
+
+
+def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, kept_ref, idx_ref, redo_ref,
+            values_ref, slots_ref, *, k: int, heads: int, bias_heads: tuple[int, int],
+            mask_heads: tuple[int, int], is_causal: bool, q_len: int, block_q: int,
+            groups: int, tile: int, buffer: int, precision: Any, interpret: bool):
+  """One block of `block_q` queries of one (batch, head): see the module docstring.
+
+  Refs: `q [BH, Lq_b, D]` (scaled), `key [BH, Lk, D]`, `bias [Nb, Lq|1, Lk|1]` float32 and
+  `mask [Nm, Lq|1, Lk|1]` int8 (entry chosen by `bias_heads`/`mask_heads`: their batch and head
+  counts, 1 if broadcast), `kpm [B, 1, Lk]` and `qpm [B, Lq, 1]` int8; outputs `kept, idx
+  [BH, Lq_b, k_p]`, `redo [BH, Lq_b, 1]` int32, candidate buffers `values, slots
+  [BH * Lq_b, buffer]`. Absent refs are None.
+  """
+  bh, r0 = pl.program_id(0), pl.program_id(1) * block_q
+  b, h = bh // heads, bh % heads
+  kv_len = key_ref.shape[1]
+  rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q = plgpu.load(q_ref.at[bh, pl.ds(r0, block_q), :])
+  entry = lambda counts: (b if counts[0] != 1 else 0) * counts[1] + (h if counts[1] != 1 else 0)
+
+  def scores(c0, width):
+    # Masked float32 scores [block_q, width] of keys c0 ... c0 + width - 1, as
+    # `inputs.chunk_scores`; keys past kv_len are marked by `inside`.
+    cols = c0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, width), 1)
+    inside = cols < kv_len
+    key_ok = c0 + jax.lax.broadcasted_iota(jnp.int32, (width, 1), 0) < kv_len
+    keys = plgpu.load(key_ref.at[bh, pl.ds(c0, width), :], mask=key_ok, other=0)
+    s = plgpu.dot(q, keys, trans_b=True, precision=precision)
+    load = functools.partial(_row_block, rows=rows, r0=r0, c0=c0, block_q=block_q, tile=width,
+                             q_len=q_len, kv_len=kv_len)
+    if bias_ref is not None:
+      s = s + load(bias_ref, entry(bias_heads), other=0.0)
+    valid = jnp.ones((block_q, width), bool)
+    if mask_ref is not None:
+      valid &= load(mask_ref, entry(mask_heads), other=1) != 0
+    if is_causal:
+      valid &= cols <= rows[:, None]
+    if kpm_ref is not None:
+      valid &= load(kpm_ref, b, other=1) != 0
+    if qpm_ref is not None:
+      valid &= load(qpm_ref, b, other=1) != 0
+    return jnp.where(valid, s, inputs.NEG), cols, inside
+
+  # 1. The bound: maxima of strided groups, then their k-th largest.
+  def group_maxima(j, maxima):
+    s, _, inside = scores(j * groups, groups)
+    return jnp.maximum(maxima, jnp.where(inside, s, -jnp.inf))
+
+  maxima = jax.lax.fori_loop(0, pl.cdiv(kv_len, groups), group_maxima,
+                             jnp.full((block_q, groups), -jnp.inf, jnp.float32))
+  group = jax.lax.broadcasted_iota(jnp.int32, (block_q, groups), 1)
+  bound = jax.lax.fori_loop(0, k, lambda _, c: _take_max(c[0], group)[:2],
+                            (maxima, jnp.zeros((block_q,), jnp.float32)))[1]
+
+  # 2. Compaction: candidates above NEG in slots [0, room), masked ties in [room, room + k).
+  room = buffer - k - 1
+  first = bh * pl.num_programs(1) * block_q + r0  # of this block in the candidate buffers
+  row_ids = jax.lax.broadcasted_iota(jnp.int32, (block_q, tile), 0) + first
+  refs = (values_ref, slots_ref)
+
+  def compact(j, carry):
+    above, ties, bad = carry
+    s, cols, inside = scores(j * tile, tile)
+    keep = inside & (s >= bound[:, None])
+    above = select_gpu.compact_tile(refs, row_ids, (s, cols), keep & (s > inputs.NEG), above,
+                                    0, room, buffer - 1)
+    ties = select_gpu.compact_tile(refs, row_ids, (s, cols), keep & (s == inputs.NEG), ties,
+                                   room, k, buffer - 1)
+    bad = bad + jnp.sum((inside & ~(s >= inputs.NEG)).astype(jnp.int32), axis=1)
+    return above, ties, bad
+
+  zeros = jnp.zeros((block_q,), jnp.int32)
+  above, ties, bad = jax.lax.fori_loop(0, pl.cdiv(kv_len, tile), compact, (zeros, zeros, zeros))
+  plgpu.store(redo_ref.at[bh, pl.ds(r0, block_q), :],
+              ((above > room) | (bad > 0)).astype(jnp.int32)[:, None])
+
+  # 3. The top k of the buffer (written by other threads of this instance: synchronize first).
+  if not interpret:  # The interpreter runs one thread and has no barrier.
+    plgpu.debug_barrier()
+  slot = jax.lax.broadcasted_iota(jnp.int32, (block_q, buffer), 1)
+  filled = (slot < above[:, None]) | (
+      (slot >= room) & (slot < room + jnp.minimum(ties, k)[:, None]))
+  values = jnp.where(filled, plgpu.load(values_ref.at[pl.ds(first, block_q), :]), -jnp.inf)
+  slots = plgpu.load(slots_ref.at[pl.ds(first, block_q), :])
+  k_p = kept_ref.shape[2]
+  rank = jax.lax.broadcasted_iota(jnp.int32, (block_q, k_p), 1)
+
+  def take_rank(j, carry):
+    values, kept, idx = carry
+    values, top, first = _take_max(values, slot)
+    key = jnp.sum(jnp.where(slot == first[:, None], slots, 0), axis=1)
+    return values, jnp.where(rank == j, top[:, None], kept), jnp.where(rank == j, key[:, None], idx)
+
+  _, kept, idx = jax.lax.fori_loop(0, k, take_rank, (
+      values, jnp.zeros((block_q, k_p), jnp.float32), jnp.zeros((block_q, k_p), jnp.int32)))
+  plgpu.store(kept_ref.at[bh, pl.ds(r0, block_q), :], kept)
+  plgpu.store(idx_ref.at[bh, pl.ds(r0, block_q), :], idx)
+
+
+def _power_of_2(x: int) -> bool:
+  return x >= 1 and x & (x - 1) == 0
+
+
+def unsupported(can: inputs.Canonical, k: int) -> str | None:
+  """Why the kernel cannot serve these inputs (the unfused path then runs), or None."""
+  d = can.query.shape[3]
+  if can.dtype not in DTYPES:
+    return f'computation dtype {can.dtype} (the kernel takes {DTYPES})'
+  if not (_power_of_2(d) and d >= 16):
+    return f'head_dim {d} (the kernel takes powers of two >= 16)'
+  if k < 1:
+    return 'no keys'
+  return None
+
+
+@functools.cache
+def _say(message: str) -> None:
+  logging.getLogger(__name__).info(message)
+
+
+def platforms(can: inputs.Canonical, k: int) -> tuple[str, ...]:
+  """The platforms in `PLATFORMS` where `topk_attention` runs the kernel on these inputs (none if
+  it does not take them); logs the choice once per distinct message."""
+  unknown = set(PLATFORMS) - {'cpu', *GPU_PLATFORMS}
+  if unknown:
+    raise ValueError(f'topk.fused.PLATFORMS: unknown platforms {sorted(unknown)}; valid: '
+                     f"{sorted({'cpu', *GPU_PLATFORMS})}.")
+  reason = unsupported(can, k)
+  chosen = () if reason else tuple(sorted(PLATFORMS))
+  _say(f'top-k attention: fused kernel on {", ".join(chosen)}, unfused elsewhere' if chosen else
+       f'top-k attention: unfused ({reason or "topk.fused.PLATFORMS is empty"})')
+  return chosen
+
+
+def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
+               block_q: int = 64, key_tile: int = 128, groups: int | None = None,
+               buffer: int | None = None, num_warps: int = 4,
+               num_stages: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k largest masked scores of every query and their key indices, without the dense scores.
+
+  Args:
+    can: canonical inputs (`unsupported(can, k)` must be None); their masks, bias and
+      `is_causal` apply as in `inputs.chunk_scores`.
+    k: keys kept per query, `1 <= k <= kv_len`.
+    precision: the score product's precision (`dot`'s).
+    interpret: run in Pallas' interpreter (any platform) instead of compiling with Triton.
+    block_q: queries per kernel instance; key_tile: keys per compaction step; groups: strided
+      key groups of the bound (default: `max(key_tile, 2k)` rounded up to a power of two), also
+      the keys per bound step; buffer: candidate slots per row, at least `2k + 1` (default
+      `max(4k, 64)` rounded up to a power of two, less where kv_len needs less); all powers of
+      two, the first three at least 16 (Triton's dot). num_warps, num_stages: Triton's.
+
+  Returns:
+    `(kept float32 [B, H, Lq_pad, k], indices int32 [B, H, Lq_pad, k], redo bool
+    [B, H, Lq_pad])`: the kept scores in descending order and their keys, exact (as
+    `lax.top_k` of the masked scores) where `redo` is False.
+  """
+  reason = unsupported(can, k)
+  if reason is not None:
+    raise ValueError(f'kept_top_k: the kernel does not take {reason}.')
+  b, h, lq, d = can.query.shape
+  lk = can.key.shape[2]
+  if not 1 <= k <= lk:
+    raise ValueError(f'kept_top_k: k must be in [1, kv_len = {lk}], got {k}.')
+  groups = groups or max(key_tile, select_gpu._next_power_of_2(2 * k))
+  buffer = buffer or min(select_gpu._next_power_of_2(max(4 * k, 64)),
+                         select_gpu._next_power_of_2(lk + k + 1))
+  sizes = dict(block_q=block_q, key_tile=key_tile, groups=groups)
+  for name, size in (*sizes.items(), ('buffer', buffer)):
+    if not (isinstance(size, int) and _power_of_2(size) and (name == 'buffer' or size >= 16)):
+      raise ValueError(f'kept_top_k: {name} must be a power of two (>= 16 but buffer), got '
+                       f'{size!r}.')
+  if groups < k or buffer < 2 * k + 1:
+    raise ValueError(f'kept_top_k: needs groups >= k and buffer >= 2k + 1 (k = {k}), got '
+                     f'groups {groups}, buffer {buffer}.')
+
+  lq_b = pl.cdiv(lq, block_q) * block_q
+  q = inputs.scale_query(can.query)  # as the unfused scores, rounding included
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, lq_b - lq), (0, 0))).reshape(b * h, lq_b, d)
+
+  def flat(x):  # [B|1, H|1, Lq|1, Lk|1] -> [(B|1) * (H|1), Lq|1, Lk|1], and its (B|1, H|1)
+    return None if x is None else x.reshape(-1, *x.shape[2:])
+
+  int8 = lambda x: None if x is None else x.astype(jnp.int8)
+  operands = (q, can.key.reshape(b * h, lk, d), flat(can.bias), int8(flat(can.mask)),
+              None if can.key_padding_mask is None else int8(can.key_padding_mask[:, None, :]),
+              None if can.query_padding_mask is None else int8(can.query_padding_mask[:, :, None]))
+  present = [x is not None for x in operands]
+
+  def kernel(*refs):
+    refs = iter(refs)
+    ins = [next(refs) if p else None for p in present]
+    _kernel(*ins, *refs, k=k, heads=h, q_len=lq, block_q=block_q, groups=groups, tile=key_tile,
+            buffer=buffer, precision=precision, interpret=interpret, is_causal=can.is_causal,
+            bias_heads=(1, 1) if can.bias is None else can.bias.shape[:2],
+            mask_heads=(1, 1) if can.mask is None else can.mask.shape[:2])
+
+  k_p = select_gpu._next_power_of_2(k)
+  out = lambda width, dtype: jax.ShapeDtypeStruct((b * h, lq_b, width), dtype)
+  kept, idx, redo, _, _ = pl.pallas_call(
+      kernel,
+      out_shape=(out(k_p, jnp.float32), out(k_p, jnp.int32), out(1, jnp.int32),
+                 jax.ShapeDtypeStruct((b * h * lq_b, buffer), jnp.float32),
+                 jax.ShapeDtypeStruct((b * h * lq_b, buffer), jnp.int32)),
+      grid=(b * h, lq_b // block_q), interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+  )(*(x for x in operands if x is not None))
+  per_query = lambda x: x[:, :lq].reshape(b, h, lq, *x.shape[2:])
+  return per_query(kept[..., :k]), per_query(idx[..., :k]), per_query(redo[..., 0] != 0)
+
+
+def merge(fused: tuple[jax.Array, jax.Array, jax.Array],
+          unfused: Any) -> tuple[jax.Array, jax.Array]:
+  """The kernel's `(kept, indices, redo)` of some rows, with the rows flagged in `redo` taken
+  from `unfused()` (a thunk giving `(kept, indices)` of the same rows), only run if one is."""
+  kept, idx, redo = fused
+
+  def redo_rows():
+    again = unfused()
+    return (jnp.where(redo[..., None], again[0], kept), jnp.where(redo[..., None], again[1], idx))
+
+  return jax.lax.cond(jnp.any(redo), redo_rows, lambda: (kept, idx))
