@@ -35,7 +35,8 @@ def _read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
 def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
   # --time_longest adds topk's longest fitting length (128 here) to the timed lengths, as on GPU.
   argv = [*TINY, '--lengths', '64', '--time_longest', '--forms',
-          'qk_product,chunked,topk,cudnn,torch', '--baseline', 'chunked', '--out', str(tmp_path)]
+          'qk_product,chunked,topk,topk_fused,cudnn,torch', '--baseline', 'chunked', '--out',
+          str(tmp_path)]
   stdout = _run_python(
       'import sys\n'
       'from benchmarks import attention\n'
@@ -48,7 +49,7 @@ def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
   assert tuple(columns) == attention.COLUMNS
   assert [(r['form'], int(r['length'])) for r in rows] == [
       (form, length) for length in (64, 128)
-      for form in ('qk_product', 'chunked', 'topk', 'cudnn', 'torch')]
+      for form in ('qk_product', 'chunked', 'topk', 'topk_fused', 'cudnn', 'torch')]
   at = {(r['form'], int(r['length'])): r for r in rows}
   for length in (64, 128):
     for form in ('qk_product', 'chunked', 'topk'):
@@ -63,6 +64,7 @@ def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
     assert math.isnan(float(at[('qk_product', length)]['fwd_bwd_ms']))
     cudnn = at[('cudnn', length)]
     assert 'NVIDIA GPU' in cudnn['skipped'] and math.isnan(float(cudnn['fwd_ms']))
+    assert 'NVIDIA GPUs only' in at[('topk_fused', length)]['skipped']
     try:
       import torch  # noqa: F401
     except ImportError:
@@ -90,7 +92,7 @@ def test_attention_defaults_follow_the_backend(monkeypatch):
   gpu = attention._parse([])
   assert (gpu.lengths, gpu.dtypes, gpu.baseline, gpu.chunk, gpu.time_longest, gpu.budget_s) == (
       [4096, 16384, 65536], ['bfloat16', 'float32'], 'cudnn', 1024, True, 220)
-  assert set(gpu.forms) == {'cudnn', 'torch', 'vanilla', 'chunked', 'topk'}
+  assert set(gpu.forms) == {'cudnn', 'torch', 'vanilla', 'chunked', 'topk', 'topk_fused'}
   assert attention._jax_form('cudnn', 'bfloat16', gpu) is attention._cudnn
   with pytest.raises(attention.Unavailable, match='bfloat16 and float16 only'):
     attention._jax_form('cudnn', 'float32', gpu)
@@ -161,3 +163,12 @@ def test_gpu_script_writes_both_benchmarks_to_out(tmp_path):
   _, rows = _read_csv(str(tmp_path / 'model_step.csv'))
   assert [(r['config'], r['dtype']) for r in rows] == [('configs/listops.py:topk,smoke',
                                                         'bfloat16')]
+
+
+def test_fused_switch_holds_only_while_tracing(monkeypatch):
+  monkeypatch.setattr(attention.fused, 'PLATFORMS', {'cpu'})
+  seen = []
+  traced = attention._fused_switch(lambda q, k, v: seen.append(set(attention.fused.PLATFORMS)),
+                                   {'cuda'})
+  traced(None, None, None)
+  assert seen == [{'cuda'}] and attention.fused.PLATFORMS == {'cpu'}

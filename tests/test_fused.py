@@ -151,8 +151,9 @@ def test_switch_and_unsupported_inputs(monkeypatch):
     _traced(lambda can: fused.platforms(can, 4))
 
 
-def test_lowers_for_cuda_and_stays_off_cpu():
-  # The default switch: the kernel in the CUDA lowering of forward and backward, not on CPU.
+def test_lowers_for_cuda_and_stays_off_cpu(monkeypatch):
+  # Switched on for CUDA: the kernel in the CUDA lowering of forward and backward, not on CPU.
+  monkeypatch.setattr(fused, 'PLATFORMS', {'cuda'})
   spec, length = jax.ShapeDtypeStruct, 1000
   args = (spec((1, length, 2, 64), jnp.bfloat16),) * 3
   masks = dict(bias=spec((1, 2, length, length), jnp.float32),

@@ -74,7 +74,9 @@ def test_every_package_is_installed():
 
 def test_pins_match_imports():
   """Each third-party import comes from a pinned distribution; each runtime pin is used."""
+  scripts = [f for f in os.listdir(REPO) if f.endswith('.py')]  # train.py, sweep.py, demo.py
   first_party = {name.split('.')[0] for name in configuration()['tool']['setuptools']['packages']}
+  first_party |= {f.removesuffix('.py') for f in scripts}
   distributions = importlib.metadata.packages_distributions()
   runtime, dev = pins('requirements.txt'), pins('requirements-dev.txt')
 
@@ -82,7 +84,7 @@ def test_pins_match_imports():
     names -= set(sys.stdlib_module_names) | first_party | OPTIONAL
     return {name: {normalize(d) for d in distributions.get(name, [])} for name in names}
 
-  code = third_party(imported_modules('lra', 'topk', 'configs', 'benchmarks', 'train.py'))
+  code = third_party(imported_modules('lra', 'topk', 'configs', 'benchmarks', 'studies', *scripts))
   tests = third_party(imported_modules('tests'))
   assert {name: dists for name, dists in code.items() if not dists & set(runtime)} == {}
   assert {name: dists for name, dists in tests.items() if not dists & (set(runtime) | set(dev))
