@@ -27,6 +27,7 @@ that stops adding lengths once spent. Writes the table to stdout and `attention.
 """
 import argparse
 import csv
+import json
 import math
 import os
 import platform
@@ -146,7 +147,7 @@ def _compile(jitted: Callable[..., object], spec: jax.ShapeDtypeStruct
           mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
 
 
-def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
   """Median seconds of `repeats` calls of `run` (which waits for its result), after a warm-up."""
   run()  # compile and warm up
   times = []
@@ -191,7 +192,7 @@ def _measure_jax(row: dict, data: tuple[jax.Array, ...], args: argparse.Namespac
         raise Unavailable(f'{name} needs {size(total)} compiled, over the limit of '
                           f'{size(limit)}')
     for name, executable in compiled.items():
-      row[f'{name}_ms'] = 1e3 * _median_seconds(
+      row[f'{name}_ms'] = 1e3 * median_seconds(
           lambda executable=executable: jax.block_until_ready(executable(*data)), args.repeats)
   except Unavailable:
     raise
@@ -229,8 +230,8 @@ def _measure_torch(row: dict, data: tuple[jax.Array, ...], args: argparse.Namesp
     sync()
 
   try:
-    row['fwd_ms'] = 1e3 * _median_seconds(forward, args.repeats)
-    row['fwd_bwd_ms'] = 1e3 * _median_seconds(forward_backward, args.repeats)
+    row['fwd_ms'] = 1e3 * median_seconds(forward, args.repeats)
+    row['fwd_bwd_ms'] = 1e3 * median_seconds(forward_backward, args.repeats)
   except RuntimeError as e:  # e.g. CUDA out of memory
     raise Unavailable(f'torch: {str(e).splitlines()[0][:200]}') from None
 
@@ -353,6 +354,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--heads', type=int, default=8)
   parser.add_argument('--head_dim', type=int, default=64)
   parser.add_argument('--out', default='benchmarks/out', help='directory for CSV and PNG')
+  add_fused_options(parser)
   parser.add_argument('--memory_limit_mib', type=float, default=None,
                       help="memory a compiled pass may use (default: the device's limit, or "
                            '16 GiB where the device does not say, e.g. CPU)')
@@ -371,6 +373,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
+def add_fused_options(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--fused_options', type=_fused_options, default={},
+                      help="the fused kernel's options (`topk.fused.OPTIONS`): a JSON object or "
+                           'a JSON file, e.g. the fused_options.json of benchmarks.fused')
+
+
+def _fused_options(text: str) -> dict:
+  if os.path.exists(text):
+    with open(text) as f:
+      text = f.read()
+  try:
+    options = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise argparse.ArgumentTypeError(f'not a JSON object or a JSON file: {e}') from None
+  if not isinstance(options, dict):
+    raise argparse.ArgumentTypeError(f'expected a JSON object, got {options!r}')
+  return options
+
+
 def _choice(name: str, valid: object) -> str:
   if name not in valid:
     raise argparse.ArgumentTypeError(f'{name!r} is not one of {", ".join(valid)}')
@@ -381,20 +402,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
   """Runs the benchmark; returns the CSV's rows (dicts keyed by `COLUMNS`)."""
   start = time.perf_counter()
   args = _parse(argv)
+  fused.OPTIONS.update(args.fused_options)
   device, limit = machine(), memory_limit(args.memory_limit_mib)
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}); batch {args.batch}, '
         f'heads {args.heads}, head_dim {args.head_dim}, k {args.k}, chunk {args.chunk}; memory '
-        f'limit {size(limit)}; time budget {args.budget_s} s', flush=True)
+        f'limit {size(limit)}; time budget {args.budget_s} s; fused kernel options '
+        f'{fused.OPTIONS or "default"}', flush=True)
 
   lengths = sorted(set(args.lengths))
   longest = {}
-  for form in (f for f in PROJECT_FORMS if f in args.forms):
+  # Fused top-k first: the memory target is its, and the searches share one deadline.
+  for form in (f for f in ('topk_fused', *PROJECT_FORMS) if f in args.forms
+               and not (f == 'topk_fused' and jax.default_backend() != 'gpu')):
     longest[form], note = _longest_fitting(form, lengths[-1], lengths[0], args, limit,
                                            start + args.budget_s / 4)
     print(f'longest length within {size(limit)} (fwd+bwd {args.dtypes[0]}, compiled): '
           f'{form}: {longest[form]}{note}', flush=True)
-  if args.time_longest and longest.get('topk') and longest['topk'] > lengths[-1]:
-    lengths.append(longest['topk'])
+  top = max((longest.get(form) or 0) for form in ('topk', 'topk_fused'))
+  if args.time_longest and top > lengths[-1]:
+    lengths.append(top)
 
   rows, previous = [], None  # previous: (length, compile seconds, run seconds) of the last length
   for length in lengths:

@@ -25,12 +25,14 @@ import ml_collections
 import numpy as np
 
 import topk
-from benchmarks.attention import GIB, machine, memory_limit, ratio_line, size
+from benchmarks.attention import GIB, add_fused_options, machine, memory_limit, ratio_line, size
 from lra import config_loader, data, models, train
+from topk import fused
 
 # Every task config, in the order --all measures them (ListOps carries the step-time target).
 TASK_CONFIGS = ('listops', 'text', 'retrieval', 'image', 'pathfinder', 'pathx')
-COLUMNS = ('device', 'jax', 'config', 'task', 'kind', 'dtype', 'batch', 'length', 'params',
+COLUMNS = ('device', 'jax', 'config', 'task', 'kind', 'fused', 'dtype', 'batch', 'length',
+           'params',
            'temp_gib', 'argument_gib', 'total_gib', 'limit_gib', 'fits', 'step_ms', 'run_hours',
            'compile_s', 'skipped')
 
@@ -99,6 +101,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--budget_s', type=float, default=math.inf,
                       help='measure no further config once this many seconds are spent')
   parser.add_argument('--out', default='benchmarks/out', help='directory for model_step.csv')
+  parser.add_argument('--fused', choices=('on', 'off', 'both'), default=None,
+                      help="top-k kinds with the fused kernel on this device's platform, without "
+                           "it, or both (default: `topk.fused.PLATFORMS` as it is)")
+  add_fused_options(parser)
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error(f'--repeats must be >= 1, got {args.repeats}')
@@ -113,6 +119,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
+def _runs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+  """(config spec, fused switch 'on'/'off' or None: leave it) for each measurement."""
+  switches = {None: (None,), 'on': ('on',), 'off': ('off',), 'both': ('off', 'on')}[args.fused]
+  return [(spec, switch) for spec in args.config for switch in (
+      switches if config_loader.get_config(spec).attention.kind == 'topk' else (None,))]
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   """Measures each config; returns the CSV's rows (dicts keyed by `COLUMNS`)."""
   start = time.perf_counter()
@@ -120,11 +133,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   device, limit = machine(), memory_limit(args.memory_limit_mib)
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} '
         f'devices); memory limit {size(limit)}', flush=True)
+  fused.OPTIONS.update(args.fused_options)
+  platform = jax.devices()[0].platform
   rows = []
-  for spec in args.config:
+  for spec, switch in _runs(args):
     config = config_loader.get_config(spec)
     if args.dtype:
       config.model.dtype = args.dtype
+    if switch is not None:  # read when the step is traced, inside `measure`
+      fused.PLATFORMS.clear()
+      fused.PLATFORMS.update({platform} if switch == 'on' else ())
     spent = time.perf_counter() - start
     if spent > args.budget_s:
       row = dict.fromkeys(COLUMNS, math.nan)
@@ -132,9 +150,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  skipped=f'time budget: {spent:.0f} s spent of {args.budget_s:.0f} s')
     else:
       row = measure(config, args.repeats, limit)
-    row.update(device=device, jax=jax.__version__, config=spec)
+    row.update(device=device, jax=jax.__version__, config=spec,
+               fused=platform in fused.PLATFORMS if config.attention.kind == 'topk' else '')
     rows.append(row)
-    print(f'{spec:>40} {row["dtype"]:>8}: ' + (
+    print(f'{spec:>40} {row["dtype"]:>8}{" fused" if row["fused"] else ""}: ' + (
         f'skipped: {row["skipped"]}' if row['skipped'] and math.isnan(row['temp_gib']) else
         f'temp {row["temp_gib"]:6.2f} GiB + arguments {row["argument_gib"]:5.2f} GiB, total '
         f'{row["total_gib"]:6.2f} GiB ({"fits" if row["fits"] else "does not fit"}); step '
@@ -148,11 +167,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     writer.writeheader()
     writer.writerows(rows)
   print(f'wrote {path}')
-  step = {(r['task'], r['kind'], r['dtype']): r['step_ms'] for r in rows}
-  for (task, kind, dtype), ms in step.items():
-    vanilla = step.get((task, 'vanilla', dtype), math.nan)
+  step = {(r['task'], r['kind'], r['fused'], r['dtype']): r['step_ms'] for r in rows}
+  for (task, kind, is_fused, dtype), ms in step.items():
+    vanilla = step.get((task, 'vanilla', '', dtype), math.nan)
     if (task, kind) == ('listops', 'topk') and not math.isnan(ms) and not math.isnan(vanilla):
-      print(ratio_line(f'{task} step time {dtype}, topk / vanilla', ms, vanilla, 1.5))
+      name = 'topk (fused)' if is_fused else 'topk'
+      print(ratio_line(f'{task} step time {dtype}, {name} / vanilla', ms, vanilla,
+                       1.0 if is_fused else 1.5))
   print(f'total {time.perf_counter() - start:.0f} s')
   return rows
 

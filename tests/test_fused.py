@@ -18,9 +18,11 @@ SMALL = dict(block_q=16, key_tile=16)  # and groups max(16, 2k)
 
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
-  """`topk_attention` selects with the kernel on CPU (interpreted), with small tiles."""
+  """`topk_attention` selects with the kernel on CPU (interpreted), with small tiles; rows it
+  leaves are redone in two sub-chunks of 8 queries per chunk of 16."""
   monkeypatch.setattr(fused, 'PLATFORMS', {'cpu', 'cuda'})
   monkeypatch.setattr(fused, 'OPTIONS', dict(SMALL))
+  monkeypatch.setattr(fused, 'REDO_ROWS', 8)
 
 
 def _case(dtype, q_len=40, kv_len=200, heads=2, depth=16, integer=False):

@@ -49,6 +49,9 @@ GPU_PLATFORMS = ('cuda',)
 PLATFORMS: set[str] = set()
 # `kept_top_k`'s tuning keywords (block sizes, buffer, Triton's settings) `topk_attention` uses.
 OPTIONS: dict[str, Any] = {}
+# Queries per sub-chunk (at most; a divisor of the query chunk) in which `topk_attention` redoes
+# the rows the kernel leaves: their dense scores are the fused path's largest temporary.
+REDO_ROWS = 128
 
 
 def _row_block(ref: jax.Array | None, index: jax.Array, rows: jax.Array, r0: jax.Array,
@@ -68,25 +71,26 @@ def _row_block(ref: jax.Array | None, index: jax.Array, rows: jax.Array, r0: jax
                     mask=row_ok & col_ok, other=other)
 
 
-def _take_max(x: jax.Array, slot: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One round of max-and-remove over the rows of `x [R, n]` (`slot`: column numbers): returns
-  `x` with each row's first maximum set to -inf, the maxima `[R]` and their slots `[R]`."""
-  top = jnp.max(x, axis=1)
-  first = jnp.min(jnp.where(x == top[:, None], slot, x.shape[1]), axis=1)
-  return jnp.where(slot == first[:, None], -jnp.inf, x), top, first
+# Bisection steps of the bound: each halves the interval that holds the k-th largest group
+# maximum, so after 20 the bound is within a millionth of the row's range below it.
+BISECTION_STEPS = 20
+# Bits of the packed per-tile counts (candidates below, masked ties above): tiles of at most
+# 2**15 keys.
+_TIE_SHIFT = 16
 
 
-def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, kept_ref, idx_ref, redo_ref,
-            values_ref, slots_ref, *, k: int, heads: int, bias_heads: tuple[int, int],
-            mask_heads: tuple[int, int], is_causal: bool, q_len: int, block_q: int,
-            groups: int, tile: int, buffer: int, precision: Any, interpret: bool):
+def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, values_ref, slots_ref,
+            above_ref, ties_ref, bad_ref, *, k: int, heads: int, bias_heads: tuple[int, int],
+            mask_heads: tuple[int, int], is_causal: bool, q_len: int, block_q: int, groups: int,
+            tile: int, buffer: int, precision: Any):
   """One block of `block_q` queries of one (batch, head): see the module docstring.
 
   Refs: `q [BH, Lq_b, D]` (scaled), `key [BH, Lk, D]`, `bias [Nb, Lq|1, Lk|1]` float32 and
   `mask [Nm, Lq|1, Lk|1]` int8 (entry chosen by `bias_heads`/`mask_heads`: their batch and head
-  counts, 1 if broadcast), `kpm [B, 1, Lk]` and `qpm [B, Lq, 1]` int8; outputs `kept, idx
-  [BH, Lq_b, k_p]`, `redo [BH, Lq_b, 1]` int32, candidate buffers `values, slots
-  [BH * Lq_b, buffer]`. Absent refs are None.
+  counts, 1 if broadcast), `kpm [B, 1, Lk]` and `qpm [B, Lq, 1]` int8; outputs: the candidate
+  buffers `values, slots [BH * Lq_b, buffer]` and per row `[BH * Lq_b]` int32: the candidates
+  above the masked score (`above`), the masked ties (`ties`) and the invalid scores (`bad`:
+  NaN, or below the masked score). Absent refs are None.
   """
   bh, r0 = pl.program_id(0), pl.program_id(1) * block_q
   b, h = bh // heads, bh % heads
@@ -107,71 +111,69 @@ def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, kept_ref, idx_
                              q_len=q_len, kv_len=kv_len)
     if bias_ref is not None:
       s = s + load(bias_ref, entry(bias_heads), other=0.0)
-    valid = jnp.ones((block_q, width), bool)
-    if mask_ref is not None:
-      valid &= load(mask_ref, entry(mask_heads), other=1) != 0
-    if is_causal:
-      valid &= cols <= rows[:, None]
-    if kpm_ref is not None:
-      valid &= load(kpm_ref, b, other=1) != 0
-    if qpm_ref is not None:
-      valid &= load(qpm_ref, b, other=1) != 0
-    return jnp.where(valid, s, inputs.NEG), cols, inside
+    valid = None
+    for ok in (None if mask_ref is None else load(mask_ref, entry(mask_heads), other=1) != 0,
+               cols <= rows[:, None] if is_causal else None,
+               None if kpm_ref is None else load(kpm_ref, b, other=1) != 0,
+               None if qpm_ref is None else load(qpm_ref, b, other=1) != 0):
+      if ok is not None:
+        valid = ok if valid is None else valid & ok
+    return (s if valid is None else jnp.where(valid, s, inputs.NEG)), cols, inside
 
-  # 1. The bound: maxima of strided groups, then their k-th largest.
+  # 1. The bound: maxima of strided groups (groups past kv_len count as masked), then a value
+  #    with at least k of them at or above it, by bisection up from a value that has.
   def group_maxima(j, maxima):
     s, _, inside = scores(j * groups, groups)
-    return jnp.maximum(maxima, jnp.where(inside, s, -jnp.inf))
+    return jnp.maximum(maxima, jnp.where(inside, s, inputs.NEG))
 
   maxima = jax.lax.fori_loop(0, pl.cdiv(kv_len, groups), group_maxima,
-                             jnp.full((block_q, groups), -jnp.inf, jnp.float32))
-  group = jax.lax.broadcasted_iota(jnp.int32, (block_q, groups), 1)
-  bound = jax.lax.fori_loop(0, k, lambda _, c: _take_max(c[0], group)[:2],
-                            (maxima, jnp.zeros((block_q,), jnp.float32)))[1]
+                             jnp.full((block_q, groups), inputs.NEG, jnp.float32))
 
-  # 2. Compaction: candidates above NEG in slots [0, room), masked ties in [room, room + k).
+  def bisect(_, interval):
+    low, high = interval
+    middle = low * 0.5 + high * 0.5  # halves first: no overflow across float32's range
+    enough = jnp.sum((maxima >= middle[:, None]).astype(jnp.int32), axis=1) >= k
+    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+  # Start at the least maximum above the masked score where k maxima are above it (masked or
+  # empty groups would leave the bisection far below every real score), else at NEG.
+  real = maxima > inputs.NEG
+  low = jnp.min(jnp.where(real, maxima, jnp.inf), axis=1)
+  low = jnp.where(jnp.sum(real.astype(jnp.int32), axis=1) >= k, low, inputs.NEG)
+  bound = jax.lax.fori_loop(0, BISECTION_STEPS, bisect, (low, jnp.max(maxima, axis=1)))[0]
+
+  # 2. Compaction: candidates above NEG in slots [0, room), masked ties in [room, room + k),
+  #    both placed by one cumsum of their packed counts; lanes not stored point at the spare
+  #    last slot (the interpreter writes masked-out lanes too).
   room = buffer - k - 1
   first = bh * pl.num_programs(1) * block_q + r0  # of this block in the candidate buffers
   row_ids = jax.lax.broadcasted_iota(jnp.int32, (block_q, tile), 0) + first
-  refs = (values_ref, slots_ref)
+  low_bits = (1 << _TIE_SHIFT) - 1
 
   def compact(j, carry):
     above, ties, bad = carry
     s, cols, inside = scores(j * tile, tile)
     keep = inside & (s >= bound[:, None])
-    above = select_gpu.compact_tile(refs, row_ids, (s, cols), keep & (s > inputs.NEG), above,
-                                    0, room, buffer - 1)
-    ties = select_gpu.compact_tile(refs, row_ids, (s, cols), keep & (s == inputs.NEG), ties,
-                                   room, k, buffer - 1)
-    bad = bad + jnp.sum((inside & ~(s >= inputs.NEG)).astype(jnp.int32), axis=1)
-    return above, ties, bad
+    code = ((keep & (s > inputs.NEG)).astype(jnp.int32)
+            + ((keep & (s == inputs.NEG)).astype(jnp.int32) << _TIE_SHIFT))
+    before = jnp.cumsum(code, axis=1) - code  # kept entries before each, both kinds packed
+    slot_above = above[:, None] + (before & low_bits)
+    slot_tie = ties[:, None] + (before >> _TIE_SHIFT)
+    to_above = ((code & low_bits) != 0) & (slot_above < room)
+    to_tie = (code > low_bits) & (slot_tie < k)
+    slot = jnp.where(to_above, slot_above, jnp.where(to_tie, room + slot_tie, buffer - 1))
+    stored = to_above | to_tie
+    plgpu.store(values_ref.at[row_ids, slot], s, mask=stored)
+    plgpu.store(slots_ref.at[row_ids, slot], cols, mask=stored)
+    total = jnp.sum(code, axis=1)
+    return (above + (total & low_bits), ties + (total >> _TIE_SHIFT),
+            bad | (inside & ~(s >= inputs.NEG)).astype(jnp.int32))
 
   zeros = jnp.zeros((block_q,), jnp.int32)
-  above, ties, bad = jax.lax.fori_loop(0, pl.cdiv(kv_len, tile), compact, (zeros, zeros, zeros))
-  plgpu.store(redo_ref.at[bh, pl.ds(r0, block_q), :],
-              ((above > room) | (bad > 0)).astype(jnp.int32)[:, None])
-
-  # 3. The top k of the buffer (written by other threads of this instance: synchronize first).
-  if not interpret:  # The interpreter runs one thread and has no barrier.
-    plgpu.debug_barrier()
-  slot = jax.lax.broadcasted_iota(jnp.int32, (block_q, buffer), 1)
-  filled = (slot < above[:, None]) | (
-      (slot >= room) & (slot < room + jnp.minimum(ties, k)[:, None]))
-  values = jnp.where(filled, plgpu.load(values_ref.at[pl.ds(first, block_q), :]), -jnp.inf)
-  slots = plgpu.load(slots_ref.at[pl.ds(first, block_q), :])
-  k_p = kept_ref.shape[2]
-  rank = jax.lax.broadcasted_iota(jnp.int32, (block_q, k_p), 1)
-
-  def take_rank(j, carry):
-    values, kept, idx = carry
-    values, top, first = _take_max(values, slot)
-    key = jnp.sum(jnp.where(slot == first[:, None], slots, 0), axis=1)
-    return values, jnp.where(rank == j, top[:, None], kept), jnp.where(rank == j, key[:, None], idx)
-
-  _, kept, idx = jax.lax.fori_loop(0, k, take_rank, (
-      values, jnp.zeros((block_q, k_p), jnp.float32), jnp.zeros((block_q, k_p), jnp.int32)))
-  plgpu.store(kept_ref.at[bh, pl.ds(r0, block_q), :], kept)
-  plgpu.store(idx_ref.at[bh, pl.ds(r0, block_q), :], idx)
+  above, ties, bad = jax.lax.fori_loop(0, pl.cdiv(kv_len, tile), compact,
+                                       (zeros, zeros, jnp.zeros((block_q, tile), jnp.int32)))
+  for ref, count in ((above_ref, above), (ties_ref, ties), (bad_ref, jnp.max(bad, axis=1))):
+    plgpu.store(ref.at[pl.ds(first, block_q)], count)
 
 
 def _power_of_2(x: int) -> bool:
@@ -268,22 +270,31 @@ def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
     refs = iter(refs)
     ins = [next(refs) if p else None for p in present]
     _kernel(*ins, *refs, k=k, heads=h, q_len=lq, block_q=block_q, groups=groups, tile=key_tile,
-            buffer=buffer, precision=precision, interpret=interpret, is_causal=can.is_causal,
+            buffer=buffer, precision=precision, is_causal=can.is_causal,
             bias_heads=(1, 1) if can.bias is None else can.bias.shape[:2],
             mask_heads=(1, 1) if can.mask is None else can.mask.shape[:2])
 
-  k_p = select_gpu._next_power_of_2(k)
-  out = lambda width, dtype: jax.ShapeDtypeStruct((b * h, lq_b, width), dtype)
-  kept, idx, redo, _, _ = pl.pallas_call(
+  rows = b * h * lq_b
+  values, slots, above, ties, bad = pl.pallas_call(
       kernel,
-      out_shape=(out(k_p, jnp.float32), out(k_p, jnp.int32), out(1, jnp.int32),
-                 jax.ShapeDtypeStruct((b * h * lq_b, buffer), jnp.float32),
-                 jax.ShapeDtypeStruct((b * h * lq_b, buffer), jnp.int32)),
+      out_shape=(jax.ShapeDtypeStruct((rows, buffer), jnp.float32),
+                 jax.ShapeDtypeStruct((rows, buffer), jnp.int32),
+                 *(jax.ShapeDtypeStruct((rows,), jnp.int32) for _ in range(3))),
       grid=(b * h, lq_b // block_q), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(*(x for x in operands if x is not None))
-  per_query = lambda x: x[:, :lq].reshape(b, h, lq, *x.shape[2:])
-  return per_query(kept[..., :k]), per_query(idx[..., :k]), per_query(redo[..., 0] != 0)
+  # 3. The top k of each buffer. Its filled slots hold every entry that can be in the row's
+  #    top k, in key order, masked ones after the rest, and `lax.top_k` prefers the lower slot
+  #    among equal values: the result equals `lax.top_k` of the dense scores, ties included.
+  room = buffer - k - 1
+  slot = jnp.arange(buffer)
+  filled = (slot < above[:, None]) | (
+      (slot >= room) & (slot < room + jnp.minimum(ties, k)[:, None]))
+  kept, position = jax.lax.top_k(jnp.where(filled, values, -jnp.inf), k)
+  idx = jnp.take_along_axis(slots, position, axis=1)
+  redo = (above > room) | (bad > 0)
+  per_query = lambda x: x.reshape(b, h, lq_b, *x.shape[1:])[:, :, :lq]
+  return per_query(kept), per_query(idx), per_query(redo)
 
 
 def merge(fused: tuple[jax.Array, jax.Array, jax.Array],

@@ -17,6 +17,7 @@ uniform weights over its k kept keys under softmax (with k >= kv_len exactly fla
 row), zero weights under the other kernels; never NaN.
 """
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -119,12 +120,25 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
                             key_padding_mask=key_padding_mask,
                             query_padding_mask=query_padding_mask)
 
+    def selected(i, q_chunk, parts):
+      # `select.top_k` of chunk i's scores, `parts` sub-chunks at a time (less memory).
+      sub = dataclasses.replace(c, chunk=c.chunk // parts)
+      split = inputs.to_chunks(q_chunk, sub.chunk)
+      kept, idx = jax.lax.map(lambda a: select.top_k(
+          inputs.chunk_scores(sub, i * parts + a[0], a[1], key, bias, precision), k,
+          selection=selection, recall_target=recall_target), (jnp.arange(parts), split))
+      return inputs.from_chunks(kept), inputs.from_chunks(idx)
+
     def one_chunk(args):
       # fused_rows: the kernel's (kept, indices, redo) of this chunk, or None (unfused path).
+      # Rows the kernel leaves are rare: they are redone in sub-chunks of at most REDO_ROWS
+      # queries, so that the fused path never holds a whole chunk's scores.
       i, q_chunk, fused_rows = args
-      scores = lambda: select.top_k(inputs.chunk_scores(c, i, q_chunk, key, bias, precision), k,
-                                    selection=selection, recall_target=recall_target)
-      kept, idx = scores() if fused_rows is None else fused.merge(fused_rows, scores)
+      if fused_rows is None:
+        kept, idx = selected(i, q_chunk, 1)
+      else:
+        parts = c.chunk // math.gcd(c.chunk, fused.REDO_ROWS)
+        kept, idx = fused.merge(fused_rows, lambda: selected(i, q_chunk, parts))
       valid = inputs.chunk_validity(c, i)
       if valid is not None:
         shape = idx.shape[:3] + key.shape[2:3]
