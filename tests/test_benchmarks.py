@@ -1,9 +1,10 @@
-"""Tests of benchmarks.attention, benchmarks.model_step and benchmarks/gpu.sh on CPU, tiny shapes.
+"""Tests of benchmarks.attention, .fused, .model_step and benchmarks/gpu.sh on CPU, tiny shapes.
 
 The GPU-only forms (cuDNN flash) must appear as skip rows here; the benchmarks must import
 neither TensorFlow nor (benchmarks.attention) ml-collections, which GPU images often lack.
 """
 import csv
+import json
 import math
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 from benchmarks import attention, model_step
+from benchmarks import fused as fused_bench
 from lra import config_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +102,8 @@ def test_attention_defaults_follow_the_backend(monkeypatch):
 
 
 @pytest.mark.parametrize('flag', [['--forms', 'flash'], ['--dtypes', 'float64'],
-                                  ['--baseline', 'dense'], ['--repeats', '0']])
+                                  ['--baseline', 'dense'], ['--repeats', '0'],
+                                  ['--fused_options', '[16]'], ['--fused_options', '{bad']])
 def test_attention_rejects_bad_flags(flag, tmp_path):
   with pytest.raises((SystemExit, ValueError)):
     attention.main([*TINY, *flag, '--out', str(tmp_path)])
@@ -148,21 +151,51 @@ def test_model_step_all_lists_every_task_and_kind():
     model_step.main(['--config=configs/cifar.py:topk'])
 
 
-def test_gpu_script_writes_both_benchmarks_to_out(tmp_path):
+# benchmarks.fused on shapes the interpreter runs in seconds: 1 head of depth 16, k 8.
+FUSED_TINY = ['--length', '128', '--check_length', '64', '--heads', '1', '--head_dim', '16',
+              '--k', '8', '--rows', '4', '--chunk', '32', '--repeats', '1']
+
+
+def test_fused_checks_selections_and_tuning_on_cpu(tmp_path):
+  rows = fused_bench.main([*FUSED_TINY, '--variants', '16:16:4:2,16:32:2:2', '--out',
+                           str(tmp_path)])
+  checks = [r for r in rows if r['part'] == 'check']
+  assert len(checks) == 4 and all(r['detail'].startswith('PASS') for r in checks)
+  selections = [r for r in rows if r['part'] == 'select']
+  assert {r['name'] for r in selections} >= {'lax', 'two_stage', 'pallas'}
+  assert all('equal to lax.top_k' in r['detail'] for r in selections)
+  variants = [r for r in rows if r['part'] == 'tune' and 'block_q' in r['name']]
+  assert len(variants) == 2 and all(r['ms'] > 0 for r in variants)
+  with open(tmp_path / 'fused_options.json') as f:
+    best = json.load(f)
+  assert best in [{'block_q': 16, 'key_tile': 16, 'num_warps': 4, 'num_stages': 2},
+                  {'block_q': 16, 'key_tile': 32, 'num_warps': 2, 'num_stages': 2}]
+  columns, written = _read_csv(str(tmp_path / 'fused.csv'))
+  assert tuple(columns) == fused_bench.COLUMNS and len(written) == len(rows)
+
+
+def test_gpu_script_writes_every_benchmark_to_out(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
+             FUSED_ARGS=' '.join([*FUSED_TINY, '--parts', 'tune', '--variants', '16:16:4:2']),
              ATTENTION_ARGS=' '.join([*TINY, '--forms', 'chunked', '--budget_s', '0']),
              MODEL_STEP_ARGS='--tasks listops --kinds topk --preset smoke --budget_s 0')
   result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh')], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  for name in ('attention.csv', 'attention.log', 'model_step.csv', 'model_step.log'):
+  for name in ('fused.csv', 'fused.log', 'fused_options.json', 'attention.csv', 'attention.log',
+               'model_step.csv', 'model_step.log'):
     assert (tmp_path / name).stat().st_size > 0, name
+  # The tuned options reach the attention benchmark.
+  assert "fused kernel options {'block_q': 16, 'key_tile': 16" in (
+      tmp_path / 'attention.log').read_text()
   _, rows = _read_csv(str(tmp_path / 'attention.csv'))
   assert [(r['form'], r['length'], r['skipped'][:12]) for r in rows] == [
       ('chunked', '64', 'time budget:'), ('chunked', '128', 'time budget:')]
   _, rows = _read_csv(str(tmp_path / 'model_step.csv'))
-  assert [(r['config'], r['dtype']) for r in rows] == [('configs/listops.py:topk,smoke',
-                                                        'bfloat16')]
+  # Top-k is measured without and with the fused kernel.
+  assert [(r['config'], r['dtype'], r['fused']) for r in rows] == [
+      ('configs/listops.py:topk,smoke', 'bfloat16', 'False'),
+      ('configs/listops.py:topk,smoke', 'bfloat16', 'True')]
 
 
 def test_fused_switch_holds_only_while_tracing(monkeypatch):

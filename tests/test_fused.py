@@ -85,6 +85,29 @@ def test_kept_scores_equal_lax_top_k(dtype, integer, k, options):
   assert kept.dtype == jnp.float32 and idx.dtype == jnp.int32
 
 
+@pytest.mark.parametrize('kv_len, masked_groups', [(100, False), (200, True)])
+def test_groups_without_valid_keys_do_not_loosen_the_bound(kv_len, masked_groups):
+  # Fewer keys than groups (100 < 128), or every other group of 32 fully masked: the bound still
+  # comes from the groups that hold valid keys, so more than the buffer's 55 candidate slots
+  # of valid keys do not send every row back to the unfused path.
+  rng = np.random.default_rng(1)
+  q, k = (jnp.asarray(rng.standard_normal((1, n, 1, 16)), jnp.float32) for n in (16, kv_len))
+  mask = None
+  if masked_groups:
+    mask = jnp.asarray((np.arange(kv_len) % 32 % 2 == 0)[None, None, None, :])
+  options = dict(block_q=16, key_tile=16, groups=32 if masked_groups else 128)
+
+  def both(q, k):
+    can = inputs.canonicalize(q, k, k, mask=mask)
+    dense = inputs.chunk_scores(can, 0, can.query, can.key, can.bias, None)
+    return fused.kept_top_k(can, 8, interpret=True, **options), jax.lax.top_k(dense, 8)
+
+  (kept, idx, redo), (want_kept, want_idx) = jax.jit(both)(q, k)
+  assert not np.asarray(redo).any()
+  np.testing.assert_array_equal(idx, want_idx)
+  np.testing.assert_allclose(kept, want_kept, rtol=1e-6, atol=1e-6)
+
+
 def _value_and_grads(fn, args):
   loss = lambda *a: jnp.sum(jnp.sin(fn(*a)))
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
@@ -153,9 +176,9 @@ def test_switch_and_unsupported_inputs(monkeypatch):
     _traced(lambda can: fused.platforms(can, 4))
 
 
-def test_lowers_for_cuda_and_stays_off_cpu(monkeypatch):
-  # Switched on for CUDA: the kernel in the CUDA lowering of forward and backward, not on CPU.
-  monkeypatch.setattr(fused, 'PLATFORMS', {'cuda'})
+def test_lowers_for_cuda_and_stays_off_cpu():
+  # On for CUDA by default: the kernel in the CUDA lowering of forward and backward, not on CPU.
+  assert fused.PLATFORMS == {'cuda'}
   spec, length = jax.ShapeDtypeStruct, 1000
   args = (spec((1, length, 2, 64), jnp.bfloat16),) * 3
   masks = dict(bias=spec((1, 2, length, length), jnp.float32),
