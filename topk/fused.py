@@ -38,7 +38,7 @@ interpreter and lowered for CUDA on CPU, and its own GPU time is still to be mea
 """
 import functools
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +56,26 @@ GPU_PLATFORMS = ('cuda',)
 # On for NVIDIA GPUs; empty it to trace the unfused path there, add 'cpu' to run the kernel in
 # the interpreter (tests).
 PLATFORMS: set[str] = {'cuda'}
-# `kept_top_k`'s tuning keywords (block sizes, buffer, Triton's settings) `topk_attention` uses.
+# `candidates`' tuning keywords (block sizes, buffer, Triton's settings) `topk_attention` uses.
 OPTIONS: dict[str, Any] = {}
 # Queries per sub-chunk (at most; a divisor of the query chunk) in which `topk_attention` redoes
 # the rows the kernel leaves: their dense scores are the fused path's largest temporary.
 REDO_ROWS = 128
+
+
+class Candidates(NamedTuple):
+  """Each query's candidate buffer (the kernel's output), `[..., buffer]` and `[...]`.
+
+  Slots `[0, above)` hold the candidates above the masked score in key order, slots
+  `[buffer - k - 1, buffer - k - 1 + min(ties, k))` the first masked keys; other slots hold
+  nothing. `above > buffer - k - 1` (overflow) or `bad > 0` (a NaN score, or one below the
+  masked score) mark a row the kernel cannot select exactly.
+  """
+  values: jax.Array  # float32 scores
+  slots: jax.Array  # int32 key indices
+  above: jax.Array  # int32
+  ties: jax.Array  # int32
+  bad: jax.Array  # int32
 
 
 def _row_block(ref: jax.Array | None, index: jax.Array, rows: jax.Array, r0: jax.Array,
@@ -220,11 +235,11 @@ def platforms(can: inputs.Canonical, k: int) -> tuple[str, ...]:
   return chosen
 
 
-def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
+def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
                block_q: int = 32, key_tile: int = 128, groups: int | None = None,
                buffer: int | None = None, num_warps: int = 4,
-               num_stages: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The k largest masked scores of every query and their key indices, without the dense scores.
+               num_stages: int = 2) -> Candidates:
+  """Steps 1 and 2: the candidates for the top k of every query, without the dense scores.
 
   Args:
     can: canonical inputs (`unsupported(can, k)` must be None); their masks, bias and
@@ -240,28 +255,26 @@ def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
       two, the first three at least 16 (Triton's dot). num_warps, num_stages: Triton's.
 
   Returns:
-    `(kept float32 [B, H, Lq_pad, k], indices int32 [B, H, Lq_pad, k], redo bool
-    [B, H, Lq_pad])`: the kept scores in descending order and their keys, exact (as
-    `lax.top_k` of the masked scores) where `redo` is False.
+    `Candidates` with `values, slots [B, H, Lq_pad, buffer]` and counts `[B, H, Lq_pad]`.
   """
   reason = unsupported(can, k)
   if reason is not None:
-    raise ValueError(f'kept_top_k: the kernel does not take {reason}.')
+    raise ValueError(f'topk.fused.candidates: the kernel does not take {reason}.')
   b, h, lq, d = can.query.shape
   lk = can.key.shape[2]
   if not 1 <= k <= lk:
-    raise ValueError(f'kept_top_k: k must be in [1, kv_len = {lk}], got {k}.')
+    raise ValueError(f'topk.fused.candidates: k must be in [1, kv_len = {lk}], got {k}.')
   groups = groups or max(key_tile, select_gpu._next_power_of_2(2 * k))
   buffer = buffer or min(select_gpu._next_power_of_2(max(4 * k, 64)),
                          select_gpu._next_power_of_2(lk + k + 1))
   sizes = dict(block_q=block_q, key_tile=key_tile, groups=groups)
   for name, size in (*sizes.items(), ('buffer', buffer)):
     if not (isinstance(size, int) and _power_of_2(size) and (name == 'buffer' or size >= 16)):
-      raise ValueError(f'kept_top_k: {name} must be a power of two (>= 16 but buffer), got '
-                       f'{size!r}.')
+      raise ValueError(f'topk.fused.candidates: {name} must be a power of two (>= 16 but '
+                       f'buffer), got {size!r}.')
   if groups < k or buffer < 2 * k + 1:
-    raise ValueError(f'kept_top_k: needs groups >= k and buffer >= 2k + 1 (k = {k}), got '
-                     f'groups {groups}, buffer {buffer}.')
+    raise ValueError(f'topk.fused.candidates: needs groups >= k and buffer >= 2k + 1 (k = '
+                     f'{k}), got groups {groups}, buffer {buffer}.')
 
   lq_b = pl.cdiv(lq, block_q) * block_q
   q = inputs.scale_query(can.query)  # as the unfused scores, rounding included
@@ -293,18 +306,32 @@ def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
       grid=(b * h, lq_b // block_q), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(*(x for x in operands if x is not None))
-  # 3. The top k of each buffer. Its filled slots hold every entry that can be in the row's
-  #    top k, in key order, masked ones after the rest, and `lax.top_k` prefers the lower slot
-  #    among equal values: the result equals `lax.top_k` of the dense scores, ties included.
-  room = buffer - k - 1
-  slot = jnp.arange(buffer)
-  filled = (slot < above[:, None]) | (
-      (slot >= room) & (slot < room + jnp.minimum(ties, k)[:, None]))
-  kept, position = jax.lax.top_k(jnp.where(filled, values, -jnp.inf), k)
-  idx = jnp.take_along_axis(slots, position, axis=1)
-  redo = (above > room) | (bad > 0)
   per_query = lambda x: x.reshape(b, h, lq_b, *x.shape[1:])[:, :, :lq]
-  return per_query(kept), per_query(idx), per_query(redo)
+  return Candidates(*map(per_query, (values, slots, above, ties, bad)))
+
+
+def select(candidates: Candidates, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Step 3: the top k of each row's candidate buffer, `(kept, indices, redo)` `[..., k]`.
+
+  The filled slots hold every entry that can be in the row's top k, in key order, masked ones
+  after the rest, and `lax.top_k` prefers the lower slot among equal values: the result equals
+  `lax.top_k` of the dense scores, ties included, where `redo` is False.
+  """
+  values, slots, above, ties, bad = candidates
+  room = values.shape[-1] - k - 1
+  slot = jnp.arange(values.shape[-1])
+  filled = (slot < above[..., None]) | (
+      (slot >= room) & (slot < room + jnp.minimum(ties, k)[..., None]))
+  kept, position = jax.lax.top_k(jnp.where(filled, values, -jnp.inf), k)
+  return kept, jnp.take_along_axis(slots, position, axis=-1), (above > room) | (bad > 0)
+
+
+def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None,
+               **options: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`select(candidates(can, k, precision, **options), k)`: `(kept float32 [B, H, Lq_pad, k],
+  indices int32 [B, H, Lq_pad, k], redo bool [B, H, Lq_pad])`, the kept scores in descending
+  order and their keys, exact (as `lax.top_k` of the masked scores) where `redo` is False."""
+  return select(candidates(can, k, precision, **options), k)
 
 
 def merge(fused: tuple[jax.Array, jax.Array, jax.Array],

@@ -130,15 +130,16 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
       return inputs.from_chunks(kept), inputs.from_chunks(idx)
 
     def one_chunk(args):
-      # fused_rows: the kernel's (kept, indices, redo) of this chunk, or None (unfused path).
-      # Rows the kernel leaves are rare: they are redone in sub-chunks of at most REDO_ROWS
+      # candidates: the kernel's `fused.Candidates` of this chunk, or None (unfused path).
+      # Selecting from them chunk by chunk keeps the selection's temporaries per chunk. Rows
+      # the kernel leaves are rare: they are redone in sub-chunks of at most REDO_ROWS
       # queries, so that the fused path never holds a whole chunk's scores.
-      i, q_chunk, fused_rows = args
-      if fused_rows is None:
+      i, q_chunk, candidates = args
+      if candidates is None:
         kept, idx = selected(i, q_chunk, 1)
       else:
         parts = c.chunk // math.gcd(c.chunk, fused.REDO_ROWS)
-        kept, idx = fused.merge(fused_rows, lambda: selected(i, q_chunk, parts))
+        kept, idx = fused.merge(fused.select(candidates, k), lambda: selected(i, q_chunk, parts))
       valid = inputs.chunk_validity(c, i)
       if valid is not None:
         shape = idx.shape[:3] + key.shape[2:3]
@@ -147,8 +148,8 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
       out = _mix_rows(weights, idx, v, can.dtype)
       return out, (idx, kept, valid)
 
-    def run(fused_rows):
-      xs = (jnp.arange(can.num_chunks), chunked(q), jax.tree.map(chunked, fused_rows))
+    def run(candidates):
+      xs = (jnp.arange(can.num_chunks), chunked(q), jax.tree.map(chunked, candidates))
       out, kept = jax.lax.map(one_chunk, xs)
       return inputs.from_chunks(out), jax.tree.map(inputs.from_chunks, kept)
 
@@ -156,7 +157,7 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
     platforms = fused.platforms(c, k) if selection == 'exact' else ()
     if not platforms:
       return run(None)
-    kernel_on = {platform: lambda _, p=platform: run(fused.kept_top_k(
+    kernel_on = {platform: lambda _, p=platform: run(fused.candidates(
         c, k, precision, interpret=p not in fused.GPU_PLATFORMS, **fused.OPTIONS))
                  for platform in platforms}
     return jax.lax.platform_dependent(q, default=lambda _: run(None), **kernel_on)
