@@ -495,12 +495,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
       f.write(config.to_json_best_effort(indent=2) + '\n')
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
   writer = None
+  batches = iter(task.train())
   try:
     state = trainer.init_state()
     count = num_params(state.params)
     logging.info('Model has %d parameters.', count)
     previous_time = 0.0
-    batches = iter(task.train())
     if checkpoints.latest_step() is not None:
       step, state = checkpoints.restore('latest', state, data_iterator=batches)
       previous_time = checkpoints.wall_time_s(step)
@@ -528,6 +528,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
   finally:
     if writer is not None:
       writer.close()
+    batches.close()  # stops its decoding threads
     checkpoints.close()
 
 
