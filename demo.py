@@ -58,7 +58,7 @@ def ensure_data(data_dir: str) -> None:
 def majority_rate(data_dir: str) -> float:
   """Accuracy of always predicting the most frequent test label."""
   task = get_task('listops', data_dir, batch_size=32, max_length=_MAX_LENGTH)
-  counts = collections.Counter(int(label) for batch in task.test().as_numpy_iterator()
+  counts = collections.Counter(int(label) for batch in task.test()
                                for label in batch['targets'])
   return max(counts.values()) / sum(counts.values())
 

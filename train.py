@@ -36,12 +36,7 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = config_loader.get_config(_CONFIG.value, overrides)
-  # Imported here so that a config mistake is reported fast and TF never sees the GPUs.
-  import tensorflow as tf
-
-  from lra import train
-
-  tf.config.set_visible_devices([], 'GPU')  # tf.data only; leave accelerator memory to JAX
+  from lra import train  # imported here so that a config mistake is reported fast
   if _MULTIPROCESS.value:
     jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info('JAX process %d/%d, local devices: %s, all devices: %d', jax.process_index(),

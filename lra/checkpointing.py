@@ -1,9 +1,11 @@
 """Orbax checkpoints of a training run: the last few periodic ones and the best-validation one.
 
 Layout inside a workdir:
-  checkpoints/<step>/       periodic, the last `keep` of them (resume starts from the latest)
+  checkpoints/<step>/       periodic, the last `keep` of them (resume starts from the latest):
+                            `state/` (the train state) and `data/` (the train stream's grain
+                            iterator state, `process_<i>-of-<n>.json` per process)
   best_checkpoint/<step>/   the single step with the highest validation accuracy so far, with that
-                            accuracy stored as its orbax metric
+                            accuracy stored as its orbax metric (`state/` only)
   unusable_checkpoints/<step>/  periodic checkpoints set aside: ones a resume could not restore
                             (it fell back past them), or states whose training loss diverged
 
@@ -15,6 +17,7 @@ import math
 import os
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -84,16 +87,18 @@ class RunCheckpoints:
     """The folder of checkpoint `step` of 'latest' (periodic) or 'best'."""
     return str(self._manager(which).directory / str(step))
 
-  def save(self, step: int, state: PyTree, *, wall_time_s: float) -> None:
-    """Saves a periodic checkpoint with the run's elapsed `wall_time_s`; a step that is already
-    saved is left as it is.
+  def save(self, step: int, state: PyTree, *, wall_time_s: float,
+           data_iterator: grain.DatasetIterator) -> None:
+    """Saves a periodic checkpoint of `state` and the position of `data_iterator` (the train
+    stream), with the run's elapsed `wall_time_s`; a step that is already saved is left as it is.
 
     Raises:
       FloatingPointError: `state` holds a NaN or infinity (nothing is written).
     """
     if self._latest.latest_step() != step:
       self._check_finite(step, state)
-      self._latest.save(step, args=ocp.args.StandardSave(state),
+      self._latest.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
                         custom_metadata={_WALL_TIME: wall_time_s})
 
   def save_best(self, step: int, state: PyTree, validation: dict[str, float]) -> bool:
@@ -107,7 +112,8 @@ class RunCheckpoints:
     if not (math.isfinite(loss) and math.isfinite(accuracy)) or accuracy <= self.best_accuracy():
       return False
     self._check_finite(step, state)
-    self._best.save(step, args=ocp.args.StandardSave(state), metrics={_BEST_METRIC: accuracy})
+    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                    metrics={_BEST_METRIC: accuracy})
     return True
 
   def wall_time_s(self, step: int) -> float:
@@ -115,9 +121,11 @@ class RunCheckpoints:
     metadata = self._latest.metadata(step).custom_metadata or {}
     return float(metadata.get(_WALL_TIME, 0.0))
 
-  def restore(self, which: str, target: PyTree) -> tuple[int, PyTree]:
+  def restore(self, which: str, target: PyTree, *,
+              data_iterator: grain.DatasetIterator | None = None) -> tuple[int, PyTree]:
     """Restores the 'best' or the 'latest' usable checkpoint, laid out like `target` (shapes,
-    dtypes, shardings).
+    dtypes, shardings), and sets `data_iterator` (if given; 'latest' only) to the train stream's
+    position saved with it.
 
     A checkpoint is usable when it restores and holds only finite values. For 'latest' an
     unusable checkpoint is logged and the next older kept one is tried; once one restores, the
@@ -138,12 +146,15 @@ class RunCheckpoints:
       steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f'no checkpoint under {manager.directory}')
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    items = {'state': ocp.args.StandardRestore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, target))}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     failures = []
     for step in steps:
       path = self.path(which, step)
       try:
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        state = manager.restore(step, args=ocp.args.Composite(**items)).state
         self._check_finite(step, state)
       except Exception as error:  # orbax, TensorStore and JSON each raise their own types
         first_line = str(error).split('\n', 1)[0][:300]  # TensorStore appends its spec

@@ -1,10 +1,7 @@
 """Writes scalar metrics to `metrics.jsonl` and to TensorBoard event files in a workdir.
 
-We do not use `clu.metric_writers`: in clu 0.0.12 it imports the `tensorboard` package, which the
-pinned stack does not install. `tf.summary.write` with the scalars-plugin metadata produces the
-same event records without it. TensorFlow is imported by the first writer, not by this module, so
-that `lra.train` imports without it (`benchmarks.model_step` runs the train step on GPU machines
-that have no TensorFlow).
+TensorBoard events come from tensorboardX, which writes them without TensorFlow (`clu.
+metric_writers` imports TensorFlow and the `tensorboard` package).
 """
 
 import json
@@ -13,6 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import tensorboardX
 from absl import logging
 
 
@@ -41,13 +39,7 @@ class MetricWriter:
         f.writelines(lines)
       os.replace(path + '.tmp', path)
     self._jsonl = open(path, 'a')
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
-
-    self._tf = tf
-    self._metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
-    self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+    self._summary = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -57,11 +49,8 @@ class MetricWriter:
     record = {'step': int(step), 'split': split, **strict}
     self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
     self._jsonl.flush()
-    tf = self._tf
-    with self._summary.as_default():
-      for name, value in values.items():
-        tf.summary.write(f'{split}/{name}', tf.constant(value, tf.float32), step=int(step),
-                         metadata=self._metadata)
+    for name, value in values.items():
+      self._summary.add_scalar(f'{split}/{name}', value, global_step=int(step))
     self._summary.flush()
 
   def close(self) -> None:

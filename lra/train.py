@@ -19,9 +19,13 @@ A workdir holds:
   eval_results_<tag>.json  written by `evaluate`
 
 Resuming: `train_and_evaluate` on a workdir with checkpoints continues from the latest usable one.
-The data stream skips the batches already consumed and the dropout key is the seed's key folded
-with the step, so an interrupted and resumed run reproduces the uninterrupted one; metric records
-past the resumed step are dropped and the elapsed wall time carries over in the checkpoint.
+The checkpoint holds the train stream's position (its grain iterator state), which is restored in
+constant time, and the dropout key is the seed's key folded with the step, so an interrupted and
+resumed run reproduces the uninterrupted one; metric records past the resumed step are dropped and
+the elapsed wall time carries over in the checkpoint.
+
+Input: each process reads only its own share of every global batch (`grain.sharding.
+ShardByJaxProcess`); the shares of all processes make up the global array.
 """
 
 import contextlib
@@ -34,9 +38,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -68,10 +73,9 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-  """Places a global batch (every array `[B, ...]`) on the mesh, split along B.
-
-  Every process holds the same global batch (the input pipeline is seeded identically) and
-  contributes the rows its own devices own.
+  """Places this process's share of a global batch (every array `[B / process_count, ...]`) on
+  the mesh: the global arrays `[B, ...]` are split along B, each process's devices holding its
+  share.
 
   Raises:
     ValueError: B is not divisible by the number of devices.
@@ -79,14 +83,11 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
   sharding = NamedSharding(mesh, P('data'))
   out = {}
   for name, array in batch.items():
-    if array.shape[0] % mesh.size:
-      raise ValueError(f'batch of {array.shape[0]} examples ({name!r}) does not divide among '
+    shape = (array.shape[0] * jax.process_count(), *array.shape[1:])
+    if shape[0] % mesh.size:
+      raise ValueError(f'batch of {shape[0]} examples ({name!r}) does not divide among '
                        f'{mesh.size} devices; choose a multiple of {mesh.size}')
-    index = sharding.addressable_devices_indices_map(array.shape)
-    rows = [rows_slice for rows_slice, *_ in index.values()]
-    start = min(s.start or 0 for s in rows)
-    stop = max(array.shape[0] if s.stop is None else s.stop for s in rows)
-    out[name] = jax.make_array_from_process_local_data(sharding, array[start:stop], array.shape)
+    out[name] = jax.make_array_from_process_local_data(sharding, array, shape)
   return out
 
 
@@ -175,8 +176,9 @@ class Trainer:
     self._eval_step = jax.jit(
         functools.partial(eval_step, apply_fn=model.apply),
         in_shardings=(self.state_sharding.params, batch_sharding), out_shardings=replicated)
-    # Every eval batch is padded to one size that the devices divide, so it compiles once.
-    self._eval_size = math.ceil(eval_batch_size / mesh.size) * mesh.size
+    # Every eval batch is padded to one size that the devices divide, so it compiles once; each
+    # process pads its share.
+    self._eval_size = math.ceil(eval_batch_size / mesh.size) * mesh.size // jax.process_count()
 
   def _init(self, key: jax.Array) -> train_state.TrainState:
     variables = self._model.init({'params': key, 'dropout': key}, self._example, train=False)
@@ -199,8 +201,8 @@ class Trainer:
     """
     return self._train_step.lower(state, shard_batch(batch, self.mesh))
 
-  def evaluate(self, params: Any, batches: Iterator[Batch]) -> Metrics:
-    """Exact mean loss and accuracy over all examples of `batches`."""
+  def evaluate(self, params: Any, batches: Iterable[Batch]) -> Metrics:
+    """Exact mean loss and accuracy over all examples of `batches` (this process's shares)."""
     totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
     for batch in batches:
       sums = self._eval_step(params, shard_batch(pad_batch(batch, self._eval_size), self.mesh))
@@ -291,12 +293,13 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
   trainer = make_trainer(config)
   task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
                        eval_batch_size=config.eval_batch_size, max_length=config.max_length,
-                       seed=config.seed, **config.task_options)
+                       seed=config.seed, shard=grain.sharding.ShardByJaxProcess(),
+                       **config.task_options)
   return task, trainer
 
 
-def _limit(iterator: Iterator[Batch], num_batches: int) -> Iterator[Batch]:
-  return iterator if num_batches == -1 else itertools.islice(iterator, num_batches)
+def _limit(batches: Iterable[Batch], num_batches: int) -> Iterable[Batch]:
+  return batches if num_batches == -1 else itertools.islice(batches, num_batches)
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -492,13 +495,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
       f.write(config.to_json_best_effort(indent=2) + '\n')
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
   writer = None
+  batches = iter(task.train())
   try:
     state = trainer.init_state()
     count = num_params(state.params)
     logging.info('Model has %d parameters.', count)
     previous_time = 0.0
     if checkpoints.latest_step() is not None:
-      step, state = checkpoints.restore('latest', state)
+      step, state = checkpoints.restore('latest', state, data_iterator=batches)
       previous_time = checkpoints.wall_time_s(step)
       logging.info('Resuming from step %d in %s.', step, workdir)
     first = int(state.step)
@@ -509,8 +513,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
     wall_time = lambda: previous_time + time.time() - start_time
     with stop:
       try:
-        state = _train_loop(config, task, trainer, state, writer, checkpoints, stop, wall_time,
-                            os.path.join(workdir, 'profile'))
+        state = _train_loop(config, task, batches, trainer, state, writer, checkpoints, stop,
+                            wall_time, os.path.join(workdir, 'profile'))
       except _Diverged as error:
         raise FloatingPointError(f'{error}; {_set_aside_diverged(checkpoints, error)}') from None
     if stop.signum is not None:
@@ -524,6 +528,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
   finally:
     if writer is not None:
       writer.close()
+    batches.close()  # stops its decoding threads
     checkpoints.close()
 
 
@@ -542,14 +547,14 @@ def _set_aside_diverged(checkpoints: RunCheckpoints, error: _Diverged) -> str:
           'sound and a rerun (e.g. with a lower learning_rate) resumes from it')
 
 
-def _train_loop(config: ml_collections.ConfigDict, task: Any, trainer: Trainer,
-                state: train_state.TrainState, writer: MetricWriter,
+def _train_loop(config: ml_collections.ConfigDict, task: Any, batches: grain.DatasetIterator,
+                trainer: Trainer, state: train_state.TrainState, writer: MetricWriter,
                 checkpoints: RunCheckpoints, stop: _StopRequest,
                 wall_time: Callable[[], float], profile_dir: str) -> train_state.TrainState:
-  """Runs steps from `state.step` to `num_train_steps` (or until a stop signal)."""
+  """Runs steps from `state.step` to `num_train_steps` (or until a stop signal), reading
+  `batches` from where `state` left it."""
   total = config.num_train_steps
   first = int(state.step)
-  batches = task.train(skip_batches=first).as_numpy_iterator()
   metrics = _TrainMetrics()
   profiler = _Profiler(profile_dir, first, config.profile_steps)
   clock, clock_step = time.time(), first
@@ -580,7 +585,7 @@ def _train_loop(config: ml_collections.ConfigDict, task: Any, trainer: Trainer,
                      total, summary['loss'], summary['accuracy'], summary['learning_rate'], rate,
                      datetime.timedelta(seconds=round(eta)))
       if do_eval:
-        validation = trainer.evaluate(state.params, _limit(task.validation().as_numpy_iterator(),
+        validation = trainer.evaluate(state.params, _limit(task.validation(),
                                                            config.num_eval_steps))
         writer.write(step, 'validation', validation)
         improved = checkpoints.save_best(step, state, validation)
@@ -590,7 +595,7 @@ def _train_loop(config: ml_collections.ConfigDict, task: Any, trainer: Trainer,
         logging.info('step %d validation: loss %.4f accuracy %.4f%s', step, validation['loss'],
                      validation['accuracy'], note)
       if do_save:
-        checkpoints.save(step, state, wall_time_s=wall_time())
+        checkpoints.save(step, state, wall_time_s=wall_time(), data_iterator=batches)
       if stopping:
         break
       clock, clock_step = time.time(), step  # steps/s counts training time only
@@ -600,8 +605,8 @@ def _train_loop(config: ml_collections.ConfigDict, task: Any, trainer: Trainer,
 
 
 def _evaluate_splits(task: Any, trainer: Trainer, params: Any) -> dict[str, Metrics]:
-  return {'validation': trainer.evaluate(params, task.validation().as_numpy_iterator()),
-          'test': trainer.evaluate(params, task.test().as_numpy_iterator())}
+  return {'validation': trainer.evaluate(params, task.validation()),
+          'test': trainer.evaluate(params, task.test())}
 
 
 def _final_results(task: Any, trainer: Trainer, state: train_state.TrainState,

@@ -1,15 +1,19 @@
 """Tests of lra.data: registry, pipelines (ListOps, retrieval, Pathfinder, TFDS tasks)."""
+import json
 import logging
 import os
 import subprocess
 import sys
+import time
 
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from lra.data import TASK_NAMES, TaskInfo, get_task, listops, task_info
+from lra.data.pipeline import Split, Task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTOPS_HEADER = 'Source\tTarget\n'
@@ -33,7 +37,7 @@ def listops_dir(root, train_rows=LISTOPS_ROWS * 4, header=True):
 
 
 def batches(dataset, n=None):
-  iterator = dataset.as_numpy_iterator()
+  iterator = iter(dataset)
   return list(iterator) if n is None else [next(iterator) for _ in range(n)]
 
 
@@ -115,15 +119,87 @@ def test_train_shuffle_is_seeded_and_reshuffles_each_epoch(tmp_path):
   assert first[0] + first[1] != first[2] + first[3]  # a new order each epoch
 
 
-def test_train_skip_batches_continues_the_same_stream(tmp_path):
+def assert_batches_equal(expected, actual):
+  assert len(expected) == len(actual)
+  for want, got in zip(expected, actual, strict=True):
+    assert want.keys() == got.keys()
+    for name in want:
+      np.testing.assert_array_equal(want[name], got[name])
+
+
+def test_train_state_restores_the_same_stream(tmp_path):
   task = get_task('listops', listops_dir(tmp_path), batch_size=3, seed=7)
-  full = batches(task.train(), 12)
-  resumed = batches(task.train(skip_batches=9), 3)
-  for expected, got in zip(full[9:], resumed, strict=True):
-    np.testing.assert_array_equal(expected['inputs'], got['inputs'])
-    np.testing.assert_array_equal(expected['targets'], got['targets'])
-  with pytest.raises(ValueError, match='skip_batches'):
-    task.train(-1)
+  iterator = iter(task.train())
+  full = [next(iterator) for _ in range(12)]
+  resumed = iter(task.train())
+  resumed.set_state(json.loads(json.dumps(batches_state(task, 9))))  # as a checkpoint holds it
+  assert_batches_equal(full[9:], [next(resumed) for _ in range(3)])
+
+
+def batches_state(task, consumed):
+  """The train iterator's state after `consumed` batches, reached by reading them."""
+  iterator = iter(task.train())
+  for _ in range(consumed):
+    next(iterator)
+  return iterator.get_state()
+
+
+def counting_task(decoded, num_records, **kwargs):
+  """A Task over records 0..num_records-1 (inputs [4] all = the record) in every split; `decoded`
+  collects the records decoded."""
+
+  def decode(record):
+    decoded.append(record)
+    return {'inputs': np.full(4, record, np.int32), 'targets': np.int32(record % 2)}
+
+  split = Split(range(num_records), decode)
+  return Task(task_info('listops', max_length=4),
+              dict.fromkeys(('train', 'validation', 'test'), split), **kwargs)
+
+
+def test_each_process_reads_only_its_share_of_every_batch():
+  whole = counting_task([], 10, batch_size=4, seed=5)
+  decoded = [[], []]
+  shares = [counting_task(decoded[i], 10, batch_size=4, seed=5,
+                          shard=grain.sharding.ShardOptions(i, 2)) for i in range(2)]
+  joined = lambda streams: [{name: np.concatenate([b[name] for b in parts]) for name in parts[0]}
+                            for parts in zip(*streams, strict=True)]
+  # Train: the shares (2 rows each), in process order, are the batches of one process.
+  assert_batches_equal(batches(whole.train(), 7), joined([batches(t.train(), 7) for t in shares]))
+  # Eval: 10 records in batches of 4; the last batch has 2 records, all in process 0's share.
+  for i in range(2):
+    decoded[i].clear()
+  validation = [batches(t.validation()) for t in shares]
+  assert [len(b['targets']) for b in validation[0]] == [2, 2, 2]
+  assert [len(b['targets']) for b in validation[1]] == [2, 2, 0]
+  assert validation[1][2]['inputs'].shape == (0, 4)
+  assert_batches_equal(batches(whole.validation()), joined(validation))
+  assert sorted(decoded[0]) == [0, 1, 4, 5, 8, 9] and sorted(decoded[1]) == [2, 3, 6, 7]
+  with pytest.raises(ValueError, match='batch_size 5 does not divide among 2 processes'):
+    counting_task([], 10, batch_size=5, shard=grain.sharding.ShardOptions(1, 2))
+
+
+def test_resume_late_in_a_long_stream_decodes_only_what_it_returns(capsys):
+  # Record 30,000,000 of the stream of a 20-record split (1.5 million epochs), batch 8: the
+  # restored iterator reads batch 3,750,000 without touching any record before it.
+  decoded = []
+  task = counting_task(decoded, 20, batch_size=8, seed=1)
+  position = 30_000_000 // 8
+  before = iter(task.train())
+  before.set_state({'next_index': position - 1})
+  expected = [next(before) for _ in range(2)][1]
+  decoded.clear()
+  start = time.perf_counter()
+  resumed = iter(task.train())
+  resumed.set_state({'next_index': position})
+  batch = next(resumed)
+  seconds = time.perf_counter() - start
+  assert_batches_equal([expected], [batch])
+  assert resumed.get_state() == {'next_index': position + 1}
+  # The returned batch, and at most the 4 batches prefetched after it, are decoded.
+  assert 8 <= len(decoded) <= 8 * 5, len(decoded)
+  with capsys.disabled():
+    print(f'\nresume at record 30,000,000: {seconds:.3f} s to the first batch')
 
 
 def test_listops_missing_file_names_path_and_generator(tmp_path):
@@ -194,12 +270,11 @@ def test_vocabulary_and_train_stream_are_the_same_in_a_new_process(tmp_path):
   expected = [1, 6, 3, 7, 8, 5, 4, 9, 10, 11, 12, 13, 14, 2, 15, 5, 5, 5]
   assert listops.encode(expression).tolist() == expected
   root = listops_dir(tmp_path)
-  stream = lambda task: [b['inputs'][:, 0].tolist() for b in batches(task.train(2), 4)]
+  stream = lambda task: [b['inputs'][:, 0].tolist() for b in batches(task.train(), 4)]
   script = ('from lra.data import get_task, listops\n'
             f'print(listops.encode({expression!r}).tolist())\n'
             f'task = get_task("listops", {root!r}, batch_size=3, seed=3)\n'
-            'print([b["inputs"][:, 0].tolist() for b, _ in zip(task.train(2).as_numpy_iterator(),'
-            ' range(4))])')
+            'print([b["inputs"][:, 0].tolist() for b, _ in zip(task.train(), range(4))])')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
                           text=True, check=True, env={**os.environ, 'PYTHONHASHSEED': '12345'})
   here = stream(get_task('listops', root, batch_size=3, seed=3))
@@ -297,11 +372,12 @@ def test_pathfinder_task_paths_and_corrupt_image(tmp_path):
   assert task.info.max_length == 1024
   # 11 readable images: 8 train, 1 validation, 2 test (samples 10 and 11).
   assert [b['inputs'].shape for b in batches(task.test())] == [(2, 1024)]
-  # A non-empty file that is not a PNG is dropped when decoded.
-  write(os.path.join(tmp_path, 'pathfinder32', 'curv_baseline', 'imgs', '10', 'sample_11.png'),
-        'not a png')
+  # A non-empty file that is not a PNG is an error naming it, when a batch reaches it.
+  path = write(os.path.join(tmp_path, 'pathfinder32', 'curv_baseline', 'imgs', '10',
+                            'sample_11.png'), 'not a png')
   task = get_task('pathfinder32', str(tmp_path), batch_size=2, difficulty='easy')
-  assert [b['inputs'][:, 0].tolist() for b in batches(task.test())] == [[10]]
+  with pytest.raises(ValueError, match=f'Pathfinder image {path} cannot be decoded'):
+    batches(task.test())
   with pytest.raises(FileNotFoundError, match='pathfinder128/curv_contour_length_14/metadata'):
     get_task('pathx', str(tmp_path), batch_size=2)
 
@@ -321,7 +397,7 @@ def test_text_from_mock_tfds(tmp_path):
     task = get_task('text', str(tmp_path), batch_size=4, eval_batch_size=4, max_length=64)
     train = batches(task.train(), 2)
     validation = batches(task.validation())
-    texts = [x['text'] for x in tfds.as_numpy(tfds.load('imdb_reviews', split='test'))]
+    texts = [x['text'].encode() for x in tfds.data_source('imdb_reviews', split='test')]
   assert task.info == task_info('text', max_length=64)
   expected = np.zeros(64, np.int32)
   expected[:len(texts[0][:64])] = np.frombuffer(texts[0][:64], np.uint8) + 1

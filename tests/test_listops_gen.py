@@ -85,9 +85,9 @@ def test_command_line_writes_files_that_get_task_reads(tmp_path):
     with open(os.path.join(tmp_path, 'listops-1000', f'basic_{name}.tsv')) as f:
       assert f.readline() == 'Source\tTarget\n'
   task = get_task('listops', str(tmp_path), batch_size=8, eval_batch_size=4, max_length=50)
-  assert [len(b['targets']) for b in task.validation().as_numpy_iterator()] == [4, 2]
-  assert sum(len(b['targets']) for b in task.test().as_numpy_iterator()) == 4
-  batch = next(task.train().as_numpy_iterator())
+  assert [len(b['targets']) for b in task.validation()] == [4, 2]
+  assert sum(len(b['targets']) for b in task.test()) == 4
+  batch = next(iter(task.train()))
   assert batch['inputs'].shape == (8, 50) and batch['inputs'].max() < task.info.vocab_size
 
 

@@ -11,7 +11,8 @@ from setuptools.config.pyprojecttoml import read_configuration
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pinned but not imported by the project: why each is needed.
 INDIRECT = {'jaxlib': 'jax loads it', 'importlib-resources': 'tensorflow-datasets imports it to '
-            'prepare a dataset without declaring it'}
+            'prepare a dataset without declaring it', 'array-record': 'tfds.data_source reads the '
+            'prepared ArrayRecord files with it'}
 OPTIONAL = {'torch'}  # benchmarks compare against it when it is installed
 
 

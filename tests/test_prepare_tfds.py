@@ -2,9 +2,13 @@
 
 Only the download is replaced (by small local files in the published formats); the builders, the
 preparation and the reading back through `get_task` are the ones the documented command uses.
+Preparing needs TensorFlow (the TFDS builders import it; it is pinned in requirements-dev.txt);
+reading the prepared ArrayRecord files does not, which a subprocess checks.
 """
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from unittest import mock
 
@@ -15,8 +19,9 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from absl.testing import flagsaver
 
-from lra.data import get_task, prepare_tfds
+from lra.data import get_task, image, prepare_tfds
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMDB_URL = 'http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz'
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
 REVIEWS = {'train': {'pos': ['Great film.', 'Loved it \u2764'], 'neg': ['Dull.']},
@@ -69,7 +74,7 @@ def byte_ids(text: str, length: int) -> list[int]:
 
 
 def sorted_rows(dataset) -> list[tuple[int, list[int]]]:
-  return sorted((int(t), x.tolist()) for b in dataset.as_numpy_iterator()
+  return sorted((int(t), x.tolist()) for b in dataset
                 for x, t in zip(b['inputs'], b['targets'], strict=True))
 
 
@@ -85,6 +90,14 @@ def test_prepare_then_get_task_reads_the_examples(tmp_path):
     run_main(f'--data_dir={data_dir}')
   assert sorted(os.listdir(os.path.join(data_dir, 'tfds'))) == ['cifar10', 'downloads',
                                                                 'imdb_reviews']
+  # Reading the prepared data imports no TensorFlow (checked in a process that runs meanwhile).
+  script = ('import sys\n'
+            'from lra.data import get_task\n'
+            'for name in ("text", "image"):\n'
+            f'  print(name, len(list(get_task(name, {data_dir!r}, batch_size=2).test())))\n'
+            'print("tensorflow" in sys.modules)\n')
+  reader = subprocess.Popen([sys.executable, '-c', script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
   text = get_task('text', data_dir, batch_size=2, max_length=16)
   label_ids = {'neg': 0, 'pos': 1}
@@ -99,6 +112,14 @@ def test_prepare_then_get_task_reads_the_examples(tmp_path):
   assert sorted_rows(image.test()) == expected['test']
   validation = sorted_rows(image.validation())  # train[90%:] of 10 images
   assert len(validation) == 1 and validation[0] in expected['train']
+
+  stdout, stderr = reader.communicate(timeout=120)
+  assert stdout.split() == ['text', '2', 'image', '1', 'False'], stderr[-2000:]
+
+
+def test_grayscale_equals_tensorflow():
+  rgb = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), np.uint8)
+  np.testing.assert_array_equal(image.grayscale(rgb), tf.image.rgb_to_grayscale(rgb)[..., 0])
 
 
 @pytest.mark.parametrize('args, match', [

@@ -12,10 +12,12 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,6 +26,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from tensorboardX.proto import event_pb2
 
 from lra import train
 from lra.checkpointing import CheckpointError, RunCheckpoints
@@ -171,7 +174,9 @@ def test_listops_run_writes_workdir(listops_run):
                                                                  'validation')], rel=1e-6)
   for split in ('validation', 'test'):
     assert 0.0 <= results[split]['accuracy'] <= 1.0 and np.isfinite(results[split]['loss'])
-  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  scalars = read_scalars(os.path.join(workdir, 'tensorboard'))
+  assert scalars[(4, 'validation/accuracy')] == pytest.approx(results['validation']['accuracy'])
+  assert scalars[(1, 'train/learning_rate')] == 0.0
 
 
 def retrieval_data(root: str) -> str:
@@ -228,6 +233,9 @@ def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path
   metadata['custom_metadata']['wall_time_s'] = 1e6
   with open(metadata_path, 'w') as f:
     json.dump(metadata, f)
+  # The train stream's position is saved with the model: 2 batches read.
+  data_state = os.path.join(workdir, 'checkpoints', '2', 'data', 'process_0-of-1.json')
+  assert read_json(data_state) == {'next_index': 2}
   config.num_train_steps = 4
   resumed = train.train_and_evaluate(config, workdir)
   assert resumed['wall_time_s'] > 1e6
@@ -240,6 +248,28 @@ def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path
     assert resumed[split] == pytest.approx(full[split], rel=1e-6), split
     assert resumed['best'][split] == pytest.approx(full['best'][split], rel=1e-6), split
   assert resumed['best_step'] == full['best_step']
+
+
+_TRAIN_PY = """
+import runpy, sys
+sys.argv = ['train.py', *sys.argv[1:]]
+try:
+  runpy.run_path('train.py', run_name='__main__')
+except SystemExit as exit:
+  assert not exit.code, exit.code
+print('TENSORFLOW', 'tensorflow' in sys.modules)
+"""
+
+
+def test_train_py_runs_without_tensorflow(listops_data, tmp_path, compilation_cache):
+  command = [sys.executable, '-c', _TRAIN_PY, '--config=configs/listops.py:smoke',
+             f'--config.data_dir={listops_data}', f'--workdir={tmp_path}',
+             '--config.num_train_steps=2']
+  process = subprocess.run(command, cwd=REPO, env={**os.environ, **compilation_cache},
+                           capture_output=True, text=True, timeout=300)
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert process.stdout.split()[-2:] == ['TENSORFLOW', 'False']
+  assert read_json(os.path.join(tmp_path, 'results.json'))['step'] == 2
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -408,9 +438,9 @@ def test_diverged_run_saves_nothing_diverged_and_a_rerun_recovers(listops_run, l
 
 def _corrupt(checkpoint: str, how: str) -> None:
   if how == 'empty _METADATA':
-    open(os.path.join(checkpoint, 'default', '_METADATA'), 'w').close()
+    open(os.path.join(checkpoint, 'state', '_METADATA'), 'w').close()
   else:
-    array_file = max(glob.glob(os.path.join(checkpoint, 'default', 'ocdbt.process_0', 'd', '*')),
+    array_file = max(glob.glob(os.path.join(checkpoint, 'state', 'ocdbt.process_0', 'd', '*')),
                      key=os.path.getsize)
     os.truncate(array_file, os.path.getsize(array_file) // 2)
 
@@ -445,13 +475,35 @@ def test_all_checkpoints_corrupt_is_an_error_naming_them(profiled_run, tmp_path)
   assert not os.path.exists(os.path.join(workdir, 'unusable_checkpoints'))
 
 
-def test_metric_writer_writes_strict_json(tmp_path):
+def read_scalars(log_dir: str) -> dict[tuple[int, str], float]:
+  """The scalars of the TensorBoard event files in `log_dir` (TFRecord framing: length, its CRC,
+  the Event proto, its CRC), by (step, tag)."""
+  scalars = {}
+  for path in glob.glob(os.path.join(log_dir, 'events.out.tfevents.*')):
+    with open(path, 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      for value in event.summary.value:
+        scalars[(event.step, value.tag)] = value.simple_value
+  return scalars
+
+
+def test_metric_writer_writes_strict_json_and_tensorboard_scalars(tmp_path):
   writer = MetricWriter(str(tmp_path))
   writer.write(1, 'train', {'loss': float('nan'), 'accuracy': 0.5})
   writer.write(2, 'train', {'loss': float('inf'), 'accuracy': 0.25})
   writer.close()
   assert read_metrics(str(tmp_path)) == {(1, 'train'): {'loss': None, 'accuracy': 0.5},
                                          (2, 'train'): {'loss': None, 'accuracy': 0.25}}
+  scalars = read_scalars(str(tmp_path / 'tensorboard'))
+  assert scalars.keys() == {(1, 'train/loss'), (1, 'train/accuracy'), (2, 'train/loss'),
+                            (2, 'train/accuracy')}
+  assert np.isnan(scalars[(1, 'train/loss')]) and scalars[(2, 'train/loss')] == float('inf')
+  assert scalars[(1, 'train/accuracy')] == 0.5 and scalars[(2, 'train/accuracy')] == 0.25
   # A resumed writer keeps only what `keep` selects.
   MetricWriter(str(tmp_path), keep=lambda record: record['step'] < 2).close()
   assert list(read_metrics(str(tmp_path))) == [(1, 'train')]
@@ -461,7 +513,8 @@ def test_save_refuses_a_non_finite_state(tmp_path):
   checkpoints = RunCheckpoints(str(tmp_path), keep=1)
   state = {'w': jnp.array([1.0, np.nan]), 'step': jnp.array(3)}
   with pytest.raises(FloatingPointError, match='step 3 holds NaN or infinite'):
-    checkpoints.save(3, state, wall_time_s=1.0)
+    checkpoints.save(3, state, wall_time_s=1.0,
+                     data_iterator=iter(grain.MapDataset.range(1).to_iter_dataset()))
   with pytest.raises(FloatingPointError, match='step 3 holds NaN or infinite'):
     checkpoints.save_best(3, state, {'accuracy': 0.5, 'loss': 1.0})
   assert not checkpoints.save_best(3, state, {'accuracy': 0.5, 'loss': float('nan')})

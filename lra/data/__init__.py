@@ -1,8 +1,8 @@
-"""LRA data: task registry and tf.data input pipelines.
+"""LRA data: task registry and grain input pipelines.
 
-`TaskInfo`, `task_info` and `TASK_NAMES` are static and import without TensorFlow; `Task` and
-`get_task` load the pipelines (and TensorFlow) on first use, so code that only sizes a task
-(`lra.train`'s step, `benchmarks.model_step`) runs where TensorFlow is not installed.
+`TaskInfo`, `task_info` and `TASK_NAMES` are static and import no data libraries; `Task` and
+`get_task` load the pipelines (grain, Pillow, TFDS) on first use, so code that only sizes a task
+(`lra.train`'s step, `benchmarks.model_step`) runs where those are not installed.
 """
 import importlib
 from typing import Any

@@ -9,7 +9,6 @@ import os
 import re
 
 import numpy as np
-import tensorflow as tf
 
 from lra.data.info import LISTOPS_TOKENS as TOKENS
 from lra.data.info import task_info
@@ -143,11 +142,9 @@ def build_splits(root: str, max_length: int) -> dict[str, Split]:
 
 def _split(tokens: np.ndarray, offsets: np.ndarray, targets: np.ndarray,
            max_length: int) -> Split:
-  tokens, offsets, targets = (tf.constant(a) for a in (tokens, offsets, targets))
 
-  def decode(index: tf.Tensor) -> dict[str, tf.Tensor]:
-    ids = tokens[offsets[index]:offsets[index + 1]]
-    return {'inputs': fit_length(ids, max_length), 'targets': targets[index]}
+  def decode(index: int) -> dict[str, np.ndarray]:
+    return {'inputs': fit_length(tokens[offsets[index]:offsets[index + 1]], max_length),
+            'targets': targets[index]}
 
-  num_examples = int(targets.shape[0])
-  return Split(tf.data.Dataset.range(num_examples), decode, shuffle_buffer=num_examples)
+  return Split(range(len(targets)), decode)

@@ -4,12 +4,14 @@ Layout: `<root>/pathfinder<N>/<curv folder>/metadata/<k>.npy` and `.../imgs/<k>/
 Despite the extension, each metadata file is plain text with one line per image:
 `<image sub-folder> <file name> <index> <label> ...`. Images are listed in metadata-file order
 (numeric <k>, then line order); the first 80% are train, the next 10% validation, the rest test.
-Missing and empty image files are skipped (and counted in a warning) before splitting.
+Missing and empty image files are skipped (and counted in a warning) before splitting; a listed
+image that Pillow cannot decode is an error naming the file, raised when a batch reaches it.
 """
 import os
 
-import tensorflow as tf
+import numpy as np
 from absl import logging
+from PIL import Image
 
 from lra.data.info import PATHFINDER_FOLDERS as DIFFICULTY_FOLDERS
 from lra.data.info import PATHFINDER_SIZES as SIZES
@@ -72,15 +74,19 @@ def build_splits(root: str, size: int, difficulty: str, max_length: int) -> dict
   bounds = {'train': (0, num_train), 'validation': (num_train, num_train + num_validation),
             'test': (num_train + num_validation, len(paths))}
 
-  def decode(path: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
-    image = tf.io.decode_png(tf.io.read_file(path), channels=1)
-    return {'inputs': fit_length(tf.reshape(image, [-1]), max_length),
-            'targets': tf.cast(label, tf.int32)}
+  def decode(record: tuple[str, int]) -> dict[str, np.ndarray]:
+    path, label = record
+    try:
+      with Image.open(path) as image:
+        pixels = np.asarray(image.convert('L'))
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for a broken file
+      raise ValueError(f'Pathfinder image {path} cannot be decoded ({e}); replace it with a valid '
+                       'PNG') from e
+    return {'inputs': fit_length(pixels.ravel(), max_length), 'targets': np.int32(label)}
 
   splits = {}
   for name, (start, stop) in bounds.items():
     if start == stop:
       raise ValueError(f'Pathfinder {name} split is empty: {len(paths)} images are too few')
-    records = tf.data.Dataset.from_tensor_slices((paths[start:stop], labels[start:stop]))
-    splits[name] = Split(records, decode, shuffle_buffer=stop - start, skip_errors=True)
+    splits[name] = Split(list(zip(paths[start:stop], labels[start:stop], strict=True)), decode)
   return splits

@@ -1,24 +1,28 @@
-"""`Task`: batched tf.data streams (train/validation/test) over the per-example records of a task.
+"""`Task`: batched grain streams (train/validation/test) over the examples of a task.
 
-Every task module describes each split as a `Split`: a dataset of cheap records in a fixed order
-(row indices, file paths, raw text lines) plus a `decode` function that turns one record into an
-example dict of int32 tensors. Shuffling happens on the records, so a full-dataset shuffle costs
-memory for indices or paths only, and skipping batches on resume skips records without decoding.
+Every task module describes each split as a `Split`: random-access records in a fixed order (row
+indices, file paths, line offsets, a `tfds.data_source`) plus a `decode` function that turns one
+record into an example dict of int32 numpy arrays. Batches are built from record indices: the
+train stream shuffles the indices of each epoch with a seeded permutation (grain's index shuffle,
+a new one per epoch), so batch `k` is a pure function of `(seed, k)`. That makes the stream's
+state one number, which a checkpoint stores and a resume restores in constant time, and it lets
+each process decode only its own share of every global batch.
 """
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-import tensorflow as tf
+import grain
+import numpy as np
 
 from lra.data.info import TaskInfo
 
-# The input pipeline runs on the host; keep TensorFlow off the accelerators JAX uses.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TF already initialised its devices; nothing left to hide.
-  pass
-
-Example = dict[str, tf.Tensor]
+Example = dict[str, np.ndarray]
+Batch = dict[str, np.ndarray]
+# Batches decoded ahead of the consumer, by as many threads: enough to hide decoding (PNG, long
+# text) behind a train step, small enough that Path-X batches (64 x 16384 int32) stay a few MiB.
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
+NO_SHARDING = grain.sharding.NoSharding()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,17 +30,13 @@ class Split:
   """One split of a task.
 
   Attributes:
-    records: unbatched dataset of per-example records, in a fixed order.
+    records: random-access records in a fixed order (`len` and `[i]`).
     decode: maps one record to an example dict: 'inputs' (or 'inputs1'/'inputs2') int32 [L] and
       'targets' int32 [].
-    shuffle_buffer: train shuffle buffer, in records (the split size gives a full shuffle).
-    skip_errors: drop records whose decoding fails (e.g. corrupt image files) with a warning.
   """
 
-  records: tf.data.Dataset
-  decode: Callable[..., Example]
-  shuffle_buffer: int
-  skip_errors: bool = False
+  records: Sequence[Any]
+  decode: Callable[[Any], Example]
 
 
 def missing_release_file(what: str, path: str, hint: str = '') -> FileNotFoundError:
@@ -47,22 +47,33 @@ def missing_release_file(what: str, path: str, hint: str = '') -> FileNotFoundEr
       f'lra_release folder as data_dir{hint}.')
 
 
-def fit_length(tokens: tf.Tensor, max_length: int) -> tf.Tensor:
+def fit_length(tokens: np.ndarray, max_length: int) -> np.ndarray:
   """Truncates or zero-pads a token vector [n] to int32 [max_length] (0 = padding)."""
-  tokens = tf.cast(tokens[:max_length], tf.int32)
-  padded = tf.pad(tokens, [[0, max_length - tf.shape(tokens)[0]]])
-  return tf.ensure_shape(padded, [max_length])
+  fitted = np.zeros(max_length, np.int32)
+  tokens = tokens[:max_length]
+  fitted[:len(tokens)] = tokens
+  return fitted
 
 
 class Task:
-  """Batched input streams of one LRA task; see `lra.data.get_task`."""
+  """Batched input streams of one LRA task; see `lra.data.get_task`.
+
+  With `shard` (e.g. `grain.sharding.ShardByJaxProcess()`), every stream yields only process
+  `shard.shard_index`'s share of each global batch: rows `[i * s, (i + 1) * s)` of it, where
+  `s = ceil(batch size / shard.shard_count)`. The shares of all processes, in process order, are
+  the batch a single process reads.
+  """
 
   def __init__(self, info: TaskInfo, splits: Mapping[str, Split], *, batch_size: int,
-               eval_batch_size: int | None = None, seed: int = 0):
+               eval_batch_size: int | None = None, seed: int = 0,
+               shard: grain.sharding.ShardOptions = NO_SHARDING):
     if batch_size <= 0:
       raise ValueError(f'batch_size must be positive, got {batch_size}')
     if eval_batch_size is not None and eval_batch_size <= 0:
       raise ValueError(f'eval_batch_size must be positive, got {eval_batch_size}')
+    if batch_size % shard.shard_count:
+      raise ValueError(f'batch_size {batch_size} does not divide among {shard.shard_count} '
+                       'processes')
     missing = {'train', 'validation', 'test'} - set(splits)
     if missing:
       raise ValueError(f'splits must contain train, validation and test; missing {sorted(missing)}')
@@ -70,47 +81,55 @@ class Task:
     self._splits = dict(splits)
     self._batch_size = batch_size
     self._eval_batch_size = eval_batch_size or batch_size
-    self._seed = seed
+    # Unrelated permutations for nearby seeds: grain permutes epoch e with seed + e, so seeds 0
+    # and 1 would otherwise share all but one epoch order.
+    self._seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    self._shard = shard
 
-  def train(self, skip_batches: int = 0) -> tf.data.Dataset:
-    """Infinite stream of shuffled batches, reshuffled each epoch, first `skip_batches` skipped.
+  def train(self) -> grain.IterDataset:
+    """Infinite stream of shuffled batches, reshuffled each epoch.
 
-    The stream depends only on the seed, so `train(n)` continues exactly where a run that
-    consumed `n` batches of `train()` stopped (unless records fail to decode).
-
-    Args:
-      skip_batches: number of leading batches to skip (for resuming).
+    Batch `k` depends only on the seed and `k`. `iter()` of the result is a grain
+    `DatasetIterator` whose `get_state()` / `set_state()` save and restore the position in
+    constant time (`lra.checkpointing` stores it with the model).
 
     Returns:
-      Dataset of dicts of int32 arrays: inputs [B, L] (or inputs1/inputs2), targets [B].
+      Dataset of dicts of int32 arrays: inputs [B, L] (or inputs1/inputs2), targets [B], B being
+      this process's share of `batch_size`.
     """
-    if skip_batches < 0:
-      raise ValueError(f'skip_batches must be >= 0, got {skip_batches}')
     split = self._splits['train']
-    records = split.records.shuffle(split.shuffle_buffer, seed=self._seed,
-                                    reshuffle_each_iteration=True).repeat()
-    # Batches are consecutive groups of batch_size records of an infinite stream, so skipping
-    # whole batches equals skipping records, which avoids decoding them.
-    records = records.skip(skip_batches * self._batch_size)
-    return self._decode(split, records).batch(
-        self._batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    indices = grain.MapDataset.range(len(split.records)).shuffle(seed=self._seed).repeat()
+    return self._batches(split, indices, self._batch_size, drop_remainder=True)
 
-  def validation(self) -> tf.data.Dataset:
+  def validation(self) -> grain.IterDataset:
     """One pass over the validation split in fixed order; the last batch may be smaller."""
     return self._eval('validation')
 
-  def test(self) -> tf.data.Dataset:
+  def test(self) -> grain.IterDataset:
     """One pass over the test split in fixed order; the last batch may be smaller."""
     return self._eval('test')
 
-  def _eval(self, name: str) -> tf.data.Dataset:
+  def _eval(self, name: str) -> grain.IterDataset:
     split = self._splits[name]
-    return self._decode(split, split.records).batch(
-        self._eval_batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+    indices = grain.MapDataset.range(len(split.records))
+    return self._batches(split, indices, self._eval_batch_size, drop_remainder=False)
 
-  def _decode(self, split: Split, records: tf.data.Dataset) -> tf.data.Dataset:
-    options = tf.data.Options()
-    options.deterministic = True
-    examples = records.map(split.decode, num_parallel_calls=tf.data.AUTOTUNE,
-                           deterministic=True).with_options(options)
-    return examples.ignore_errors(log_warning=True) if split.skip_errors else examples
+  def _batches(self, split: Split, indices: grain.MapDataset, batch_size: int, *,
+               drop_remainder: bool) -> grain.IterDataset:
+    """Decodes this process's share of each batch of `batch_size` record indices."""
+    share = -(-batch_size // self._shard.shard_count)
+    start = self._shard.shard_index * share
+
+    def load(batch: np.ndarray) -> Batch:
+      return self._stack([split.decode(split.records[int(i)]) for i in batch[start:start + share]])
+
+    batches = indices.batch(batch_size, drop_remainder=drop_remainder)
+    return batches.map(load).to_iter_dataset(_READ_OPTIONS)
+
+  def _stack(self, examples: list[Example]) -> Batch:
+    if examples:
+      return {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+    # A share past the end of the last eval batch: no rows, the same arrays.
+    names = ('inputs1', 'inputs2') if self.info.dual else ('inputs',)
+    return {**{name: np.zeros((0, self.info.max_length), np.int32) for name in names},
+            'targets': np.zeros((0,), np.int32)}

@@ -10,9 +10,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import grain
+
 from lra.data import image, listops, pathfinder, retrieval, text
 from lra.data.info import task_info
-from lra.data.pipeline import Split, Task
+from lra.data.pipeline import NO_SHARDING, Split, Task
 
 # (data_dir, max_length, **task_options) -> {'train': Split, 'validation': ..., 'test': ...}
 SplitBuilder = Callable[..., dict[str, Split]]
@@ -50,7 +52,8 @@ BUILDERS: dict[str, SplitBuilder] = {
 
 
 def get_task(name: str, data_dir: str, *, batch_size: int, eval_batch_size: int | None = None,
-             max_length: int | None = None, seed: int = 0, **task_options: Any) -> Task:
+             max_length: int | None = None, seed: int = 0,
+             shard: grain.sharding.ShardOptions = NO_SHARDING, **task_options: Any) -> Task:
   """Builds the input pipelines of task `name`.
 
   Args:
@@ -60,10 +63,12 @@ def get_task(name: str, data_dir: str, *, batch_size: int, eval_batch_size: int 
     eval_batch_size: validation/test batch size; default `batch_size`.
     max_length: tokens per sequence (longer ones truncated, shorter zero-padded).
     seed: train shuffling seed.
+    shard: which share of every batch this process reads (`grain.sharding.ShardByJaxProcess()`
+      in a multi-process run); default all of it.
     **task_options: see `task_info`.
 
   Returns:
-    A `Task` whose datasets yield dicts of int32 numpy-able arrays.
+    A `Task` whose grain datasets yield dicts of int32 numpy arrays.
 
   Raises:
     ValueError: unknown name/option, malformed data or empty splits.
@@ -71,4 +76,5 @@ def get_task(name: str, data_dir: str, *, batch_size: int, eval_batch_size: int 
   """
   info = task_info(name, max_length=max_length, **task_options)
   splits = BUILDERS[name](data_dir, info.max_length, **task_options)
-  return Task(info, splits, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed)
+  return Task(info, splits, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
+              shard=shard)

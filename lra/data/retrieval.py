@@ -1,12 +1,13 @@
 """Retrieval: AAN document pairs, `tsv_data/new_aan_pairs.{train,eval,test}.tsv` of the release.
 
 Rows have no header and 5 tab-separated columns: label (0/1, may be written as a float), id1, id2,
-text1, text2. Texts are byte-encoded as in `lra.data.text`. The files (GBs) are streamed; they are
-validated once in Python at construction so bad rows fail early with their line number.
+text1, text2. Texts are byte-encoded as in `lra.data.text`. The files (GBs) stay on disk: they are
+validated once in Python at construction, so bad rows fail early with their line number, and the
+byte offset of every row is kept so that a row is read with one seek.
 """
 import os
 
-import tensorflow as tf
+import numpy as np
 
 from lra.data.pipeline import Split, missing_release_file
 from lra.data.text import encode_bytes
@@ -15,19 +16,20 @@ DIRNAME = 'tsv_data'
 FILES = {'train': 'new_aan_pairs.train.tsv', 'validation': 'new_aan_pairs.eval.tsv',
          'test': 'new_aan_pairs.test.tsv'}
 NUM_COLUMNS = 5
-TRAIN_SHUFFLE_BUFFER = 2048  # LRA's; records are whole lines (two long documents).
 
 
-def check_tsv(path: str) -> int:
-  """Validates a pairs TSV file and returns its number of rows.
+def check_tsv(path: str) -> np.ndarray:
+  """Validates a pairs TSV file and returns the byte offsets of its rows, int64 [rows + 1] (the
+  last is the file size).
 
   Raises:
     ValueError: naming file and line of a row without 5 columns or with a label not 0/1, or
       if the file has no rows.
   """
-  num_rows = 0
+  offsets = [0]
   with open(path, 'rb') as f:
     for line_number, line in enumerate(f, start=1):
+      offsets.append(offsets[-1] + len(line))
       line = line.rstrip(b'\r\n')
       num_columns = line.count(b'\t') + 1
       if num_columns != NUM_COLUMNS:
@@ -40,27 +42,40 @@ def check_tsv(path: str) -> int:
         valid = False
       if not valid:
         raise ValueError(f'{path}, line {line_number}: label must be 0 or 1, got {label!r}')
-      num_rows += 1
-  if not num_rows:
+  if len(offsets) == 1:
     raise ValueError(f'{path} contains no examples')
-  return num_rows
+  return np.asarray(offsets, np.int64)
+
+
+class Rows:
+  """The rows of a text file as random-access records (bytes, line break removed)."""
+
+  def __init__(self, path: str, offsets: np.ndarray):
+    self._path = path
+    self._offsets = offsets
+
+  def __len__(self) -> int:
+    return len(self._offsets) - 1
+
+  def __getitem__(self, index: int) -> bytes:
+    with open(self._path, 'rb') as f:
+      f.seek(self._offsets[index])
+      return f.read(self._offsets[index + 1] - self._offsets[index]).rstrip(b'\r\n')
 
 
 def build_splits(root: str, max_length: int) -> dict[str, Split]:
   """Splits of AAN retrieval read from `<root>/tsv_data/`; see module docstring."""
 
-  def decode(line: tf.Tensor) -> dict[str, tf.Tensor]:
-    columns = tf.strings.split(line, '\t')
+  def decode(row: bytes) -> dict[str, np.ndarray]:
+    columns = row.split(b'\t')
     return {'inputs1': encode_bytes(columns[3], max_length),
             'inputs2': encode_bytes(columns[4], max_length),
-            'targets': tf.cast(tf.strings.to_number(columns[0]), tf.int32)}
+            'targets': np.int32(float(columns[0]))}
 
   splits = {}
   for name, filename in FILES.items():
     path = os.path.join(root, DIRNAME, filename)
     if not os.path.isfile(path):
       raise missing_release_file('AAN retrieval file', path)
-    check_tsv(path)
-    splits[name] = Split(tf.data.TextLineDataset(path), decode,
-                         shuffle_buffer=TRAIN_SHUFFLE_BUFFER)
+    splits[name] = Split(Rows(path, check_tsv(path)), decode)
   return splits

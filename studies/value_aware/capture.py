@@ -11,7 +11,7 @@ import functools
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -48,7 +48,7 @@ class LayerCall:
   mask: jax.Array | None
 
 
-def _limited(batches: Iterator[Batch], num_batches: int) -> Iterator[Batch]:
+def _limited(batches: Iterable[Batch], num_batches: int) -> Iterator[Batch]:
   return itertools.islice(batches, num_batches)
 
 
@@ -73,7 +73,7 @@ def load_run(workdir: str, num_batches: int, checkpoint: str = 'best') -> Run:
     checkpoints.close()
   return Run(os.path.basename(os.path.normpath(workdir)), config.attention.kernel,
              models.build_model(config, task.info), state.params,
-             lambda: _limited(task.validation().as_numpy_iterator(), num_batches))
+             lambda: _limited(task.validation(), num_batches))
 
 
 def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
@@ -101,7 +101,7 @@ def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
     task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
                          eval_batch_size=config.eval_batch_size, max_length=config.max_length,
                          seed=config.seed, **config.task_options)
-    return _limited(task.validation().as_numpy_iterator(), num_batches)
+    return _limited(task.validation(), num_batches)
 
   batches = synthetic_batches if synthetic else real_batches
   example = next(iter(synthetic_batches()))
