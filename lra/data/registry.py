@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from lra.data import image, listops, pathfinder, retrieval, text
+from lra.data import image, listops, pathfinder, retrieval, text, text_folder
 from lra.data.info import task_info
 from lra.data.pipeline import Split, Task
 
@@ -46,6 +46,7 @@ BUILDERS: dict[str, SplitBuilder] = {
     'image': image.build_splits,
     **{f'pathfinder{size}': functools.partial(_pathfinder, size) for size in pathfinder.SIZES},
     'pathx': functools.partial(_pathfinder, 128),  # Pathfinder128 at the hard difficulty
+    'lm': text_folder.build_splits,  # data_dir is the folder of text files
 }
 
 

@@ -103,11 +103,10 @@ def replacement(kernel: str, method: str, r: int, layer: str,
   return replace
 
 
-def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int | None = None,
-              accuracy_rs: list[int] | None = None) -> tuple[list[dict], list[dict]]:
-  """Error rows (averaged over batches) for budgets `rs` and accuracy rows of one run for
-  `accuracy_rs` (default `rs`): replacing whole layers solves every query, far costlier than the
-  sampled error table."""
+def error_rows(run: Run, rs: list[int], max_queries: int, query_chunk_size: int | None = None
+               ) -> tuple[list[dict], list[str]]:
+  """`layer_errors` of every layer of `run` averaged over its batches (weighted by queries), and
+  the attention layers' names in call order."""
   sums: dict[tuple, list[dict]] = {}
   layers: list[str] = []
   for batch in run.batches():
@@ -124,6 +123,15 @@ def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int |
                    'method': method, 'queries': int(weights.sum()), **{
                        name: float(np.average([row[name] for row in rows], weights=weights))
                        for name in ('rel_error', 'top_r_mass')}})
+  return errors, layers
+
+
+def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int | None = None,
+              accuracy_rs: list[int] | None = None) -> tuple[list[dict], list[dict]]:
+  """Error rows (`error_rows`) for budgets `rs` and accuracy rows of one run for `accuracy_rs`
+  (default `rs`): replacing whole layers solves every query, far costlier than the sampled error
+  table."""
+  errors, layers = error_rows(run, rs, max_queries, query_chunk_size)
   model, targets = predictions(run, None)
 
   def row(layer, r, method, predicted):
