@@ -23,6 +23,15 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CORPUS = os.path.dirname(json.__file__)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def fast_compilation():
+  # Compilation dominates these tiny models; restored afterwards for other test modules.
+  saved = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', saved)
+
+
 def _config(arg: str = 'causal,smoke', **overrides) -> ml_collections.ConfigDict:
   pairs = [('data_dir', _CORPUS), ('task_options.pattern', '*.py'),
            *((key, str(value)) for key, value in overrides.items())]
@@ -236,7 +245,7 @@ def test_study_commands_write_their_outputs(tmp_path):
   for key in (('attention', '32'), ('ffn', '32')):
     assert float(rows[key]['increase_error']) == 0.0
     assert float(rows[key]['increase_loss']) == pytest.approx(0.0, abs=1e-5)
-  table = main(['value_aware', *common, '--r', '2'])
+  table = main(['value_aware', *common, '--r', '2', '--num_starts', '1', '--num_iters', '5'])
   assert len([line for line in table.splitlines() if line.startswith('| softmax |')]) == 3
   for name in ('zero_shot.csv', 'zero_shot.png', 'zero_shot.md', 'value_aware.csv',
                'value_aware_outputs.csv', 'value_aware.png', 'top_r_mass.png', 'value_aware.md'):

@@ -10,7 +10,8 @@
 Standard errors treat evaluation windows as independent clusters of tokens (tokens of one window
 are not independent); differences between two models on the same windows are paired.
 """
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -57,8 +58,9 @@ def _counts(run: Run, totals: dict[str, np.ndarray]) -> dict[str, object]:
 
 
 def value_aware_study(run: Run, rs: Sequence[int], max_queries: int,
-                      query_chunk_size: int | None = None) -> tuple[list[dict], list[dict]]:
-  """The value-aware study of one run on its evaluation batches.
+                      solver: Mapping[str, Any] | None = None) -> tuple[list[dict], list[dict]]:
+  """The value-aware study of one run on its evaluation batches; `solver` holds keyword options
+  of the value-aware solver (`studies.value_aware.solvers.value_aware_greedy`).
 
   Returns:
     (replacement rows, one per layer ('all' = every layer) and r: the unmodified model's error
@@ -68,13 +70,13 @@ def value_aware_study(run: Run, rs: Sequence[int], max_queries: int,
   """
   batches = list(run.batches())
   sampled = Run(run.name, run.kernel, run.model, run.params, lambda: iter(batches), run.config)
-  outputs, layers = va_analysis.error_rows(sampled, list(rs), max_queries, query_chunk_size)
+  outputs, layers = va_analysis.error_rows(sampled, list(rs), max_queries, solver)
   model = window_totals(run.model, run.params, batches)
   rows = []
   for layer in layers + ['all']:
     for r in rs:
       totals = {method: window_totals(run.model, run.params, batches, va_analysis.replacement(
-          run.kernel, method, r, layer, query_chunk_size)) for method in METHODS}
+          run.kernel, method, r, layer, solver)) for method in METHODS}
       rows.append({**_counts(run, model), 'layer': layer, 'r': r, **summary(model, 'model_'),
                    **{key: value for method in METHODS
                       for key, value in summary(totals[method], f'{method}_').items()},
