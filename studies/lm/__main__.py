@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                       help='folder of UTF-8 text files (default: the stdlib email package)')
   parser.add_argument('--pattern', default='**/*.py', help='glob of the files read')
   parser.add_argument('--num_batches', type=int, default=1, help='validation batches evaluated')
-  parser.add_argument('--r', default='1,2,4,8,16', help='value_aware: budgets r')
+  parser.add_argument('--r', default='1,2,4,8', help='value_aware: budgets r')
   parser.add_argument('--max_queries', type=int, default=256,
                       help='value_aware: sampled (query, head) pairs per layer and batch for '
                       'the top-r mass and output errors')
