@@ -353,3 +353,8 @@ def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
   command = f'python -m lra.data.prepare_tfds --data_dir={tmp_path} --datasets=cifar10'
   with pytest.raises(FileNotFoundError, match=command):
     get_task('image', str(tmp_path), batch_size=2)
+
+
+def test_every_task_has_one_split_builder():
+  from lra.data import registry
+  assert tuple(registry.BUILDERS) == TASK_NAMES
