@@ -3,6 +3,8 @@ of the studies on language models (studies.lm)."""
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +122,22 @@ def test_causal_and_masked_examples(tmp_path):
 
 
 # ----------------------------------------------------------------------------- models, training
+
+
+def test_lm_config_is_plain_data_and_every_value_is_checked():
+  code = ('import sys\nfrom configs import lm\n'
+          'config = lm.get_config("masked,topk,kernel=relu,k=4,smoke")\n'
+          'print(config.task_options.objective, config.attention.kernel, config.attention.k, '
+          'sorted(m for m in ("jax", "tensorflow", "lra", "topk") if m in sys.modules))\n')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True, cwd=_REPO)
+  assert result.stdout.split() == ['masked_lm', 'relu', '4', '[]']
+  assert isinstance(train.build(_config('causal')).model, models.LanguageModel)
+  with pytest.raises(ValueError, match="config.attention: Unknown attention kernel 'nope'"):
+    train.build(_config('causal,kernel=nope'))
+  with pytest.raises(ValueError, match='objective must be one of'):
+    train.build(_config('causal', **{'task_options.objective': 'classification'}))
+
 
 
 @pytest.mark.parametrize('kind', ['vanilla', 'chunked', 'topk'])
