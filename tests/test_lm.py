@@ -224,21 +224,20 @@ def test_ratio_standard_error():
 
 
 @pytest.mark.parametrize('kernel', ['softmax', 'relu'])
-def test_replacement_with_every_key_is_the_unmodified_model(lm_run, kernel):
-  config, _, _ = lm_run
-  config = _config('causal,smoke', max_length=16, **{'attention.kernel': kernel})
-  info = data.task_info('lm', max_length=16, **config.task_options)
+def test_replacement_with_every_key_is_the_unmodified_model(kernel):
+  config = _config('causal,smoke', max_length=8, **{'attention.kernel': kernel})
+  info = data.task_info('lm', max_length=8, **config.task_options)
   model = models.build_model(config, info)
-  inputs = jax.random.randint(jax.random.key(0), (2, 16), 1, 257)
+  inputs = jax.random.randint(jax.random.key(0), (2, 8), 1, 257)
   params = model.init(jax.random.key(1), {'inputs': inputs}, train=False)['params']
   calls = capture.capture_attention(model, params, {'inputs': inputs})
-  assert [call.mask.shape[-2:] for call in calls] == [(16, 16)] * 2
-  np.testing.assert_array_equal(np.broadcast_to(calls[0].mask, (2, 2, 16, 16))[1, 0],
-                                np.tril(np.ones((16, 16), bool)))
+  assert [call.mask.shape[-2:] for call in calls] == [(8, 8)] * 2
+  np.testing.assert_array_equal(np.broadcast_to(calls[0].mask, (2, 2, 8, 8))[1, 0],
+                                np.tril(np.ones((8, 8), bool)))
   logits = model.apply({'params': params}, {'inputs': inputs}, train=False)
   for method in analysis.METHODS:
     replaced = capture.apply_replaced(model, params, {'inputs': inputs},
-                                      va_analysis.replacement(kernel, method, 16, 'all'))
+                                      va_analysis.replacement(kernel, method, 8, 'all'))
     np.testing.assert_allclose(replaced, logits, atol=2e-4)
   # And a small budget does change the model.
   replaced = capture.apply_replaced(model, params, {'inputs': inputs},
