@@ -1,4 +1,5 @@
-"""LRA Transformer classifiers (single input and dual encoder) with injected attention.
+"""LRA Transformer classifiers (single input and dual encoder) and byte-level language models,
+with injected attention.
 
 A faithful port of the LRA repository's vanilla Transformer (`models/transformer/` and
 `models/layers/common_layers.py`): token embedding, a CLS token prepended before the position
@@ -6,7 +7,11 @@ encoding, pre-LN blocks with bias-free attention, a final LayerNorm and a ReLU M
 attention kernel and the feed-forward layer come from `topk`, so every attention kind and FFN
 kind shares one parameter tree: a vanilla checkpoint loads unchanged into a top-k model.
 
-Shapes: B batch, L tokens (L+1 with a CLS token), D emb_dim, C num_classes.
+`LanguageModel` is the same encoder without the CLS token and with a per-position head: causal
+(every attention call gets `is_causal=True`) or masked.
+
+Shapes: B batch, L tokens (L+1 with a CLS token), D emb_dim, C num_classes (the vocabulary for
+language models).
 """
 import dataclasses
 import functools
@@ -67,6 +72,7 @@ class TransformerConfig:
     attention: the attention of every block (`topk.AttentionSpec`).
     ffn: the feed-forward layer of every block (`topk.FeedForwardSpec`); every kind has the
       dense MLP's parameters.
+    causal: position i attends to positions 0..i only (a causal language model).
     dtype: computation dtype name, a key of `DTYPES`; parameters and logits stay float32.
   """
 
@@ -86,6 +92,7 @@ class TransformerConfig:
   interaction: str = 'concat'
   attention: topk.AttentionSpec = topk.AttentionSpec()
   ffn: topk.FeedForwardSpec = topk.FeedForwardSpec()
+  causal: bool = False
   dtype: str = 'float32'
 
   def __post_init__(self):
@@ -132,6 +139,8 @@ class EncoderBlock(nn.Module):
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     attention_fn = topk.make_attention_fn(cfg.attention)
+    if cfg.causal:
+      attention_fn = functools.partial(attention_fn, is_causal=True)
     if keep is not None:
       # Query and key padding from [B, L] vectors, for every kind, so no L x L mask is built; a
       # padded query attends uniformly, as the original.
@@ -229,6 +238,21 @@ class DualClassifier(nn.Module):
     return nn.Dense(cfg.num_classes, name='logits')(x).astype(jnp.float32)
 
 
+class LanguageModel(nn.Module):
+  """Byte-level language model: `batch['inputs']` int `[B, L]` -> float32 logits `[B, L, C]`.
+
+  Causal with `config.causal` (logits at i predict token i + 1), else masked (logits at i predict
+  the token hidden at i).
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
+    x = Encoder(self.config, add_cls=False, name='encoder')(batch['inputs'], train=train)
+    return nn.Dense(self.config.num_classes, name='logits')(x).astype(jnp.float32)
+
+
 def _build(cls: type, group: ml_collections.ConfigDict, where: str, **fields: Any) -> Any:
   """`cls(**group, **fields)`; errors name the config group `where`."""
   valid = sorted({field.name for field in dataclasses.fields(cls)} - set(fields))
@@ -247,9 +271,11 @@ def build_model(config: ml_collections.ConfigDict, info: 'TaskInfo') -> nn.Modul
 
   Args:
     config: run config (see configs/common.py); other fields are ignored.
-    info: the task; gives vocab_size, num_classes, max_length and whether it is dual-input.
+    info: the task; gives vocab_size, num_classes, max_length, whether it is dual-input and its
+      objective.
 
   Returns:
+    `LanguageModel` for the language-model objectives (causal for 'causal_lm'),
     `DualClassifier` for dual-input tasks, else `Classifier`.
 
   Raises:
@@ -259,5 +285,8 @@ def build_model(config: ml_collections.ConfigDict, info: 'TaskInfo') -> nn.Modul
       TransformerConfig, config.model, 'config.model', vocab_size=info.vocab_size,
       num_classes=info.num_classes, max_len=info.max_length,
       attention=_build(topk.AttentionSpec, config.attention, 'config.attention'),
-      ffn=_build(topk.FeedForwardSpec, config.ffn, 'config.ffn'))
+      ffn=_build(topk.FeedForwardSpec, config.ffn, 'config.ffn'),
+      causal=info.objective == 'causal_lm')
+  if info.objective != 'classification':
+    return LanguageModel(model_config)
   return DualClassifier(model_config) if info.dual else Classifier(model_config)

@@ -95,8 +95,24 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy `[B]` of float logits `[B, C]` and int targets `[B]`."""
+  """Per-target softmax cross-entropy `[B, ...]` of float logits `[B, ..., C]`, int targets
+  `[B, ...]`."""
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def target_terms(logits: jax.Array, batch: Mapping[str, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Cross-entropy, correctness and weight of each target, all `[B, ...]` as `batch['targets']`.
+
+  A classification batch has one target per example (`[B]`, weight 1); a language-model batch
+  one per position (`[B, L]`) and `target_weights` saying which are scored (masked LM scores the
+  masked positions only). Metrics are weighted means over targets, so a language model's
+  'accuracy' is its token accuracy.
+  """
+  targets = batch['targets']
+  weights = batch.get('target_weights', jnp.ones(targets.shape, jnp.int32)).astype(jnp.float32)
+  return (cross_entropy(logits, targets), (jnp.argmax(logits, -1) == targets).astype(jnp.float32),
+          weights)
 
 
 def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array], *,
@@ -112,30 +128,31 @@ def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array], *,
 
   def loss_fn(params):
     logits = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': step_key})
-    return cross_entropy(logits, batch['targets']).mean(), logits
+    loss, correct, weights = target_terms(logits, batch)
+    total = jnp.maximum(weights.sum(), 1.0)
+    return (loss * weights).sum() / total, (correct * weights).sum() / total
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = {
-      'loss': loss,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['targets']),
-      'learning_rate': schedule(state.step),
-  }
+  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {'loss': loss, 'accuracy': accuracy, 'learning_rate': schedule(state.step)}
   new_state = state.apply_gradients(grads=grads)
   return new_state, {**metrics, 'finite': is_finite(new_state)}
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: Callable[..., jax.Array]
               ) -> dict[str, jax.Array]:
-  """Sums of loss, correct predictions and weight over a padded batch.
+  """Sums of loss, correct predictions and weight over the targets of a padded batch.
 
-  `batch['weights']` `[B]` is 1 for real examples and 0 for padding rows; padding rows are
-  excluded with `where`, not multiplied, so a NaN on an all-padding row cannot leak in.
+  `batch['weights']` `[B]` is 1 for real examples and 0 for padding rows; padding rows (and
+  unscored targets, see `target_terms`) are excluded with `where`, not multiplied, so a NaN on
+  an all-padding row cannot leak in.
   """
   logits = apply_fn({'params': params}, batch, train=False)
-  real = batch['weights'] > 0
-  loss = jnp.where(real, cross_entropy(logits, batch['targets']), 0.0)
-  correct = jnp.where(real, jnp.argmax(logits, -1) == batch['targets'], False)
-  return {'loss': loss.sum(), 'correct': correct.sum(), 'count': real.sum()}
+  loss, correct, weights = target_terms(logits, batch)
+  real = batch['weights'].reshape(weights.shape[:1] + (1,) * (weights.ndim - 1)) > 0
+  scored = real & (weights > 0)
+  return {'loss': jnp.where(scored, loss * weights, 0.0).sum(),
+          'correct': jnp.where(scored, correct * weights, 0.0).sum(),
+          'count': jnp.where(scored, weights, 0.0).sum()}
 
 
 def pad_batch(batch: Batch, size: int) -> Batch:
@@ -202,7 +219,8 @@ class Trainer:
     return self._train_step.lower(state, shard_batch(batch, self.mesh))
 
   def evaluate(self, params: Any, batches: Iterable[Batch]) -> Metrics:
-    """Exact mean loss and accuracy over all examples of `batches` (this process's shares)."""
+    """Exact mean loss and accuracy over all targets of `batches` (examples, or tokens; this
+    process's shares)."""
     totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
     for batch in batches:
       sums = self._eval_step(params, shard_batch(pad_batch(batch, self._eval_size), self.mesh))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import topk
-from topk import inputs
+from topk import inputs, kernels
 
 B, LQ, LK, H, D = 2, 7, 9, 2, 4
 
@@ -247,6 +247,18 @@ def test_forms_agree(kernel):
   for fn in (functools.partial(topk.chunked_attention, query_chunk_size=3, kernel=kernel),
              functools.partial(topk.topk_attention, k=LK, query_chunk_size=3, kernel=kernel)):
     _assert_trees_close(_loss_grads(fn, q, k, v, mask=mask), ref, 1e-5)
+
+
+@pytest.mark.parametrize('kernel, score', [('relu', 1e-21), ('relu2', 1e-12), ('elu1', -30.0),
+                                           ('elu1', -80.0)])
+def test_kernel_gradients_stay_finite_on_rows_of_tiny_mass(kernel, score):
+  # One valid key whose kappa is ~1e-21, 1e-24, 1e-13 or 1e-35 (a causal model's first query)
+  # and one masked key: differentiated naively, kappa / sum(kappa) gives NaN there.
+  scores = jnp.array([[score, jnp.finfo(jnp.float32).min]])
+  weights, grads = jax.vmap(jax.value_and_grad(
+      lambda s: jnp.sum(kernels.get_kernel(kernel)(s) * jnp.array([1.0, 2.0]))))(scores)
+  assert np.all(np.isfinite(grads))
+  assert float(weights[0]) == pytest.approx(1.0)  # the valid key takes all the weight
 
 
 # ----------------------------------------------------------------------------- flax module

@@ -49,7 +49,7 @@ def ids(*tokens):
 
 def test_task_info_defaults():
   assert TASK_NAMES == ('listops', 'text', 'retrieval', 'image', 'pathfinder32', 'pathfinder64',
-                        'pathfinder128', 'pathfinder256', 'pathx')
+                        'pathfinder128', 'pathfinder256', 'pathx', 'lm')
   assert task_info('listops') == TaskInfo('listops', 16, 10, 2000, False)
   assert task_info('text') == TaskInfo('text', 257, 2, 1000, False)
   assert task_info('retrieval') == TaskInfo('retrieval', 257, 2, 4000, True)

@@ -131,5 +131,7 @@ class Task:
       return {name: np.stack([e[name] for e in examples]) for name in examples[0]}
     # A share past the end of the last eval batch: no rows, the same arrays.
     names = ('inputs1', 'inputs2') if self.info.dual else ('inputs',)
-    return {**{name: np.zeros((0, self.info.max_length), np.int32) for name in names},
-            'targets': np.zeros((0,), np.int32)}
+    if self.info.objective != 'classification':  # per-position targets and their weights
+      names += ('targets', 'target_weights')
+    empty = {name: np.zeros((0, self.info.max_length), np.int32) for name in names}
+    return {'targets': np.zeros((0,), np.int32), **empty}

@@ -12,7 +12,7 @@ from typing import Any
 
 import grain
 
-from lra.data import image, listops, pathfinder, retrieval, text
+from lra.data import image, listops, pathfinder, retrieval, text, text_folder
 from lra.data.info import task_info
 from lra.data.pipeline import NO_SHARDING, Split, Task
 
@@ -48,6 +48,7 @@ BUILDERS: dict[str, SplitBuilder] = {
     'image': image.build_splits,
     **{f'pathfinder{size}': functools.partial(_pathfinder, size) for size in pathfinder.SIZES},
     'pathx': functools.partial(_pathfinder, 128),  # Pathfinder128 at the hard difficulty
+    'lm': text_folder.build_splits,  # data_dir is the folder of text files
 }
 
 

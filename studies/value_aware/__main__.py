@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> str:
   errors, accuracies = [], []
   for make_run in runs:
     run_errors, run_accuracies = analysis.study_run(make_run(), rs, args.max_queries,
-                                                    args.query_chunk_size, accuracy_rs)
+                                                    {'query_chunk_size': args.query_chunk_size},
+                                                    accuracy_rs)
     errors += run_errors
     accuracies += run_accuracies
   os.makedirs(args.out, exist_ok=True)

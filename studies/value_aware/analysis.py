@@ -1,6 +1,7 @@
 """Analysis of captured attention: r-sparse approximations of each layer's output, their errors,
 and the accuracy of a model whose attention outputs are replaced by them.
 """
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,9 +29,10 @@ def _attending(weights: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def approximate(call: LayerCall, kernel: str, method: str, r: int,
-                query_chunk_size: int | None = None) -> jax.Array:
-  """Attention output `[B, H, L, d_v]` of `call` under `method` with budget r; the value-aware
-  solver handles `query_chunk_size` queries at a time (None: all).
+                solver: Mapping[str, Any] | None = None) -> jax.Array:
+  """Attention output `[B, H, L, d_v]` of `call` under `method` with budget r; `solver` holds
+  keyword options of `solvers.value_aware_greedy` (query_chunk_size, num_starts, num_iters,
+  num_sweeps; default its defaults, all queries at once).
 
   Queries that attend to nothing keep the exact output (see `_attending`).
   """
@@ -43,15 +45,17 @@ def approximate(call: LayerCall, kernel: str, method: str, r: int,
                                              renormalise=method == 'oblivious').output
   elif method == 'value_aware':
     approx = solvers.value_aware_greedy(call.value, exact, r, call.mask, weights=weights,
-                                            query_chunk_size=query_chunk_size).output
+                                        **(solver or {})).output
   else:
     raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
   return jnp.where(_attending(weights, call.mask)[..., None], approx, exact)
 
 
 def layer_errors(call: LayerCall, kernel: str, rs: list[int], max_queries: int,
-                 seed: int = 0, query_chunk_size: int | None = None) -> list[dict[str, Any]]:
-  """Mean relative output error and top-r mass of `call`, per r and method.
+                 seed: int = 0, solver: Mapping[str, Any] | None = None
+                 ) -> list[dict[str, Any]]:
+  """Mean relative output error and top-r mass of `call`, per r and method (`solver` as in
+  `approximate`).
 
   Uses at most `max_queries` randomly chosen attending (query, head) pairs (`_attending`).
 
@@ -78,8 +82,7 @@ def layer_errors(call: LayerCall, kernel: str, rs: list[int], max_queries: int,
         'oblivious_raw': solvers.top_r_approximation(weights, value, r,
                                                          renormalise=False).output,
         'value_aware': solvers.value_aware_greedy(
-            value, exact, r, sub_mask, weights=weights,
-            query_chunk_size=query_chunk_size).output,
+            value, exact, r, sub_mask, weights=weights, **(solver or {})).output,
     }
     mass = float(jnp.mean(solvers.top_r_mass(weights, r)))
     for method, approx in approxes.items():
@@ -91,31 +94,29 @@ def layer_errors(call: LayerCall, kernel: str, rs: list[int], max_queries: int,
 
 
 def replacement(kernel: str, method: str, r: int, layer: str,
-                 query_chunk_size: int | None = None):
+                solver: Mapping[str, Any] | None = None):
   """A `replace` for `predictions`: swaps in `method`'s output for `layer` ('all' = every
-  layer)."""
+  layer); `solver` as in `approximate`."""
 
   def replace(call: LayerCall, x: jax.Array) -> jax.Array:
     if layer not in ('all', call.layer):
       return x
-    return jnp.swapaxes(approximate(call, kernel, method, r, query_chunk_size), -3, -2)
+    return jnp.swapaxes(approximate(call, kernel, method, r, solver), -3, -2)
 
   return replace
 
 
-def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int | None = None,
-              accuracy_rs: list[int] | None = None) -> tuple[list[dict], list[dict]]:
-  """Error rows (averaged over batches) for budgets `rs` and accuracy rows of one run for
-  `accuracy_rs` (default `rs`): replacing whole layers solves every query, far costlier than the
-  sampled error table."""
+def error_rows(run: Run, rs: list[int], max_queries: int,
+               solver: Mapping[str, Any] | None = None) -> tuple[list[dict], list[str]]:
+  """`layer_errors` of every layer of `run` averaged over its batches (weighted by queries), and
+  the attention layers' names in call order."""
   sums: dict[tuple, list[dict]] = {}
   layers: list[str] = []
   for batch in run.batches():
     inputs = {name: value for name, value in batch.items() if name != 'targets'}
     for call in capture_attention(run.model, run.params, inputs):
       layers += [call.layer] if call.layer not in layers else []
-      for row in layer_errors(call, run.kernel, rs, max_queries,
-                              query_chunk_size=query_chunk_size):
+      for row in layer_errors(call, run.kernel, rs, max_queries, solver=solver):
         sums.setdefault((row['layer'], row['r'], row['method']), []).append(row)
   errors = []
   for (layer, r, method), rows in sums.items():
@@ -124,6 +125,16 @@ def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int |
                    'method': method, 'queries': int(weights.sum()), **{
                        name: float(np.average([row[name] for row in rows], weights=weights))
                        for name in ('rel_error', 'top_r_mass')}})
+  return errors, layers
+
+
+def study_run(run: Run, rs: list[int], max_queries: int,
+              solver: Mapping[str, Any] | None = None, accuracy_rs: list[int] | None = None
+              ) -> tuple[list[dict], list[dict]]:
+  """Error rows (`error_rows`) for budgets `rs` and accuracy rows of one run for `accuracy_rs`
+  (default `rs`): replacing whole layers solves every query, far costlier than the sampled error
+  table. `solver` as in `approximate`."""
+  errors, layers = error_rows(run, rs, max_queries, solver)
   model, targets = predictions(run, None)
 
   def row(layer, r, method, predicted):
@@ -138,7 +149,7 @@ def study_run(run: Run, rs: list[int], max_queries: int, query_chunk_size: int |
   for layer in layers + ['all']:
     for method in REPLACED_METHODS:
       for r in rs if accuracy_rs is None else accuracy_rs:
-        replace = replacement(run.kernel, method, r, layer, query_chunk_size)
+        replace = replacement(run.kernel, method, r, layer, solver)
         predicted = predictions(run, replace)[0]
         accuracies.append(row(layer, r, method, predicted))
   return errors, accuracies

@@ -3,8 +3,8 @@
 A `Run` is a model, its parameters and validation batches (`load_run` restores a `lra/train.py`
 workdir, `random_run` initialises a config's model at random). `capture_attention` returns each
 attention layer's per-head queries, keys, values and mask (`nn.intercept_methods` on
-`MultiHeadDotProductAttention`); `predictions` runs a model with each layer's attention output
-optionally rewritten.
+`MultiHeadDotProductAttention`); `apply_replaced` and `predictions` run a model with each layer's
+attention output optionally rewritten.
 """
 import dataclasses
 import functools
@@ -27,13 +27,15 @@ Batch = Mapping[str, np.ndarray]
 
 @dataclasses.dataclass
 class Run:
-  """A model to study: `batches()` yields validation batches (numpy dicts with 'targets')."""
+  """A model to study: `batches()` yields validation batches (numpy dicts with 'targets');
+  `config` is the run config the model was built from."""
 
   name: str
   kernel: str
   model: nn.Module
   params: Any
   batches: Callable[[], Iterator[Batch]]
+  config: ml_collections.ConfigDict
 
 
 @dataclasses.dataclass
@@ -73,7 +75,7 @@ def load_run(workdir: str, num_batches: int, checkpoint: str = 'best') -> Run:
     checkpoints.close()
   return Run(os.path.basename(os.path.normpath(workdir)), config.attention.kernel,
              models.build_model(config, task.info), state.params,
-             lambda: _limited(task.validation(), num_batches))
+             lambda: _limited(task.validation(), num_batches), config)
 
 
 def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
@@ -106,7 +108,7 @@ def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
   batches = synthetic_batches if synthetic else real_batches
   example = next(iter(synthetic_batches()))
   params = model.init(jax.random.key(seed), example, train=False)['params']
-  return Run(f'random_{kernel}', kernel, model, params, batches)
+  return Run(f'random_{kernel}', kernel, model, params, batches, config)
 
 
 # ----------------------------------------------------------------------------- interception
@@ -127,16 +129,25 @@ def _per_head(x: jax.Array) -> jax.Array:
 
 
 def _call_mask(module: nn.MultiHeadDotProductAttention, mask: jax.Array | None
-               ) -> jax.Array | None:
-  """Bool mask broadcastable to `[B, H, L, n]` of one attention call, or None: the call's `mask`
-  and the padding masks bound into its `attention_fn` (`[B, n]` keys, `[B, L]` queries)."""
+               ) -> Callable[[int, int], jax.Array | None]:
+  """`(L, n) ->` the bool mask broadcastable to `[B, H, L, n]` of one attention call, or None:
+  the call's `mask`, the padding masks bound into its `attention_fn` (`[B, n]` keys, `[B, L]`
+  queries) and its causal mask (`is_causal` bound: query i sees keys 0..i).
+
+  `functools.partial` of a partial merges their keywords, so one `keywords` holds them all.
+  """
   bound = getattr(module.attention_fn, 'keywords', {})
   masks = [] if mask is None else [mask.astype(bool)]
   if bound.get('key_padding_mask') is not None:
     masks.append(bound['key_padding_mask'].astype(bool)[:, None, None, :])
   if bound.get('query_padding_mask') is not None:
     masks.append(bound['query_padding_mask'].astype(bool)[:, None, :, None])
-  return functools.reduce(jnp.logical_and, masks) if masks else None
+
+  def call_mask(length: int, n: int) -> jax.Array | None:
+    causal = [jnp.tril(jnp.ones((length, n), bool))] if bound.get('is_causal') else []
+    return functools.reduce(jnp.logical_and, masks + causal) if masks or causal else None
+
+  return call_mask
 
 
 def _intercepting(on_out: Callable[[LayerCall, jax.Array], jax.Array]):
@@ -161,7 +172,8 @@ def _intercepting(on_out: Callable[[LayerCall, jax.Array], jax.Array]):
       pending[layer][name] = _per_head(output)
       return output
     parts = pending.pop(layer)
-    call = LayerCall(layer, parts['query'], parts['key'], parts['value'], parts['mask'])
+    call = LayerCall(layer, parts['query'], parts['key'], parts['value'],
+                     parts['mask'](parts['query'].shape[-2], parts['key'].shape[-2]))
     x = on_out(call, args[0])
     return next_fun(x.astype(args[0].dtype), *args[1:], **kwargs)
 
@@ -181,17 +193,26 @@ def capture_attention(model: nn.Module, params: Any, batch: Batch) -> list[Layer
   return calls
 
 
-def predictions(run: Run, replace: Callable[[LayerCall, jax.Array], jax.Array] | None
-                ) -> tuple[np.ndarray, np.ndarray]:
+Replace = Callable[[LayerCall, jax.Array], jax.Array]
+
+
+def apply_replaced(model: nn.Module, params: Any, batch: Batch, replace: Replace | None
+                   ) -> jax.Array:
+  """The model's output on `batch` (eval mode), with each attention layer's output (the input of
+  its output projection, `[B, L, H, d_v]`) rewritten by `replace(call, x)` if given."""
+  if replace is None:
+    return model.apply({'params': params}, batch, train=False)
+  with nn.intercept_methods(_intercepting(replace)):
+    return model.apply({'params': params}, batch, train=False)
+
+
+def predictions(run: Run, replace: Replace | None) -> tuple[np.ndarray, np.ndarray]:
   """Predicted and true labels `[N]` on `run`'s validation batches, with attention outputs
   rewritten by `replace` if given."""
 
   @jax.jit
   def predict(params, batch):
-    if replace is None:
-      return jnp.argmax(run.model.apply({'params': params}, batch, train=False), -1)
-    with nn.intercept_methods(_intercepting(replace)):
-      return jnp.argmax(run.model.apply({'params': params}, batch, train=False), -1)
+    return jnp.argmax(apply_replaced(run.model, params, batch, replace), -1)
 
   predicted, targets = [], []
   for batch in run.batches():

@@ -1,0 +1,111 @@
+"""Language modelling on a folder of UTF-8 text files, byte by byte (token id = byte + 1).
+
+The files under the folder that match a glob pattern are read in sorted path order, checked to
+be UTF-8 and joined into one byte stream, whose first 90% is the train part, the next 5%
+validation and the last 5% test (so held-out text is text the model never saw, not a shuffle of
+its neighbours). The whole stream is held in memory.
+
+Examples are windows of `max_length` + 1 bytes. Train windows start at every offset of the train
+part (every `stride`-th offset for corpora above 2^20 bytes), shuffled with the seed, each epoch
+anew; validation and test windows are consecutive and do not overlap.
+- causal_lm: inputs are a window's first `max_length` bytes, targets the byte after each.
+- masked_lm: inputs are the first `max_length` bytes with `MASK_RATE` of the positions (at least
+  one) replaced by `info.LM_MASK_ID`; targets are the bytes themselves, scored (`target_weights`
+  1) at the replaced positions only. The positions are drawn from the window's offset, so an
+  evaluation always masks the same ones.
+"""
+import functools
+import math
+import os
+import pathlib
+
+import numpy as np
+
+from lra.data.info import LM_MASK_ID
+from lra.data.pipeline import Split
+
+# Fractions of the byte stream in the validation and test parts (train is the rest, first).
+HELD_OUT_FRACTION = 0.05
+MASK_RATE = 0.15
+# Train offsets kept (and shuffled) per epoch, at most.
+_MAX_TRAIN_OFFSETS = 2 ** 20
+
+
+def read_folder(folder: str, pattern: str = '**/*.txt') -> np.ndarray:
+  """The bytes uint8 `[n]` of the files under `folder` matching `pattern`, joined in path order.
+
+  Raises:
+    FileNotFoundError: `folder` is not a folder.
+    ValueError: no file matches, a file is not UTF-8 (naming it and the byte offset), or all the
+      files are empty.
+  """
+  if not isinstance(pattern, str) or not pattern:
+    raise ValueError(f'pattern must be a non-empty glob such as "**/*.txt", got {pattern!r}')
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'text folder {folder!r} does not exist or is not a folder; pass '
+                            'the folder of UTF-8 text files as data_dir')
+  paths = sorted(path for path in pathlib.Path(folder).glob(pattern) if path.is_file())
+  if not paths:
+    raise ValueError(f'no file under {folder!r} matches {pattern!r}; set the task option '
+                     'pattern (e.g. --config.task_options.pattern="**/*.md")')
+  parts = []
+  for path in paths:
+    raw = path.read_bytes()
+    try:
+      raw.decode('utf-8')
+    except UnicodeDecodeError as error:
+      raise ValueError(f'{path} is not UTF-8 text: {error.reason} at byte {error.start}; remove '
+                       'it or narrow the pattern') from None
+    parts.append(raw)
+  corpus = np.frombuffer(b''.join(parts), np.uint8)
+  if corpus.size == 0:
+    raise ValueError(f'the {len(paths)} files under {folder!r} matching {pattern!r} are empty')
+  return corpus
+
+
+def split_bounds(num_bytes: int) -> dict[str, tuple[int, int]]:
+  """Byte ranges `(start, stop)` of the train, validation and test parts of a stream."""
+  held_out = int(num_bytes * HELD_OUT_FRACTION)
+  validation = num_bytes - 2 * held_out
+  return {'train': (0, validation), 'validation': (validation, validation + held_out),
+          'test': (validation + held_out, num_bytes)}
+
+
+def build_splits(data_dir: str, max_length: int, objective: str = 'causal_lm',
+                 pattern: str = '**/*.txt') -> dict[str, Split]:
+  """The splits of the text under `data_dir` (see the module docstring).
+
+  Raises:
+    ValueError: as `read_folder`, or a part too short for one window of `max_length` + 1 bytes.
+  """
+  corpus = read_folder(data_dir, pattern)
+  bounds = split_bounds(corpus.size)
+  for name, (start, stop) in bounds.items():
+    if stop - start < max_length + 1:
+      raise ValueError(f'the text under {data_dir!r} matching {pattern!r} has {corpus.size} '
+                       f'bytes, so its {name} part ({stop - start} bytes, '
+                       f'{HELD_OUT_FRACTION:.0%} of the text for validation and test) is shorter '
+                       f'than one window of max_length + 1 = {max_length + 1} bytes')
+  ids = corpus.astype(np.int32) + 1
+  decode = functools.partial(_decode, ids, max_length, objective)
+  start, stop = bounds['train']
+  stride = math.ceil((stop - start - max_length) / _MAX_TRAIN_OFFSETS)
+  splits = {'train': Split(range(start, stop - max_length, stride), decode)}
+  for name in ('validation', 'test'):
+    start, stop = bounds[name]
+    windows = (stop - start - 1) // max_length
+    splits[name] = Split(range(start, start + windows * max_length, max_length), decode)
+  return splits
+
+
+def _decode(ids: np.ndarray, max_length: int, objective: str, offset: int) -> dict[str, np.ndarray]:
+  """The example of the window at `offset` of `ids` (int32 byte ids)."""
+  window = ids[offset:offset + max_length + 1]
+  inputs = window[:max_length]
+  if objective == 'causal_lm':
+    return {'inputs': inputs, 'targets': window[1:],
+            'target_weights': np.ones(max_length, np.int32)}
+  draw = np.random.default_rng([offset, 0]).random(max_length)
+  chosen = (draw < MASK_RATE) | (np.arange(max_length) == np.argmin(draw))
+  return {'inputs': np.where(chosen, LM_MASK_ID, inputs).astype(np.int32), 'targets': inputs,
+          'target_weights': chosen.astype(np.int32)}

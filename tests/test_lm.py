@@ -1,0 +1,270 @@
+"""Tests of the language-model path (text folders, causal and masked LMs on the one trainer) and
+of the studies on language models (studies.lm)."""
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lra import config_loader, data, models, train
+from lra.data import text_folder
+from lra.data.info import LM_MASK_ID
+from studies.lm import analysis, runs
+from studies.lm.__main__ import main
+from studies.value_aware import analysis as va_analysis
+from studies.value_aware import capture
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A real corpus present wherever Python is: the standard library's json package (5 files).
+_CORPUS = os.path.dirname(json.__file__)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_compilation():
+  # Compilation dominates these tiny models; restored afterwards for other test modules.
+  saved = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', saved)
+
+
+def _config(arg: str = 'causal,smoke', **overrides) -> ml_collections.ConfigDict:
+  pairs = [('data_dir', _CORPUS), ('task_options.pattern', '*.py'),
+           *((key, str(value)) for key, value in overrides.items())]
+  return config_loader.get_config(os.path.join(_REPO, 'configs', 'lm.py') + ':' + arg, pairs)
+
+
+def _write(folder, files: dict[str, bytes]) -> str:
+  os.makedirs(folder, exist_ok=True)
+  for name, content in files.items():
+    path = os.path.join(folder, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(content)
+  return str(folder)
+
+
+# ----------------------------------------------------------------------------- text folders
+
+
+def test_read_folder_joins_matching_files_in_path_order(tmp_path):
+  folder = _write(tmp_path, {'b.txt': 'é\n'.encode(), 'a.txt': b'x', 'sub/c.txt': b'yz',
+                             'skip.bin': b'\xff'})
+  corpus = text_folder.read_folder(folder)
+  assert bytes(corpus) == b'x' + 'é\n'.encode() + b'yz'
+  assert bytes(text_folder.read_folder(folder, '*.txt')) == b'x' + 'é\n'.encode()
+
+
+def test_read_folder_names_a_file_that_is_not_utf8(tmp_path):
+  folder = _write(tmp_path, {'good.txt': b'fine', 'bad.txt': b'ok \xc3\x28 no'})
+  with pytest.raises(ValueError, match=r'bad\.txt is not UTF-8 text: .* at byte 3'):
+    text_folder.read_folder(folder)
+
+
+@pytest.mark.parametrize('files, message', [
+    ({}, r"no file under .* matches '\*\*/\*\.txt'"),
+    ({'notes.md': b'text'}, r"no file under .* matches '\*\*/\*\.txt'"),
+    ({'a.txt': b'', 'b.txt': b''}, r'the 2 files under .* are empty'),
+])
+def test_read_folder_refuses_an_empty_corpus(tmp_path, files, message):
+  with pytest.raises(ValueError, match=message):
+    text_folder.read_folder(_write(tmp_path / 'text', files))
+
+
+def test_read_folder_refuses_a_missing_folder(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not exist or is not a folder'):
+    text_folder.read_folder(str(tmp_path / 'missing'))
+
+
+def test_corpus_too_short_for_a_window(tmp_path):
+  folder = _write(tmp_path, {'a.txt': b'a' * 500})
+  with pytest.raises(ValueError, match=r'validation part \(25 bytes.* max_length \+ 1 = 33'):
+    text_folder.build_splits(folder, 32)
+
+
+def test_task_info_of_lm():
+  info = data.task_info('lm', max_length=32, objective='masked_lm')
+  assert (info.vocab_size, info.num_classes, info.objective) == (258, 258, 'masked_lm')
+  assert data.task_info('lm').objective == 'causal_lm'
+  with pytest.raises(ValueError, match='objective must be one of'):
+    data.task_info('lm', objective='classification')
+
+
+def test_causal_and_masked_examples(tmp_path):
+  text = bytes(range(32, 127)) * 20
+  folder = _write(tmp_path, {'a.txt': text})
+  ids = np.frombuffer(text, np.uint8).astype(np.int32) + 1
+  bounds = text_folder.split_bounds(len(text))
+  causal = text_folder.build_splits(folder, 16, 'causal_lm')
+  validation = [causal['validation'].decode(r) for r in causal['validation'].records]
+  start = bounds['validation'][0]
+  assert len(validation) == (bounds['validation'][1] - start - 1) // 16
+  for i, example in enumerate(validation):  # consecutive windows, targets shifted by one
+    np.testing.assert_array_equal(example['inputs'], ids[start + 16 * i:start + 16 * i + 16])
+    np.testing.assert_array_equal(example['targets'], ids[start + 16 * i + 1:start + 16 * i + 17])
+    assert example['target_weights'].sum() == 16
+  masked = text_folder.build_splits(folder, 16, 'masked_lm')['train']
+  offsets = list(masked.records)
+  assert max(offsets) < bounds['train'][1] - 16  # train windows stay in the train part
+  for offset in offsets[::25]:
+    example = masked.decode(offset)
+    window, chosen = ids[offset:offset + 16], example['target_weights'] > 0
+    assert chosen.any()
+    np.testing.assert_array_equal(example['targets'], window)
+    np.testing.assert_array_equal(example['inputs'], np.where(chosen, LM_MASK_ID, window))
+
+
+# ----------------------------------------------------------------------------- models, training
+
+
+def test_lm_config_is_plain_data_and_every_value_is_checked():
+  code = ('import sys\nfrom configs import lm\n'
+          'config = lm.get_config("masked,topk,kernel=relu,k=4,smoke")\n'
+          'print(config.task_options.objective, config.attention.kernel, config.attention.k, '
+          'sorted(m for m in ("jax", "tensorflow", "lra", "topk") if m in sys.modules))\n')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True, cwd=_REPO)
+  assert result.stdout.split() == ['masked_lm', 'relu', '4', '[]']
+  assert isinstance(train.build(_config('causal')).model, models.LanguageModel)
+  with pytest.raises(ValueError, match="config.attention: Unknown attention kernel 'nope'"):
+    train.build(_config('causal,kernel=nope'))
+  with pytest.raises(ValueError, match='objective must be one of'):
+    train.build(_config('causal', **{'task_options.objective': 'classification'}))
+
+
+
+@pytest.mark.parametrize('kind', ['vanilla', 'chunked', 'topk'])
+def test_causal_lm_never_sees_the_future(kind):
+  # Query chunks of 5 do not divide 16 positions; top-k keeps 3 keys.
+  config = _config(f'causal,{kind},smoke,k=3,query_chunk_size=5', max_length=16)
+  info = data.task_info('lm', max_length=16, **config.task_options)
+  model = models.build_model(config, info)
+  inputs = jax.random.randint(jax.random.key(0), (2, 16), 1, 257)
+  params = model.init(jax.random.key(1), {'inputs': inputs}, train=False)['params']
+  logits = model.apply({'params': params}, {'inputs': inputs}, train=False)
+  for position in (1, 9, 15):
+    changed = inputs.at[:, position].set(inputs[:, position] % 256 + 1)
+    other = model.apply({'params': params}, {'inputs': changed}, train=False)
+    np.testing.assert_array_equal(other[:, :position], logits[:, :position])
+    assert not np.allclose(other[:, position], logits[:, position])
+
+
+def test_masked_lm_sees_both_sides():
+  config = _config('masked,smoke', max_length=16)
+  info = data.task_info('lm', max_length=16, **config.task_options)
+  model = models.build_model(config, info)
+  inputs = jax.random.randint(jax.random.key(0), (1, 16), 1, 257)
+  params = model.init(jax.random.key(1), {'inputs': inputs}, train=False)['params']
+  logits = model.apply({'params': params}, {'inputs': inputs}, train=False)
+  other = model.apply({'params': params}, {'inputs': inputs.at[:, 9].set(LM_MASK_ID)},
+                      train=False)
+  assert not np.allclose(other[:, 0], logits[:, 0])
+
+
+@pytest.mark.parametrize('objective', ['causal', 'masked'])
+def test_lm_loss_decreases_on_a_small_real_corpus(objective):
+  config = _config(f'{objective},smoke', num_train_steps=40)
+  task, trainer = train.setup(config)
+  state = trainer.init_state()
+  losses = []
+  for batch in itertools.islice(task.train(), 40):
+    state, metrics = trainer.step(state, batch)
+    losses.append(float(metrics['loss']))
+  # log(258) = 5.55 nats at random; byte frequencies alone bring it far below.
+  assert np.mean(losses[:3]) > 5.0 and np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.5
+  results = trainer.evaluate(state.params, task.validation())
+  assert results['loss'] < 4.5 and 0.0 < results['accuracy'] < 1.0
+
+
+def test_eval_step_counts_scored_tokens_of_real_examples():
+  logits = jnp.zeros((3, 4, 5)).at[..., 2].set(1.0)
+  batch = {'targets': jnp.full((3, 4), 2), 'target_weights': jnp.array(
+      [[1, 0, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]), 'weights': jnp.array([1.0, 1.0, 0.0])}
+  sums = train.eval_step(None, batch, apply_fn=lambda *args, **kwargs: logits)
+  assert (float(sums['count']), float(sums['correct'])) == (6.0, 6.0)
+
+
+@pytest.fixture(scope='module')
+def lm_run(tmp_path_factory):
+  """A causal smoke LM trained for 6 steps: (config, workdir, results)."""
+  workdir = str(tmp_path_factory.mktemp('lm') / 'causal_softmax')
+  config = _config('causal,smoke', num_train_steps=6)
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_evaluate_with_every_hidden_unit_and_key_kept_equals_the_dense_model(lm_run):
+  config, workdir, results = lm_run
+  # top-k over all 64 hidden units and all 64 keys is the dense model.
+  swapped = _config('causal,topk,smoke,k=64', num_train_steps=6, **{'ffn.kind': 'topk',
+                                                                     'ffn.k': 64})
+  evaluated = train.evaluate(swapped, workdir)
+  assert evaluated['tag'] == 'topk_k64_ffntopk_k64'
+  for split in ('validation', 'test'):
+    assert evaluated[split]['loss'] == pytest.approx(results['best'][split]['loss'], rel=1e-5)
+    assert evaluated[split]['accuracy'] == pytest.approx(results['best'][split]['accuracy'],
+                                                         abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+def test_ratio_standard_error():
+  numerator, denominator = np.array([1.0, 3.0, 2.0, 6.0]), np.full(4, 8.0)
+  value, se = analysis.ratio(numerator, denominator)
+  per_window = numerator / denominator
+  assert value == pytest.approx(per_window.mean())
+  assert se == pytest.approx(per_window.std(ddof=1) / 2.0)
+
+
+@pytest.mark.parametrize('kernel', ['softmax', 'relu'])
+def test_replacement_with_every_key_is_the_unmodified_model(kernel):
+  config = _config('causal,smoke', max_length=8, **{'attention.kernel': kernel})
+  info = data.task_info('lm', max_length=8, **config.task_options)
+  model = models.build_model(config, info)
+  inputs = jax.random.randint(jax.random.key(0), (2, 8), 1, 257)
+  params = model.init(jax.random.key(1), {'inputs': inputs}, train=False)['params']
+  calls = capture.capture_attention(model, params, {'inputs': inputs})
+  assert [call.mask.shape[-2:] for call in calls] == [(8, 8)] * 2
+  np.testing.assert_array_equal(np.broadcast_to(calls[0].mask, (2, 2, 8, 8))[1, 0],
+                                np.tril(np.ones((8, 8), bool)))
+  logits = model.apply({'params': params}, {'inputs': inputs}, train=False)
+  for method in analysis.METHODS:
+    replaced = capture.apply_replaced(model, params, {'inputs': inputs},
+                                      va_analysis.replacement(kernel, method, 8, 'all'))
+    np.testing.assert_allclose(replaced, logits, atol=2e-4)
+  # And a small budget does change the model.
+  replaced = capture.apply_replaced(model, params, {'inputs': inputs},
+                                    va_analysis.replacement(kernel, 'oblivious', 1, 'all'))
+  assert not np.allclose(replaced, logits, atol=2e-4)
+
+
+def test_study_commands_write_their_outputs(tmp_path):
+  common = ['--runs', str(tmp_path / 'runs'), '--kernels', 'softmax', '--data_dir', _CORPUS,
+            '--pattern', '*.py', '--out', str(tmp_path / 'out'), '--config.num_train_steps=4',
+            '--config.max_length=32', '--config.batch_size=4', '--config.eval_batch_size=4',
+            '--config.model.emb_dim=16', '--config.model.qkv_dim=16',
+            '--config.model.mlp_dim=32', '--config.model.num_heads=2']
+  table = main(['zero_shot', *common, '--attention_k', '4,32', '--ffn_k', '32'])
+  lines = table.splitlines()
+  assert lines[0].startswith('Corpus: `*.py` under ') and 'bytes (= tokens; train ' in lines[0]
+  assert len([line for line in lines if line.startswith('| softmax |')]) == 4
+  with open(tmp_path / 'out' / 'zero_shot.csv') as f:
+    rows = {(row['swap'], row['k']): row for row in csv.DictReader(f)}
+  assert rows['none', '0']['tokens'] == str(4 * 32)  # one batch of 4 windows of 32 bytes
+  # Keeping all 32 keys or all 32 hidden units is the dense model.
+  for key in (('attention', '32'), ('ffn', '32')):
+    assert float(rows[key]['increase_error']) == 0.0
+    assert float(rows[key]['increase_loss']) == pytest.approx(0.0, abs=1e-5)
+  table = main(['value_aware', *common, '--r', '2', '--num_starts', '1', '--num_iters', '5'])
+  assert len([line for line in table.splitlines() if line.startswith('| softmax |')]) == 3
+  for name in ('zero_shot.csv', 'zero_shot.png', 'zero_shot.md', 'value_aware.csv',
+               'value_aware_outputs.csv', 'value_aware.png', 'top_r_mass.png', 'value_aware.md'):
+    assert os.path.getsize(tmp_path / 'out' / name) > 0
+  assert runs.workdir(str(tmp_path / 'runs'), 'causal', 'softmax').endswith('causal_softmax')
