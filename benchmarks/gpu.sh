@@ -5,10 +5,11 @@
 #
 # Writes fused.{csv,log}, fused_options.json, attention.{csv,png,log} and model_step.{csv,log} to
 # $OUT (default benchmarks/out/gpu).
-# Needs jax with CUDA, flax, optax, orbax-checkpoint, ml-collections (model_step's configs) and
-# this repository; torch and matplotlib are optional, TensorFlow is not used. $PYTHON picks the
-# interpreter; FUSED_ARGS, ATTENTION_ARGS and MODEL_STEP_ARGS append flags (later flags win), e.g. to shrink
-# both for a check on CPU.
+# Needs jax with CUDA, flax, optax, orbax-checkpoint, and for model_step ml-collections (its
+# configs), grain and tensorboardX (the trainer's imports), and this repository; torch and
+# matplotlib are optional, TensorFlow is not used. $PYTHON picks the
+# interpreter; FUSED_ARGS, ATTENTION_ARGS and MODEL_STEP_ARGS append flags (later flags win),
+# e.g. to shrink them for a check on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out/gpu}"
