@@ -16,7 +16,7 @@ language models).
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,9 +25,7 @@ import ml_collections
 import numpy as np
 
 import topk
-
-if TYPE_CHECKING:  # lra.data imports TensorFlow, which configs and sweeps do not need.
-  from lra.data import TaskInfo
+from lra.data.info import TaskInfo
 
 # Names a config may give: name -> what it stands for.
 POOLINGS = {
@@ -266,7 +264,7 @@ def _build(cls: type, group: ml_collections.ConfigDict, where: str, **fields: An
 
 
 # ---- Edge: the only place this package reads a ConfigDict. ----
-def build_model(config: ml_collections.ConfigDict, info: 'TaskInfo') -> nn.Module:
+def build_model(config: ml_collections.ConfigDict, info: TaskInfo) -> nn.Module:
   """Builds the classifier for `info` from `config.model`, `config.attention` and `config.ffn`.
 
   Args:

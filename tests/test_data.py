@@ -167,7 +167,7 @@ def test_each_process_reads_only_its_share_of_every_batch():
   # Train: the shares (2 rows each), in process order, are the batches of one process.
   assert_batches_equal(batches(whole.train(), 7), joined([batches(t.train(), 7) for t in shares]))
   # Eval: 10 records in batches of 4; the last batch has 2 records, all in process 0's share.
-  # Fresh tasks: the train streams above may still be decoding ahead in their threads.
+  # Fresh tasks, so that records the train iterators still decode ahead (prefetch) are not logged.
   decoded = [[], []]
   shares = [counting_task(decoded[i], 10, batch_size=4, seed=5,
                           shard=grain.sharding.ShardOptions(i, 2)) for i in range(2)]

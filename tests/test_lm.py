@@ -1,12 +1,12 @@
 """Tests of the language-model path (text folders, causal and masked LMs on the one trainer) and
 of the studies on language models (studies.lm)."""
 import csv
-import itertools
 import json
 import os
 import subprocess
 import sys
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -103,22 +103,47 @@ def test_causal_and_masked_examples(tmp_path):
   ids = np.frombuffer(text, np.uint8).astype(np.int32) + 1
   bounds = text_folder.split_bounds(len(text))
   causal = text_folder.build_splits(folder, 16, 'causal_lm')
-  validation = [causal['validation'].decode(r) for r in causal['validation'].records]
+  validation = [causal['validation'].decode(offset) for offset in causal['validation'].records]
   start = bounds['validation'][0]
   assert len(validation) == (bounds['validation'][1] - start - 1) // 16
   for i, example in enumerate(validation):  # consecutive windows, targets shifted by one
     np.testing.assert_array_equal(example['inputs'], ids[start + 16 * i:start + 16 * i + 16])
     np.testing.assert_array_equal(example['targets'], ids[start + 16 * i + 1:start + 16 * i + 17])
     assert example['target_weights'].sum() == 16
+    assert all(example[name].dtype == np.int32 for name in example)
   masked = text_folder.build_splits(folder, 16, 'masked_lm')['train']
-  offsets = list(masked.records)
-  assert max(offsets) < bounds['train'][1] - 16  # train windows stay in the train part
-  for offset in offsets[::25]:
+  # A window at every offset whose 17 bytes lie in the train part.
+  assert list(masked.records) == list(range(bounds['train'][1] - 16))
+  for offset in masked.records[::7]:
     example = masked.decode(offset)
     window, chosen = ids[offset:offset + 16], example['target_weights'] > 0
     assert chosen.any()
     np.testing.assert_array_equal(example['targets'], window)
     np.testing.assert_array_equal(example['inputs'], np.where(chosen, LM_MASK_ID, window))
+    np.testing.assert_array_equal(masked.decode(offset)['inputs'], example['inputs'])
+  rates = np.mean([masked.decode(offset)['target_weights'] for offset in masked.records])
+  assert abs(rates - text_folder.MASK_RATE) < 0.03
+
+
+def test_lm_batches_through_the_task(tmp_path):
+  # 4,000 bytes: validation holds 200, i.e. 12 windows of 16 = 3 batches of 4, 2 processes.
+  folder = _write(tmp_path, {'a.txt': bytes(range(32, 72)) * 100})
+  make = lambda i: data.get_task('lm', folder, batch_size=4, max_length=16, seed=3,
+                                 objective='masked_lm', shard=grain.sharding.ShardOptions(i, 2))
+  whole = data.get_task('lm', folder, batch_size=4, max_length=16, seed=3, objective='masked_lm')
+  train_batch = next(iter(whole.train()))
+  assert {name: a.shape for name, a in train_batch.items()} == dict.fromkeys(
+      ('inputs', 'targets', 'target_weights'), (4, 16))
+  shares = [list(make(i).validation()) for i in range(2)]
+  joined = [np.concatenate([a['inputs'], b['inputs']]) for a, b in zip(*shares, strict=True)]
+  np.testing.assert_array_equal(np.concatenate(joined),
+                                np.concatenate([b['inputs'] for b in whole.validation()]))
+  # In batches of 10, the last holds windows 10 and 11, both in process 0's share of 5 rows.
+  short = data.get_task('lm', folder, batch_size=4, eval_batch_size=10, max_length=16,
+                        shard=grain.sharding.ShardOptions(1, 2))
+  last = list(short.validation())[-1]
+  assert {name: a.shape for name, a in last.items()} == dict.fromkeys(
+      ('inputs', 'targets', 'target_weights'), (0, 16))
 
 
 # ----------------------------------------------------------------------------- models, training
@@ -174,8 +199,9 @@ def test_lm_loss_decreases_on_a_small_real_corpus(objective):
   task, trainer = train.setup(config)
   state = trainer.init_state()
   losses = []
-  for batch in itertools.islice(task.train(), 40):
-    state, metrics = trainer.step(state, batch)
+  batches = iter(task.train())
+  for _ in range(40):
+    state, metrics = trainer.step(state, next(batches))
     losses.append(float(metrics['loss']))
   # log(258) = 5.55 nats at random; byte frequencies alone bring it far below.
   assert np.mean(losses[:3]) > 5.0 and np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.5

@@ -32,7 +32,7 @@ class Split:
   Attributes:
     records: random-access records in a fixed order (`len` and `[i]`).
     decode: maps one record to an example dict: 'inputs' (or 'inputs1'/'inputs2') int32 [L] and
-      'targets' int32 [].
+      'targets' int32 [] (language models: 'targets' and 'target_weights' int32 [L]).
   """
 
   records: Sequence[Any]
@@ -129,9 +129,10 @@ class Task:
   def _stack(self, examples: list[Example]) -> Batch:
     if examples:
       return {name: np.stack([e[name] for e in examples]) for name in examples[0]}
-    # A share past the end of the last eval batch: no rows, the same arrays.
+    # A share past the end of the last eval batch: no rows, the arrays of a full one.
+    length = (self.info.max_length,)
     names = ('inputs1', 'inputs2') if self.info.dual else ('inputs',)
-    if self.info.objective != 'classification':  # per-position targets and their weights
-      names += ('targets', 'target_weights')
-    empty = {name: np.zeros((0, self.info.max_length), np.int32) for name in names}
-    return {'targets': np.zeros((0,), np.int32), **empty}
+    shapes = {**dict.fromkeys(names, length), 'targets': ()}
+    if self.info.objective != 'classification':  # a target per position, some scored
+      shapes.update(targets=length, target_weights=length)
+    return {name: np.zeros((0, *shape), np.int32) for name, shape in shapes.items()}

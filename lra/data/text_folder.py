@@ -5,19 +5,19 @@ be UTF-8 and joined into one byte stream, whose first 90% is the train part, the
 validation and the last 5% test (so held-out text is text the model never saw, not a shuffle of
 its neighbours). The whole stream is held in memory.
 
-Examples are windows of `max_length` + 1 bytes. Train windows start at every offset of the train
-part (every `stride`-th offset for corpora above 2^20 bytes), shuffled with the seed, each epoch
-anew; validation and test windows are consecutive and do not overlap.
+Examples are windows of `max_length` + 1 bytes, recorded by their start offset. Train windows start
+at every offset of the train part, shuffled with the seed, each epoch anew (grain's index
+shuffle, so any corpus size costs no memory); validation and test windows are consecutive and do
+not overlap.
 - causal_lm: inputs are a window's first `max_length` bytes, targets the byte after each.
 - masked_lm: inputs are the first `max_length` bytes with `MASK_RATE` of the positions (at least
   one) replaced by `info.LM_MASK_ID`; targets are the bytes themselves, scored (`target_weights`
-  1) at the replaced positions only. The positions are drawn from the window's offset, so an
-  evaluation always masks the same ones.
+  1) at the replaced positions only. The positions are drawn from a generator seeded with the
+  window's offset, so a window is always masked the same way (in evaluation, and on resume).
 """
-import functools
-import math
 import os
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -27,8 +27,6 @@ from lra.data.pipeline import Split
 # Fractions of the byte stream in the validation and test parts (train is the rest, first).
 HELD_OUT_FRACTION = 0.05
 MASK_RATE = 0.15
-# Train offsets kept (and shuffled) per epoch, at most.
-_MAX_TRAIN_OFFSETS = 2 ** 20
 
 
 def read_folder(folder: str, pattern: str = '**/*.txt') -> np.ndarray:
@@ -87,10 +85,9 @@ def build_splits(data_dir: str, max_length: int, objective: str = 'causal_lm',
                        f'{HELD_OUT_FRACTION:.0%} of the text for validation and test) is shorter '
                        f'than one window of max_length + 1 = {max_length + 1} bytes')
   ids = corpus.astype(np.int32) + 1
-  decode = functools.partial(_decode, ids, max_length, objective)
+  decode = _decoder(ids, max_length, objective)
   start, stop = bounds['train']
-  stride = math.ceil((stop - start - max_length) / _MAX_TRAIN_OFFSETS)
-  splits = {'train': Split(range(start, stop - max_length, stride), decode)}
+  splits = {'train': Split(range(start, stop - max_length), decode)}
   for name in ('validation', 'test'):
     start, stop = bounds[name]
     windows = (stop - start - 1) // max_length
@@ -98,14 +95,21 @@ def build_splits(data_dir: str, max_length: int, objective: str = 'causal_lm',
   return splits
 
 
-def _decode(ids: np.ndarray, max_length: int, objective: str, offset: int) -> dict[str, np.ndarray]:
-  """The example of the window at `offset` of `ids` (int32 byte ids)."""
-  window = ids[offset:offset + max_length + 1]
-  inputs = window[:max_length]
-  if objective == 'causal_lm':
-    return {'inputs': inputs, 'targets': window[1:],
-            'target_weights': np.ones(max_length, np.int32)}
-  draw = np.random.default_rng([offset, 0]).random(max_length)
-  chosen = (draw < MASK_RATE) | (np.arange(max_length) == np.argmin(draw))
-  return {'inputs': np.where(chosen, LM_MASK_ID, inputs).astype(np.int32), 'targets': inputs,
-          'target_weights': chosen.astype(np.int32)}
+def _decoder(ids: np.ndarray, max_length: int, objective: str
+             ) -> Callable[[int], dict[str, np.ndarray]]:
+  """Maps a window's offset into `ids` (int32 `[n]`) to its example dict (int32 `[max_length]`
+  arrays)."""
+
+  def decode(offset: int) -> dict[str, np.ndarray]:
+    window = ids[offset:offset + max_length + 1]
+    inputs = window[:max_length]
+    if objective == 'causal_lm':
+      return {'inputs': inputs, 'targets': window[1:],
+              'target_weights': np.ones(max_length, np.int32)}
+    draw = np.random.default_rng(offset).random(max_length)
+    chosen = draw < MASK_RATE
+    chosen[np.argmin(draw)] = True
+    return {'inputs': np.where(chosen, np.int32(LM_MASK_ID), inputs), 'targets': inputs,
+            'target_weights': chosen.astype(np.int32)}
+
+  return decode
