@@ -26,13 +26,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CORPUS = os.path.dirname(json.__file__)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compilation():
-  # Compilation dominates these tiny models; restored afterwards for other test modules.
-  saved = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', saved)
+# Compilation dominates these tiny models (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures('fast_compilation')
 
 
 def _config(arg: str = 'causal,smoke', **overrides) -> ml_collections.ConfigDict:

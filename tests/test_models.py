@@ -14,13 +14,8 @@ from lra.models import TransformerConfig, build_model, sinusoidal_table
 _RNGS = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compilation():
-  # Compilation dominates these tiny models; restored afterwards for other test modules.
-  saved = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', saved)
+# Compilation dominates these tiny models (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures('fast_compilation')
 
 
 def _setup(module, arg: str, **overrides):
