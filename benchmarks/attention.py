@@ -89,6 +89,18 @@ def machine() -> str:
   return f'{model} ({os.cpu_count()} cores)'
 
 
+def write_csv(out: str, name: str, columns: tuple[str, ...], rows: list[dict]) -> str:
+  """Writes `rows` (dicts keyed by `columns`; missing keys as NaN) to `out/name`; returns the
+  path."""
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, name)
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=columns, restval=math.nan)
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
 def size(num_bytes: float) -> str:
   """`num_bytes` in GiB, or in MiB below one GiB."""
   return f'{num_bytes / GIB:.1f} GiB' if num_bytes >= GIB else f'{num_bytes / MIB:.1f} MiB'
@@ -460,12 +472,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
       previous = (length, time.perf_counter() - length_start - run_s, run_s)
 
   _with_ratios(rows, args.baseline)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, 'attention.csv')
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
+  path = write_csv(args.out, 'attention.csv', COLUMNS, rows)
   print(f'wrote {path}; ratios are to {args.baseline}')
   print(_plot(rows, os.path.join(args.out, 'attention.png')))
   for line in _targets(rows, args):

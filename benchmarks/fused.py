@@ -19,7 +19,6 @@ On CPU the kernel runs in Pallas' interpreter: only tiny shapes are practical (a
   python -m benchmarks.fused --out benchmarks/out/gpu
 """
 import argparse
-import csv
 import functools
 import inspect
 import itertools
@@ -34,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.attention import DTYPES, machine, median_seconds
+from benchmarks.attention import DTYPES, machine, median_seconds, write_csv
 from topk import fused, inputs, select
 
 COLUMNS = ('device', 'jax', 'part', 'name', 'dtype', 'length', 'ms', 'ratio', 'detail')
@@ -228,13 +227,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   if 'tune' in parts:
     tuned, best = tuning_rows(args)
     rows += tuned
-  os.makedirs(args.out, exist_ok=True)
   for r in rows:
     r.update(device=device, jax=jax.__version__)
-  with open(os.path.join(args.out, 'fused.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS, restval=math.nan)
-    writer.writeheader()
-    writer.writerows(rows)
+  write_csv(args.out, 'fused.csv', COLUMNS, rows)
   print('\n'.join(_line(r) for r in rows))
   if best is not None:
     with open(os.path.join(args.out, 'fused_options.json'), 'w') as f:

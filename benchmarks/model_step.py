@@ -13,9 +13,7 @@ every attention kind in one process, the first configs first, until --budget_s i
   python -m benchmarks.model_step --all --dtype bfloat16 --budget_s 200
 """
 import argparse
-import csv
 import math
-import os
 import statistics
 import time
 from typing import Any
@@ -25,7 +23,15 @@ import ml_collections
 import numpy as np
 
 import topk
-from benchmarks.attention import GIB, add_fused_options, machine, memory_limit, ratio_line, size
+from benchmarks.attention import (
+  GIB,
+  add_fused_options,
+  machine,
+  memory_limit,
+  ratio_line,
+  size,
+  write_csv,
+)
 from lra import config_loader, data, models, train
 from topk import fused
 
@@ -160,13 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f'{row["step_ms"]:8.1f} ms, {row["run_hours"]:.2f} h for the run; compile '
         f'{row["compile_s"]:.0f} s'), flush=True)
 
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, 'model_step.csv')
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-  print(f'wrote {path}')
+  print(f'wrote {write_csv(args.out, "model_step.csv", COLUMNS, rows)}')
   step = {(r['task'], r['kind'], r['fused'], r['dtype']): r['step_ms'] for r in rows}
   for (task, kind, is_fused, dtype), ms in step.items():
     vanilla = step.get((task, 'vanilla', '', dtype), math.nan)
