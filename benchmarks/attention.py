@@ -44,7 +44,7 @@ from topk import fused
 MIB = 2**20
 GIB = 2**30
 PROJECT_FORMS = ('vanilla', 'chunked', 'topk')  # the forms `topk.make_attention_fn` builds
-# 'topk' with `topk.fused.PLATFORMS` empty (unfused) or holding 'cuda' ('topk_fused') while traced.
+# 'topk' without ('topk') and with ('topk_fused') the fused kernel: `topk_attention(fused=...)`.
 FORMS = ('qk_product', *PROJECT_FORMS, 'topk_fused', 'cudnn', 'torch')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Defaults per platform: CPU keeps the README's table; any accelerator gets the GPU study.
@@ -129,24 +129,10 @@ def _jax_form(form: str, dtype: str, args: argparse.Namespace) -> Callable[..., 
     if form == 'topk_fused' and jax.default_backend() != 'gpu':
       raise Unavailable('the fused kernel compiles for NVIDIA GPUs only (Pallas interpret mode '
                         'elsewhere is a test path, not a benchmark)')
-    return _fused_switch(topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk),
-                         {'cuda'} if form == 'topk_fused' else set())
+    return topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk,
+                                  fused=form == 'topk_fused')
   options = {'chunked': dict(query_chunk_size=args.chunk), 'vanilla': {}}[form]
   return topk.make_attention_fn(form, **options)
-
-
-def _fused_switch(fn: Callable[..., jax.Array], platforms: set[str]) -> Callable[..., jax.Array]:
-  """`fn` traced with `topk.fused.PLATFORMS` set to `platforms` (the switch is read at trace)."""
-  def traced(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    saved = set(fused.PLATFORMS)
-    fused.PLATFORMS.clear()
-    fused.PLATFORMS.update(platforms)
-    try:
-      return fn(q, k, v)
-    finally:
-      fused.PLATFORMS.clear()
-      fused.PLATFORMS.update(saved)
-  return traced
 
 
 def _compile(jitted: Callable[..., object], spec: jax.ShapeDtypeStruct

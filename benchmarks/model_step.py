@@ -108,8 +108,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                       help='measure no further config once this many seconds are spent')
   parser.add_argument('--out', default='benchmarks/out', help='directory for model_step.csv')
   parser.add_argument('--fused', choices=('on', 'off', 'both'), default=None,
-                      help="top-k kinds with the fused kernel on this device's platform, without "
-                           "it, or both (default: `topk.fused.PLATFORMS` as it is)")
+                      help='top-k kinds with config.attention.fused on, off, or both (default: '
+                           "the config's); the kernel runs where `topk.fused.PLATFORMS` says "
+                           '(NVIDIA GPUs)')
   add_fused_options(parser)
   args = parser.parse_args(argv)
   if args.repeats < 1:
@@ -126,7 +127,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _runs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-  """(config spec, fused switch 'on'/'off' or None: leave it) for each measurement."""
+  """(config spec, config.attention.fused: 'on'/'off' or None: the config's) per measurement."""
   switches = {None: (None,), 'on': ('on',), 'off': ('off',), 'both': ('off', 'on')}[args.fused]
   return [(spec, switch) for spec in args.config for switch in (
       switches if config_loader.get_config(spec).attention.kind == 'topk' else (None,))]
@@ -140,15 +141,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} '
         f'devices); memory limit {size(limit)}', flush=True)
   fused.OPTIONS.update(args.fused_options)
-  platform = jax.devices()[0].platform
   rows = []
   for spec, switch in _runs(args):
     config = config_loader.get_config(spec)
     if args.dtype:
       config.model.dtype = args.dtype
-    if switch is not None:  # read when the step is traced, inside `measure`
-      fused.PLATFORMS.clear()
-      fused.PLATFORMS.update({platform} if switch == 'on' else ())
+    if switch is not None:
+      config.attention.fused = switch == 'on'
     spent = time.perf_counter() - start
     if spent > args.budget_s:
       row = dict.fromkeys(COLUMNS, math.nan)
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     else:
       row = measure(config, args.repeats, limit)
     row.update(device=device, jax=jax.__version__, config=spec,
-               fused=platform in fused.PLATFORMS if config.attention.kind == 'topk' else '')
+               fused=config.attention.fused if config.attention.kind == 'topk' else '')
     rows.append(row)
     print(f'{spec:>40} {row["dtype"]:>8}{" fused" if row["fused"] else ""}: ' + (
         f'skipped: {row["skipped"]}' if row['skipped'] and math.isnan(row['temp_gib']) else

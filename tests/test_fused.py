@@ -113,12 +113,6 @@ def _value_and_grads(fn, args):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
 
 
-def _fused_and_unfused(monkeypatch, fn, args):
-  """`fn`'s value and gradients with the kernel forced on CPU, and with it off."""
-  monkeypatch.setattr(fused, 'PLATFORMS', set())
-  unfused = _value_and_grads(fn, args)
-  monkeypatch.setattr(fused, 'PLATFORMS', {'cpu'})
-  return _value_and_grads(fn, args), unfused
 
 
 @pytest.mark.parametrize('dtype, k, options, dropout, tolerance', [
@@ -130,9 +124,11 @@ def test_topk_attention_equals_unfused(dtype, k, options, dropout, tolerance, ke
                                        monkeypatch):
   args, masks = _case(dtype)  # query chunks of 16 do not divide 40 queries
   monkeypatch.setattr(fused, 'OPTIONS', SMALL | options)
-  fn = lambda *a: topk.topk_attention(*a, k=k, query_chunk_size=16, dropout_rate=dropout,
-                                      dropout_rng=jax.random.key(1), **masks)
-  got, want = _fused_and_unfused(monkeypatch, fn, args)
+  fn = lambda *a, fused=True: topk.topk_attention(
+      *a, k=k, query_chunk_size=16, dropout_rate=dropout, dropout_rng=jax.random.key(1),
+      fused=fused, **masks)
+  got = _value_and_grads(fn, args)
+  want = _value_and_grads(lambda *a: fn(*a, fused=False), args)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
       got, want)
@@ -154,6 +150,16 @@ def _traced(fn, depth=16):
   """`fn(canonical inputs)` traced (not run) on a `[1, 32, 1, depth]` query, key and value."""
   x = jax.ShapeDtypeStruct((1, 32, 1, depth), jnp.float32)
   return jax.eval_shape(lambda x: fn(inputs.canonicalize(x, x, x)), x)
+
+
+def test_fused_false_keeps_the_unfused_path(kernel_on_cpu):
+  x = jax.ShapeDtypeStruct((1, 32, 1, 16), jnp.float32)
+  jaxpr = lambda **option: str(jax.make_jaxpr(
+      lambda x: topk.topk_attention(x, x, x, k=4, **option))(x))
+  assert 'pallas_call' in jaxpr() and 'pallas_call' not in jaxpr(fused=False)
+  with pytest.raises(ValueError, match='fused must be True or False'):
+    topk.topk_attention(jnp.ones((1, 4, 1, 16)), *(jnp.ones((1, 4, 1, 16)),) * 2, k=2,
+                        fused='off')
 
 
 def test_switch_and_unsupported_inputs(monkeypatch):

@@ -31,6 +31,8 @@ def _qkv(seed=0, shape=(2, 9, 2, 4)):
     (dict(recall_target=0.0), r'recall_target must be a number in \(0, 1\]'),
     (dict(recall_target=1.5), 'recall_target'),
     (dict(recall_target=True), 'recall_target'),
+    (dict(fused='no'), 'fused must be True or False'),
+    (dict(fused=1), 'fused must be True or False'),
 ])
 def test_attention_spec_rejects(fields, message):
   with pytest.raises(ValueError, match=message):
@@ -57,11 +59,11 @@ def test_config_attention_kinds_are_the_registry_keys():
     ('vanilla', {'kernel': 'relu'}),
     ('chunked', {'query_chunk_size': 3, 'kernel': 'relu'}),
     ('topk', {'k': 5, 'query_chunk_size': 3, 'kernel': 'relu', 'selection': 'approximate',
-              'recall_target': 0.9}),
+              'recall_target': 0.9, 'fused': False}),
 ])
 def test_make_attention_fn_binds_the_fields_its_kind_takes(kind, bound):
   spec = topk.AttentionSpec(kind, k=5, query_chunk_size=3, kernel='relu',
-                            selection='approximate', recall_target=0.9)
+                            selection='approximate', recall_target=0.9, fused=False)
   fn = topk.make_attention_fn(spec)
   assert fn.func is topk.ATTENTION_FNS[kind]
   assert fn.keywords == bound

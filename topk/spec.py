@@ -17,7 +17,7 @@ from topk import inputs, kernels
 from topk.chunked import chunked_attention
 from topk.dense import dot_product_attention
 from topk.feedforward import FEED_FORWARDS
-from topk.topk_attention import check_selection, topk_attention
+from topk.topk_attention import check_options, topk_attention
 
 ATTENTION_FNS: dict[str, Callable[..., Any]] = {
     'vanilla': dot_product_attention,
@@ -51,6 +51,8 @@ class AttentionSpec:
     selection: 'exact' or 'approximate' ('topk'); approximate selects with
       `jax.lax.approx_max_k`, fast on TPU, trading exactness for speed (it is exact on CPU/GPU).
     recall_target: expected fraction of the true top k that 'approximate' finds, in (0, 1].
+    fused: 'topk' selects with the fused kernel (`topk.fused`) where it applies (NVIDIA GPUs);
+      False keeps the unfused path everywhere.
   """
 
   kind: str = 'vanilla'
@@ -59,13 +61,14 @@ class AttentionSpec:
   kernel: str = 'softmax'
   selection: str = 'exact'
   recall_target: float = 0.95
+  fused: bool = True
 
   def __post_init__(self):
     _check_kind(self.kind, ATTENTION_FNS, 'attention')
     _check_k(self.kind, self.k, 'attention')
     inputs.check_positive_int(self.query_chunk_size, 'query_chunk_size')
     kernels.get_kernel(self.kernel)
-    check_selection(self.selection, self.recall_target)
+    check_options(self.selection, self.recall_target, self.fused)
 
   def options(self) -> dict[str, Any]:
     """The fields the kind's function takes, as its keyword arguments."""

@@ -4,10 +4,10 @@ One pass over query chunks: a chunk's `[C, kv_len]` scores go to `topk.select.to
 returns the k largest scores with their key indices; the kernel is applied to those kept scores
 only (so the normaliser sums over kept keys), dropout to the kept weights, and the kept values
 are mixed. No key is gathered and no score recomputed in the forward. Where `topk.fused` applies
-(GPU by default), a fused kernel yields each query's kept scores and key indices without writing
-the chunk's scores, and the rest is the same. A
-`jax.custom_vjp` keeps q, k, v, the bias, the kept indices, scores and validity flags (all
-O(q_len * k) besides the inputs) and, chunk by chunk, gathers the kept keys/values again and
+(GPU by default, unless `fused=False`), a fused kernel yields each query's kept scores and key
+indices without writing the chunk's scores, and the rest is the same. A `jax.custom_vjp` keeps
+q, k, v, the bias, the kept indices, scores and validity flags (all O(q_len * k) besides the
+inputs) and, chunk by chunk, gathers the kept keys/values again and
 scatter-adds their gradients, never forming a `[C, kv_len]` array; the selection itself is not
 differentiated. The bias gradient is the exact transpose of gathering it at the kept keys.
 
@@ -17,6 +17,7 @@ uniform weights over its k kept keys under softmax (with k >= kv_len exactly fla
 row), zero weights under the other kernels; never NaN.
 """
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +28,11 @@ import jax.numpy as jnp
 from topk import fused, inputs, select
 
 
-def check_selection(selection: str, recall_target: float) -> None:
-  """Raises ValueError unless `selection` is a key of `select.SELECTIONS` and
-  0 < recall_target <= 1 (checked for every selection: a bad value is bad)."""
+def check_options(selection: str, recall_target: float, fused: bool) -> None:
+  """Raises ValueError unless `selection` is a key of `select.SELECTIONS`,
+  0 < recall_target <= 1 (checked for every selection: a bad value is bad) and `fused` a bool."""
+  if not isinstance(fused, bool):
+    raise ValueError(f'fused must be True or False, got {fused!r}.')
   if selection not in select.SELECTIONS:
     raise ValueError(f'Unknown selection {selection!r}; valid selections: '
                      f'{sorted(select.SELECTIONS)}.')
@@ -82,7 +85,7 @@ def _mix_rows(weights: jax.Array, idx: jax.Array, value: jax.Array, dtype: Any) 
 
 def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Array],
             dropout: inputs.Dropout | None, precision: Any, selection: str,
-            recall_target: float, with_kept: bool
+            recall_target: float, use_fused: bool, with_kept: bool
             ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Top-k attention of the canonical inputs; returns float32 `[B, H, Lq_pad, Dv]`.
 
@@ -154,7 +157,7 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
       return inputs.from_chunks(out), jax.tree.map(inputs.from_chunks, kept)
 
     # The kernel selects exactly; an approximate selection stays on the unfused path.
-    platforms = fused.platforms(c, k) if selection == 'exact' else ()
+    platforms = fused.platforms(c, k) if use_fused and selection == 'exact' else ()
     if not platforms:
       return run(None)
     kernel_on = {platform: lambda _, p=platform: run(fused.candidates(
@@ -223,7 +226,7 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                    key_padding_mask: jax.Array | None = None,
                    query_padding_mask: jax.Array | None = None,
                    kernel: str = 'softmax', selection: str = 'exact',
-                   recall_target: float = 0.95) -> jax.Array:
+                   recall_target: float = 0.95, fused: bool = True) -> jax.Array:
   """Top-k attention; with k >= kv_len it equals `topk.dot_product_attention` (gradients too).
 
   Dropout acts on the kept weights `[C, k]` of each chunk, drawn from
@@ -243,22 +246,27 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     selection: a key of `topk.select.SELECTIONS`: 'exact', or 'approximate'
       (`jax.lax.approx_max_k`: fast on TPU, trades exactness for speed; exact on CPU and GPU).
     recall_target: expected fraction of the true top k that 'approximate' finds, in (0, 1].
+    fused: select with the fused score-and-select kernel (`topk.fused`) where it applies: on
+      the platforms in `topk.fused.PLATFORMS` (NVIDIA GPUs), for an exact selection and inputs
+      it takes. False: the unfused path everywhere (to compare the two, or where the kernel
+      does not compile).
 
   Returns:
     `[batch..., q_len, heads, d_v]` in the computation dtype.
   """
   k = inputs.check_positive_int(k, 'k')
-  check_selection(selection, recall_target)
+  check_options(selection, recall_target, fused)
   can, kernel_fn, dropout = inputs.prepare(
       query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
       dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
       dtype=dtype, kernel=kernel, query_chunk_size=query_chunk_size, is_causal=is_causal,
       key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
   k = min(k, can.key.shape[2])
+  attend = functools.partial(_attend, can, k, kernel_fn, dropout, precision, selection,
+                             recall_target, fused)
   if module is None:
-    return inputs.to_output(can, _attend(can, k, kernel_fn, dropout, precision, selection,
-                                         recall_target, False))
-  out, idx, kept = _attend(can, k, kernel_fn, dropout, precision, selection, recall_target, True)
+    return inputs.to_output(can, attend(False))
+  out, idx, kept = attend(True)
 
   def per_query(x):  # [B, H, Lq_pad, k] -> [batch..., H, q_len, k]
     return x[:, :, :can.q_len].reshape(can.batch_shape + x.shape[1:2] + (can.q_len, k))
