@@ -132,17 +132,20 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
           selection=selection, recall_target=recall_target), (jnp.arange(parts), split))
       return inputs.from_chunks(kept), inputs.from_chunks(idx)
 
-    def one_chunk(args):
-      # candidates: the kernel's `fused.Candidates` of this chunk, or None (unfused path).
-      # Selecting from them chunk by chunk keeps the selection's temporaries per chunk. Rows
-      # the kernel leaves are rare: they are redone in sub-chunks of at most REDO_ROWS
-      # queries, so that the fused path never holds a whole chunk's scores.
-      i, q_chunk, candidates = args
+    def one_chunk(args, candidates):
+      # candidates: the kernel's `fused.Candidates` of every query, or None (unfused path).
+      # Selecting from this chunk's rows (sliced here, not as a transposed copy for lax.map)
+      # keeps the selection's temporaries per chunk. Rows the kernel leaves are rare: they are
+      # redone in sub-chunks of at most REDO_ROWS queries, so that the fused path never holds a
+      # whole chunk's scores.
+      i, q_chunk = args
       if candidates is None:
         kept, idx = selected(i, q_chunk, 1)
       else:
+        rows = jax.tree.map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, i * c.chunk, c.chunk, axis=2), candidates)
         parts = c.chunk // math.gcd(c.chunk, fused.REDO_ROWS)
-        kept, idx = fused.merge(fused.select(candidates, k), lambda: selected(i, q_chunk, parts))
+        kept, idx = fused.merge(fused.select(rows, k), lambda: selected(i, q_chunk, parts))
       valid = inputs.chunk_validity(c, i)
       if valid is not None:
         shape = idx.shape[:3] + key.shape[2:3]
@@ -152,8 +155,8 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
       return out, (idx, kept, valid)
 
     def run(candidates):
-      xs = (jnp.arange(can.num_chunks), chunked(q), jax.tree.map(chunked, candidates))
-      out, kept = jax.lax.map(one_chunk, xs)
+      xs = (jnp.arange(can.num_chunks), chunked(q))
+      out, kept = jax.lax.map(lambda a: one_chunk(a, candidates), xs)
       return inputs.from_chunks(out), jax.tree.map(inputs.from_chunks, kept)
 
     # The kernel selects exactly; an approximate selection stays on the unfused path.
