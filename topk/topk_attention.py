@@ -157,7 +157,7 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
     def run(candidates):
       xs = (jnp.arange(can.num_chunks), chunked(q))
       out, kept = jax.lax.map(lambda a: one_chunk(a, candidates), xs)
-      return inputs.from_chunks(out), jax.tree.map(inputs.from_chunks, kept)
+      return inputs.from_chunks(out), kept
 
     # The kernel selects exactly; an approximate selection stays on the unfused path.
     platforms = fused.platforms(c, k) if use_fused and selection == 'exact' else ()
@@ -169,7 +169,8 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
     return jax.lax.platform_dependent(q, default=lambda _: run(None), **kernel_on)
 
   def outputs(out, idx, kept):
-    return (out, idx, kept) if with_kept else out
+    # idx, kept: per chunk `[N, B, H, C, k]`, as the backward reads them.
+    return (out, inputs.from_chunks(idx), inputs.from_chunks(kept)) if with_kept else out
 
   @jax.custom_vjp
   def attend(q, key, v, bias, masks, rng):
@@ -181,6 +182,7 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
     return outputs(out, idx, kept), (q, key, v, bias, idx, kept, valid, rng)
 
   def attend_bwd(residuals, d_outputs):
+    # idx, kept, valid: per chunk `[N, B, H, C, k]`.
     q, key, v, bias, idx, kept, valid, rng = residuals
     d_out = d_outputs[0] if with_kept else d_outputs
 
@@ -197,15 +199,14 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
       dq_chunk, dk_kept = score_vjp(d_scores)
       dk = _scatter_add(dk, idx_chunk, dk_kept.astype(jnp.float32))
       dv = _scatter_add(dv, idx_chunk, dv_kept.astype(jnp.float32))
-      return (dk, dv), (dq_chunk, d_scores)
+      return (dk, dv), (dq_chunk, None if bias is None else d_scores)
 
     zeros = (jnp.zeros(key.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    xs = (jnp.arange(can.num_chunks), chunked(q), chunked(idx), chunked(kept), chunked(valid),
-          chunked(d_out))
+    xs = (jnp.arange(can.num_chunks), chunked(q), idx, kept, valid, chunked(d_out))
     (dk, dv), (dq, d_scores) = jax.lax.scan(one_chunk, zeros, xs)
     dbias = None
     if bias is not None:
-      _, bias_vjp = jax.vjp(lambda b: _gather_bias(b, idx), bias)
+      _, bias_vjp = jax.vjp(lambda b: _gather_bias(b, inputs.from_chunks(idx)), bias)
       dbias, = bias_vjp(inputs.from_chunks(d_scores))
     return (inputs.from_chunks(dq).astype(q.dtype), dk.astype(key.dtype), dv.astype(v.dtype),
             dbias, None, None)
