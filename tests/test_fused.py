@@ -182,6 +182,36 @@ def test_switch_and_unsupported_inputs(monkeypatch):
     _traced(lambda can: fused.platforms(can, 4))
 
 
+def test_compiles_answers_once_per_configuration(monkeypatch):
+  monkeypatch.setattr(fused, '_COMPILES', {})
+  monkeypatch.setattr(fused, 'PROBE_LENGTH', 32)
+  answers = []
+
+  def trace(x, mask):  # asked while tracing, as `platforms` is
+    can = inputs.canonicalize(x, x, x, mask=mask, is_causal=True)
+    answers.append(fused.compiles(can, 4, options=SMALL, interpret=True))
+    return x
+
+  for length in (48, 80, 112):  # the length is not part of the configuration
+    x = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.bfloat16)
+    jax.eval_shape(trace, x, jax.ShapeDtypeStruct((1, 1, length, length), bool))
+  assert answers == [True] * 3 and len(fused._COMPILES) == 1
+
+
+def test_kernel_that_does_not_compile_falls_back(monkeypatch, caplog):
+  # On a GPU backend `platforms` compiles the kernel first; where that fails (here: Triton on a
+  # CPU backend) the GPU platforms are dropped with a warning and the unfused path runs.
+  monkeypatch.setattr(fused, '_COMPILES', {})
+  monkeypatch.setattr(fused, 'PLATFORMS', {'cpu', 'cuda'})
+  monkeypatch.setattr(fused.jax, 'default_backend', lambda: 'gpu')
+  chosen = []
+  with caplog.at_level('WARNING', logger='topk.fused'):
+    _traced(lambda can: chosen.append(fused.platforms(can, 4, options=SMALL)))
+  assert chosen == [('cpu',)]
+  assert 'the fused kernel does not compile here' in caplog.text
+  assert list(fused._COMPILES.values()) == [False]
+
+
 def test_lowers_for_cuda_and_stays_off_cpu():
   # On for CUDA by default: the kernel in the CUDA lowering of forward and backward, not on CPU.
   assert fused.PLATFORMS == {'cuda'}

@@ -22,7 +22,9 @@ and writes only a small buffer of candidates per query, `[B, H, Lq, buffer]`:
    keys whose scores differ by that much may swap.
 
 A row whose buffer overflows, or that holds a NaN score or one below `NEG` (a bias of -inf),
-comes back flagged in `redo`; `merge` redoes such rows with the unfused selection.
+comes back flagged in `redo`; `merge` redoes such rows with the unfused selection. On a GPU,
+`platforms` chooses the kernel only for a configuration that `compiles` (checked once, on a
+small copy of the inputs), so a Triton failure costs speed, not the program.
 
 Memory: besides the outputs, the kernel writes the candidate buffers (float32 and int32):
 O(Lq * k), never `[Lq, kv_len]`.
@@ -36,6 +38,7 @@ version does less work per tile (one `cumsum` and two stores instead of two and 
 interpreter and lowered for CUDA on CPU, and its own GPU time is still to be measured
 (`benchmarks.fused`).
 """
+import dataclasses
 import functools
 import logging
 from typing import Any, NamedTuple
@@ -217,19 +220,69 @@ def unsupported(can: inputs.Canonical, k: int) -> str | None:
 
 
 @functools.cache
-def _say(message: str) -> None:
-  logging.getLogger(__name__).info(message)
+def _say(message: str, level: int = logging.INFO) -> None:
+  logging.getLogger(__name__).log(level, message)
 
 
-def platforms(can: inputs.Canonical, k: int) -> tuple[str, ...]:
+# Length of the small copy of the inputs `compiles` compiles the kernel for, and its answers.
+PROBE_LENGTH = 256
+_COMPILES: dict[tuple, bool] = {}
+
+
+def compiles(can: inputs.Canonical, k: int, precision: Any = None,
+             options: dict[str, Any] | None = None, *, interpret: bool = False) -> bool:
+  """Whether the kernel compiles, on the default backend, for inputs like these (the same dtype,
+  head_dim, masks, bias and broadcasting, `k` and options, at `PROBE_LENGTH` tokens).
+
+  The answer is kept per configuration, so a process compiles each one once (a second or two
+  with Triton). A failure is logged as a warning with the compiler's message: the caller then
+  runs the unfused path instead of failing the whole program.
+  """
+  options = options or {}
+  length = max(PROBE_LENGTH, k)
+
+  def small(x, axes):  # x with its sequence axes (those not broadcast) at `length`
+    if x is None:
+      return None
+    shape = [length if axis in axes and n != 1 else n for axis, n in enumerate(x.shape)]
+    return jax.ShapeDtypeStruct(shape, x.dtype)
+
+  names = ('query', 'key', 'value', 'mask', 'bias', 'key_padding_mask', 'query_padding_mask')
+  axes = ((2,), (2,), (2,), (2, 3), (2, 3), (1,), (1,))
+  arrays = tuple(small(getattr(can, name), a) for name, a in zip(names, axes, strict=True))
+  signature = (arrays, can.is_causal, str(can.dtype), k, repr(precision),
+               tuple(sorted(options.items())), interpret, jax.default_backend())
+  if signature not in _COMPILES:
+    def run(*arrays):
+      probe = dataclasses.replace(can, **dict(zip(names, arrays, strict=True)), q_len=length,
+                                  chunk=length)
+      return candidates(probe, k, precision, interpret=interpret, **options)
+    try:
+      jax.jit(run).lower(*arrays).compile()
+      _COMPILES[signature] = True
+    except Exception as error:  # noqa: BLE001 (Triton's and XLA's errors have many types)
+      _say(f'top-k attention: the fused kernel does not compile here ({type(error).__name__}: '
+           f'{str(error).strip().splitlines()[0] if str(error).strip() else ""}); the unfused '
+           'path runs instead', logging.WARNING)
+      _COMPILES[signature] = False
+  return _COMPILES[signature]
+
+
+def platforms(can: inputs.Canonical, k: int, precision: Any = None,
+              options: dict[str, Any] | None = None) -> tuple[str, ...]:
   """The platforms in `PLATFORMS` where `topk_attention` runs the kernel on these inputs (none if
-  it does not take them); logs the choice once per distinct message."""
+  it does not take them, or, on a GPU, if it does not compile for them: `compiles`); logs the
+  choice once per distinct message."""
   unknown = set(PLATFORMS) - {'cpu', *GPU_PLATFORMS}
   if unknown:
     raise ValueError(f'topk.fused.PLATFORMS: unknown platforms {sorted(unknown)}; valid: '
                      f"{sorted({'cpu', *GPU_PLATFORMS})}.")
   reason = unsupported(can, k)
   chosen = () if reason else tuple(sorted(PLATFORMS))
+  if (jax.default_backend() == 'gpu' and set(chosen) & set(GPU_PLATFORMS)
+      and not compiles(can, k, precision, options)):
+    chosen = tuple(p for p in chosen if p not in GPU_PLATFORMS)
+    reason = 'it does not compile on this GPU'
   _say(f'top-k attention: fused kernel on {", ".join(chosen)}, unfused elsewhere' if chosen else
        f'top-k attention: unfused ({reason or "topk.fused.PLATFORMS is empty"})')
   return chosen

@@ -160,7 +160,8 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
       return inputs.from_chunks(out), kept
 
     # The kernel selects exactly; an approximate selection stays on the unfused path.
-    platforms = fused.platforms(c, k) if use_fused and selection == 'exact' else ()
+    platforms = (fused.platforms(c, k, precision, fused.OPTIONS)
+                 if use_fused and selection == 'exact' else ())
     if not platforms:
       return run(None)
     kernel_on = {platform: lambda _, p=platform: run(fused.candidates(
