@@ -42,12 +42,12 @@ def _register() -> tuple[str, str | None]:
   """Registers the kernel for CPU if the library is built; returns the active backend and ISA."""
   log = logging.getLogger(__name__)
   if not LIBRARY.exists():
-    log.warning('top-k selection: lax.top_k (%s not built; run `make build`)', LIBRARY)
+    log.warning('top-k selection on CPU: lax.top_k (%s not built; run `make build`)', LIBRARY)
     return 'lax', None
   try:
     library = ctypes.cdll.LoadLibrary(str(LIBRARY))
   except OSError as error:  # e.g. built on another machine; selection still works without it.
-    log.warning('top-k selection: lax.top_k (cannot load %s: %s)', LIBRARY, error)
+    log.warning('top-k selection on CPU: lax.top_k (cannot load %s: %s)', LIBRARY, error)
     return 'lax', None
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.TopkSelect), platform='cpu')
   library.TopkSelectIsa.restype = ctypes.c_char_p
