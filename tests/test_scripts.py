@@ -39,7 +39,7 @@ def test_get_config_applies_typed_overrides():
     ('configs/listops.py:flash', [], r"--config=configs/listops.py:flash: config arg 'flash' is "
                                      'unknown'),
     ('configs/listops.py', [('attention.kk', '3')],
-     r"--config.attention.kk: no such field; the fields of config.attention are \['k', "),
+     r"--config.attention.kk: no such field; the fields of config.attention are \['fused', 'k', "),
     ('configs/listops.py', [('modle.num_layers', '3')],
      r"--config.modle.num_layers: no such field; the fields of config are \['attention', "),
     ('configs/listops.py', [('attention.k', 'abc')], "--config.attention.k='abc': expected int"),
