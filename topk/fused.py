@@ -54,15 +54,16 @@ from topk import inputs, select_gpu
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Platforms where the kernel compiles with Triton; on 'cpu' it runs in Pallas' interpreter.
 GPU_PLATFORMS = ('cuda',)
-# The switch, read when `topk_attention` is traced: the platforms where its forward selects with
-# this kernel (for the inputs it takes; `unsupported` says which), the unfused path elsewhere.
-# On for NVIDIA GPUs; empty it to trace the unfused path there, add 'cpu' to run the kernel in
-# the interpreter (tests).
+# Read when `topk_attention(..., fused=True)` is traced: the platforms where its forward selects
+# with this kernel (for the inputs it takes; `unsupported` says which), the unfused path
+# elsewhere. NVIDIA GPUs; add 'cpu' to run the kernel in the interpreter (tests). One call turns
+# the kernel off with `fused=False`.
 PLATFORMS: set[str] = {'cuda'}
 # `candidates`' tuning keywords (block sizes, buffer, Triton's settings) `topk_attention` uses.
 OPTIONS: dict[str, Any] = {}
 # Queries per sub-chunk (at most; a divisor of the query chunk) in which `topk_attention` redoes
-# the rows the kernel leaves: their dense scores are the fused path's largest temporary.
+# the rows the kernel leaves: their dense scores would otherwise be the fused path's largest
+# temporary.
 REDO_ROWS = 128
 
 
