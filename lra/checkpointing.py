@@ -8,6 +8,8 @@ Layout inside a workdir:
                             accuracy stored as its orbax metric (`state/` only)
   unusable_checkpoints/<step>/  periodic checkpoints set aside: ones a resume could not restore
                             (it fell back past them), or states whose training loss diverged
+  unusable_checkpoints/best-<step>/  best checkpoints set aside: of a step past the one a run
+                            resumed from (that run evaluates those steps again), or unrestorable
 
 Every checkpoint is finite: `save` and `save_best` refuse a state with a NaN or infinity, so a
 diverged run never leaves a checkpoint that its rerun would resume into.
@@ -186,21 +188,24 @@ class RunCheckpoints:
     if not bool(_is_finite(state)):
       raise FloatingPointError(f'the train state of step {step} holds NaN or infinite values')
 
-  def set_aside(self, steps: list[int]) -> None:
-    """Moves periodic checkpoints `steps` to `unusable_checkpoints/` (kept for inspection, out
-    of the resume's way); read-only checkpoints move nothing."""
+  def set_aside(self, steps: list[int], which: str = 'latest') -> None:
+    """Moves checkpoints `steps` of 'latest' (periodic, to `<step>`) or 'best' (to
+    `best-<step>`) into `unusable_checkpoints/` (kept for inspection, out of the run's way);
+    read-only checkpoints move nothing."""
+    manager = self._manager(which)
     if self._read_only or not steps:
       return
     aside = os.path.join(self._workdir, UNUSABLE_DIR)
     if jax.process_index() == 0:
       os.makedirs(aside, exist_ok=True)
       for step in steps:
-        target = os.path.join(aside, str(step))
+        name = str(step) if which == 'latest' else f'best-{step}'
+        target = os.path.join(aside, name)
         suffix = 0
         while os.path.exists(target):
           suffix += 1
-          target = os.path.join(aside, f'{step}-{suffix}')
-        os.rename(self.path('latest', step), target)
-        logging.warning('Moved unusable checkpoint %s to %s.', self.path('latest', step), target)
+          target = os.path.join(aside, f'{name}-{suffix}')
+        os.rename(self.path(which, step), target)
+        logging.warning('Moved unusable checkpoint %s to %s.', self.path(which, step), target)
     multihost_utils.sync_global_devices('RunCheckpoints:set_aside')
-    self._latest.reload()
+    manager.reload()

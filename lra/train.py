@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lra import data, models
-from lra.checkpointing import UNUSABLE_DIR, RunCheckpoints, is_finite
+from lra.checkpointing import UNUSABLE_DIR, CheckpointError, RunCheckpoints, is_finite
 from lra.metric_writer import MetricWriter
 from lra.optim import make_optimizer, make_schedule
 from lra.workdir_lock import WorkdirLock
@@ -524,6 +524,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
       previous_time = checkpoints.wall_time_s(step)
       logging.info('Resuming from step %d in %s.', step, workdir)
     first = int(state.step)
+    best_step = checkpoints.best_step()
+    if best_step is not None and best_step > first:
+      # A state of steps this run trains again (e.g. of a diverged run): the best is chosen anew.
+      logging.warning('Best checkpoint of step %d is past the resumed step %d; setting it aside.',
+                      best_step, first)
+      checkpoints.set_aside([best_step], 'best')
     # Records past the resumed step (and its final results) are written again.
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0, keep=lambda record: (
         record['step'] < first or (record['step'] == first
@@ -632,11 +638,18 @@ def _final_results(task: Any, trainer: Trainer, state: train_state.TrainState,
   step = int(state.step)
   final = _evaluate_splits(task, trainer, state.params)
   best_step = checkpoints.best_step()
-  if best_step is None or best_step == step:
-    best = final
-  else:
-    _, best_state = checkpoints.restore('best', state)
-    best = _evaluate_splits(task, trainer, best_state.params)
+  best = final
+  if best_step is not None and best_step != step:
+    try:
+      _, best_state = checkpoints.restore('best', state)
+      best = _evaluate_splits(task, trainer, best_state.params)
+    except CheckpointError as error:
+      # The periodic checkpoints restore into this state's layout, so the best one is damaged,
+      # not of another model: set aside, so that a rerun does not fail on it again.
+      logging.warning('Best checkpoint %s is unusable; setting it aside and reporting no best '
+                      'step (%s).', checkpoints.path('best', best_step), error)
+      checkpoints.set_aside([best_step], 'best')
+      best_step = None
   for split, values in final.items():
     writer.write(step, f'final_{split}', values)
   logging.info('final step %d: %s; best step %s: %s', step, final, best_step, best)

@@ -475,6 +475,42 @@ def test_all_checkpoints_corrupt_is_an_error_naming_them(profiled_run, tmp_path)
   assert not os.path.exists(os.path.join(workdir, 'unusable_checkpoints'))
 
 
+def test_corrupt_best_checkpoint_is_set_aside_not_failed_on_every_rerun(listops_run, tmp_path,
+                                                                       caplog):
+  config, source, full = listops_run
+  assert full['best_step'] == 2  # not the final step, so the results restore the best checkpoint
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  _corrupt(os.path.join(workdir, 'best_checkpoint', '2'), 'truncated array file')
+  for _ in range(2):  # a finished run: each rerun only computes the results again
+    results = train.train_and_evaluate(config, workdir)
+    assert results['best_step'] is None
+    assert results['best'] == {split: results[split] for split in ('validation', 'test')}
+  assert f'Best checkpoint {workdir}/best_checkpoint/2 is unusable' in caplog.text
+  assert os.listdir(os.path.join(workdir, 'unusable_checkpoints')) == ['best-2']
+  for split in ('validation', 'test'):
+    assert results[split] == pytest.approx(full[split], rel=1e-6), split
+
+
+def test_best_checkpoint_past_the_resumed_step_is_set_aside(listops_data, tmp_path):
+  # At learning rate 1000 the loss is NaN at step 5: checkpoint 4 is set aside, a rerun resumes
+  # from 2, and the best checkpoint (step 3) holds a state of the failed run that the rerun
+  # replaces.
+  workdir = str(tmp_path)
+  config = smoke_config('listops', listops_data, num_eval_steps=-1, num_train_steps=6,
+                        eval_frequency=1, learning_rate=1000.0)
+  with pytest.raises(FloatingPointError, match='resumes from it'):
+    train.train_and_evaluate(config, workdir)
+  assert os.listdir(os.path.join(workdir, 'best_checkpoint')) == ['3']
+  config.learning_rate = 0.05
+  resumed = train.train_and_evaluate(config, workdir)
+  # The best is chosen, and evaluated, among the states of the rerun.
+  metrics = read_metrics(workdir)
+  assert resumed['best']['validation'] == pytest.approx(
+      metrics[(resumed['best_step'], 'validation')], rel=1e-6)
+  assert sorted(os.listdir(os.path.join(workdir, 'unusable_checkpoints'))) == ['4', 'best-3']
+
+
 def read_scalars(log_dir: str) -> dict[tuple[int, str], float]:
   """The scalars of the TensorBoard event files in `log_dir` (TFRecord framing: length, its CRC,
   the Event proto, its CRC), by (step, tag)."""
