@@ -324,6 +324,16 @@ def test_refused(kind, bad):
     FORMS[kind](**args)
 
 @pytest.mark.parametrize('kind', tuple(FORMS))
+@pytest.mark.parametrize('flag', ('False', 1, None))
+def test_is_causal_must_be_a_bool(kind, flag):
+  # bool('False') is True: a string or a number would silently turn causal masking on or off.
+  with pytest.raises(ValueError, match='is_causal must be True or False'):
+    FORMS[kind](*_inputs(), is_causal=flag)
+  np.testing.assert_array_equal(FORMS[kind](*_inputs(), is_causal=np.bool_(True)),
+                                FORMS[kind](*_inputs(), is_causal=True))
+
+
+@pytest.mark.parametrize('kind', tuple(FORMS))
 @pytest.mark.parametrize('name', ('mask', 'bias', 'key_padding_mask', 'query_padding_mask'))
 def test_non_numeric_mask_and_bias_refused(kind, name):
   q, k, v = _inputs()

@@ -87,11 +87,19 @@ def test_out_dim_dropout_and_dtype():
   assert not np.array_equal(out, run(jax.random.key(2)))
 
 
-@pytest.mark.parametrize('fields', [dict(k=0), dict(k=2, query_chunk_size=0),
-                                    dict(k=2, dropout_rate=1.0)])
-def test_bad_input(fields):
-  with pytest.raises(ValueError, match='k must|query_chunk_size must|dropout_rate must'):
-    topk.TopKFeedForward(mlp_dim=MLP_DIM, **fields).init(jax.random.key(0), _x())
+@pytest.mark.parametrize('module, fields, message', [
+    (topk.TopKFeedForward, dict(k=0), 'k must'),
+    (topk.TopKFeedForward, dict(k=2, query_chunk_size=0), 'query_chunk_size must'),
+    (topk.TopKFeedForward, dict(k=2, dropout_rate=1.0), 'dropout_rate must'),
+    (topk.TopKFeedForward, dict(k=2, mlp_dim=0), 'mlp_dim must'),
+    (topk.DenseFeedForward, dict(mlp_dim=0), 'mlp_dim must'),
+    (topk.DenseFeedForward, dict(mlp_dim=2.5), 'mlp_dim must'),
+    (topk.DenseFeedForward, dict(dropout_rate=-0.1), 'dropout_rate must'),
+    (topk.DenseFeedForward, dict(dropout_rate=1.0), 'dropout_rate must'),
+])
+def test_bad_input(module, fields, message):
+  with pytest.raises(ValueError, match=message):
+    module(**{'mlp_dim': MLP_DIM, **fields}).init(jax.random.key(0), _x())
 
 
 @pytest.mark.parametrize('module, options', [

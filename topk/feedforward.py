@@ -33,6 +33,14 @@ class _DenseParams(nn.Module):
     return kernel, bias
 
 
+def _check_sizes(module: nn.Module) -> None:
+  """Raises ValueError unless the feed-forward `module`'s mlp_dim is an int >= 1 and its
+  dropout_rate in [0, 1) (an empty hidden layer or rate 1 would train silently on nothing)."""
+  inputs.check_positive_int(module.mlp_dim, 'mlp_dim')
+  if not 0.0 <= module.dropout_rate < 1.0:
+    raise ValueError(f'dropout_rate must be in [0, 1), got {module.dropout_rate}.')
+
+
 class DenseFeedForward(nn.Module):
   """Dense(mlp_dim) -> activation -> dropout -> Dense(out_dim) -> dropout: LRA's MlpBlock.
 
@@ -59,6 +67,7 @@ class DenseFeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """Maps `x [..., d]` to `[..., out_dim]`."""
+    _check_sizes(self)
     x = inputs.real_array(x, 'x', 'a real or integer array')
     dense = functools.partial(nn.Dense, dtype=inputs.computation_dtype(self.dtype, x),
                               kernel_init=self.kernel_init, bias_init=self.bias_init)
@@ -102,9 +111,7 @@ class TopKFeedForward(nn.Module):
     """Maps `x [..., d]` to `[..., out_dim]`."""
     k = inputs.check_positive_int(self.k, 'k')
     chunk = inputs.check_positive_int(self.query_chunk_size, 'query_chunk_size')
-    inputs.check_positive_int(self.mlp_dim, 'mlp_dim')
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate}.')
+    _check_sizes(self)
     x = inputs.real_array(x, 'x', 'a real or integer array')
     dtype = inputs.computation_dtype(self.dtype, x)
     out_dim = x.shape[-1] if self.out_dim is None else self.out_dim

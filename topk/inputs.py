@@ -85,6 +85,14 @@ class Canonical:
     return self.query.shape[2] // self.chunk
 
 
+def check_bool(value: Any, name: str) -> bool:
+  """Returns `value` as a bool, or raises ValueError unless it is one (Python's or numpy's): a
+  string such as 'False' would otherwise count as True."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{name} must be True or False, got {value!r}.')
+  return bool(value)
+
+
 def real_array(x: Any, name: str, what: str) -> jax.Array:
   """Returns `x` as an array, or raises ValueError(`name must be what`) unless its dtype is bool,
   integer or real floating point (complex would silently lose its imaginary part)."""
@@ -178,6 +186,7 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
     ValueError: for mismatched shapes, masks or bias that do not broadcast, complex or
       non-numeric inputs, or a dtype that is not real floating point.
   """
+  is_causal = check_bool(is_causal, 'is_causal')
   query, key, value = (real_array(x, name, 'a real or integer array') for x, name in
                        ((query, 'query'), (key, 'key'), (value, 'value')))
   if query.ndim < 3 or not query.ndim == key.ndim == value.ndim:
@@ -229,7 +238,7 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
   return Canonical(
       query=to_bhld(query, q_pad), key=to_bhld(key), value=to_bhld(value), mask=mask, bias=bias,
       key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-      is_causal=bool(is_causal), batch_shape=batch_shape, q_len=q_len, chunk=chunk, dtype=dtype)
+      is_causal=is_causal, batch_shape=batch_shape, q_len=q_len, chunk=chunk, dtype=dtype)
 
 
 def prepare(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: Any, mask: Any,

@@ -31,8 +31,7 @@ from topk import fused, inputs, select
 def check_options(selection: str, recall_target: float, fused: bool) -> None:
   """Raises ValueError unless `selection` is a key of `select.SELECTIONS`,
   0 < recall_target <= 1 (checked for every selection: a bad value is bad) and `fused` a bool."""
-  if not isinstance(fused, bool):
-    raise ValueError(f'fused must be True or False, got {fused!r}.')
+  inputs.check_bool(fused, 'fused')
   if selection not in select.SELECTIONS:
     raise ValueError(f'Unknown selection {selection!r}; valid selections: '
                      f'{sorted(select.SELECTIONS)}.')
