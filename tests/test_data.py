@@ -384,6 +384,19 @@ def test_pathfinder_task_paths_and_corrupt_image(tmp_path):
     get_task('pathx', str(tmp_path), batch_size=2)
 
 
+@pytest.mark.parametrize('side', [64, 16])
+def test_pathfinder_image_of_the_wrong_size_is_an_error(tmp_path, side):
+  # E.g. a pathfinder64 image in the pathfinder32 folder: not cut to its first rows, an error.
+  pathfinder_dir(tmp_path, size=32, num_images=12)
+  path = os.path.join(tmp_path, 'pathfinder32', 'curv_contour_length_14', 'imgs', '10',
+                      'sample_11.png')
+  Image.fromarray(np.full((side, side), 11, np.uint8)).save(path)
+  task = get_task('pathfinder32', str(tmp_path), batch_size=2)
+  with pytest.raises(ValueError, match=f'Pathfinder image {path} is {side}x{side} pixels, not '
+                                       '32x32'):
+    batches(task.test())
+
+
 def test_pathfinder_malformed_metadata(tmp_path):
   pathfinder_dir(tmp_path, size=32, num_images=10)
   write(os.path.join(tmp_path, 'pathfinder32', 'curv_contour_length_14', 'metadata', '1.npy'),

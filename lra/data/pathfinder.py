@@ -5,7 +5,8 @@ Despite the extension, each metadata file is plain text with one line per image:
 `<image sub-folder> <file name> <index> <label> ...`. Images are listed in metadata-file order
 (numeric <k>, then line order); the first 80% are train, the next 10% validation, the rest test.
 Missing and empty image files are skipped (and counted in a warning) before splitting; a listed
-image that Pillow cannot decode is an error naming the file, raised when a batch reaches it.
+image that Pillow cannot decode, or that is not `N`x`N` pixels, is an error naming the file, raised
+when a batch reaches it.
 """
 import os
 
@@ -82,6 +83,10 @@ def build_splits(root: str, size: int, difficulty: str, max_length: int) -> dict
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for a broken file
       raise ValueError(f'Pathfinder image {path} cannot be decoded ({e}); replace it with a valid '
                        'PNG') from e
+    if pixels.shape != (size, size):  # else fit_length would silently cut or pad it
+      height, width = pixels.shape
+      raise ValueError(f'Pathfinder image {path} is {width}x{height} pixels, not {size}x{size}; '
+                       f'replace it with a pathfinder{size} image')
     return {'inputs': fit_length(pixels.ravel(), max_length), 'targets': np.int32(label)}
 
   splits = {}
