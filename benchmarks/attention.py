@@ -466,9 +466,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f'longest length within {size(limit)} (fwd+bwd {args.dtypes[0]}, compiled): '
           f'{form}: {longest[form]}{note}', flush=True)
   if 'topk_fused' in longest and limit <= 80 * GIB:
+    # Within a smaller limit a miss says nothing of the target: only a fit passes there.
     ok = (longest['topk_fused'] or 0) >= 2**20
+    verdict = 'PASS' if ok else 'FAIL' if limit == 80 * GIB else (
+        'not checked: pass --memory_limit_mib 81920')
     print(f'fused top-k fwd+bwd at L=1048576 compiles within {size(limit)}: '
-          f'{"yes" if ok else "no"} (target: within 80 GiB: {"PASS" if ok else "FAIL"})')
+          f'{"yes" if ok else "no"} (target: within 80 GiB: {verdict})')
   top = max((longest.get(form) or 0) for form in ('topk', 'topk_fused'))
   if args.time_longest and top > lengths[-1]:
     rows += _time_lengths([top], args, device, limit, start, previous)[0]
