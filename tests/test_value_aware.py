@@ -151,6 +151,21 @@ def test_masked_keys_are_never_chosen():
                                                        gathered), atol=1e-5)
 
 
+@pytest.mark.parametrize('num_starts, num_sweeps', [(1, 2), (3, 2), (4, 2), (4, 0)])
+def test_greedy_stays_on_the_simplex_with_fewer_legal_keys_than_starts(num_starts, num_sweeps):
+  # Two legal keys, r = 1: the optimum is one whole value (error 1). A start at a masked value
+  # began with an empty support, whose zero output (error 0 here) is no convex combination.
+  v = jnp.array([[[1.0, 0.0], [-1.0, 0.0], [5.0, 5.0], [-5.0, 5.0]]])
+  o = jnp.zeros((1, 1, 2))
+  mask = jnp.array([[[True, True, False, False]]])
+  weights = jnp.array([[[0.5, 0.5, 0.0, 0.0]]])
+  greedy = va.value_aware_greedy(v, o, 1, mask, weights=weights, num_starts=num_starts,
+                                 num_sweeps=num_sweeps)
+  np.testing.assert_allclose(greedy.coefficients.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(_errors(o, greedy.output), _errors(o, va.value_aware_exact(
+      v, o, 1, mask).output), atol=1e-6)
+
+
 @pytest.mark.parametrize('kernel', ['softmax', 'relu'])
 def test_kernels_match_topk_kernels_and_topk_attention(kernel):
   q, k, v = _problem(seed=11, batch=2, n_q=5, n=7, d=4, d_v=3)

@@ -324,7 +324,9 @@ def _multistart_one(value: jax.Array, target: jax.Array, valid: jax.Array, r: in
   greedy = functools.partial(_greedy_one, r=r, num_iters=num_iters, num_sweeps=num_sweeps)
   indices, beta = jax.vmap(greedy, (None, None, None, 0))(value, target, valid, firsts)
   errors = jax.vmap(_squared_error, (None, None, 0, 0))(value, target, indices, beta)
-  best = jnp.argmin(errors)
+  # With fewer legal values than starts, the extra starts are masked values and may end with an
+  # empty support, whose zero output is no convex combination: they never win.
+  best = jnp.argmin(jnp.where(valid[firsts], errors, jnp.inf))
   return indices[best], beta[best]
 
 
