@@ -96,6 +96,14 @@ def test_batch_dims_jit_and_vmap(method):
   _assert_matches_lax(scores, 8, jax.jit(jax.vmap(fn, in_axes=1, out_axes=1))(scores))
 
 
+@pytest.mark.parametrize('method', [None, *GPU_METHODS])
+def test_empty_batches_under_jit(method):
+  # Tracing traces every platform's branch: the default method on CPU traces 'pallas' too.
+  for shape in ((0, 320), (2, 0, 320)):
+    scores = jnp.zeros(shape)
+    _assert_matches_lax(scores, 8, jax.jit(lambda s: select.top_k(s, 8, method=method))(scores))
+
+
 def test_two_stage_takes_every_lax_dtype():
   two_stage = jax.jit(lambda s: select_gpu.two_stage_top_k(s, 7))
   ints = jax.random.randint(jax.random.key(2), (3, 100), -5, 5)

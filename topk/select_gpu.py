@@ -158,7 +158,7 @@ def pallas_top_k(scores: jax.Array, k: int, *, buffer: int | None = None,
   if scores.dtype not in PALLAS_DTYPES:
     raise ValueError(f'pallas_top_k: scores must be one of {PALLAS_DTYPES}, got {scores.dtype}')
   n = scores.shape[-1]
-  if not 0 < 16 * k <= n:  # Nothing to select, or too short for the bound to prune much.
+  if not 0 < 16 * k <= n or scores.size == 0:  # Nothing to select, or too short to prune much.
     return two_stage_top_k(scores, k)
   buffer = buffer or _next_power_of_2(4 * k)
   batch = scores.shape[:-1]
