@@ -58,12 +58,14 @@ def parse_arg(arg: str | None, **spec: Any) -> types.SimpleNamespace:
   argument that is None unless given).
 
   Raises:
-    ValueError: on an unknown token or name, or a value of the wrong type; lists what is valid.
+    ValueError: on an unknown token or name, a name given twice (also as two choices of one
+      argument, e.g. 'topk,vanilla'), or a value of the wrong type; lists what is valid.
   """
   values = {name: s[0] if isinstance(s, tuple) else None if isinstance(s, type) else s
             for name, s in spec.items()}
   bare = {str(c): name for name, s in spec.items() if isinstance(s, tuple) for c in s}
   bare.update({name: name for name, s in spec.items() if isinstance(s, bool)})
+  given = {}  # name -> the token that set it
   for token in filter(None, (arg or '').split(',')):
     name, is_pair, text = token.partition('=')
     if not is_pair:
@@ -74,6 +76,9 @@ def parse_arg(arg: str | None, **spec: Any) -> types.SimpleNamespace:
       text = token if isinstance(spec[name], tuple) else 'true'
     if name not in spec:
       raise ValueError(f'config arg {name!r} is unknown; valid names: {sorted(spec)}.')
+    if name in given:
+      raise ValueError(f'config arg {name!r} is given twice ({given[name]!r} and {token!r}).')
+    given[name] = token
     values[name] = _convert(name, text, spec[name])
   return types.SimpleNamespace(**values)
 

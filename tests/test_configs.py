@@ -125,6 +125,15 @@ def test_bad_arg_raises(arg, message):
     listops.get_config(arg)
 
 
+@pytest.mark.parametrize('arg', ['topk,k=64,k=32', 'topk,vanilla', 'topk,attention=chunked',
+                                 'smoke,smoke=false', 'query_chunk_size=8,query_chunk_size=8'])
+def test_arg_given_twice_raises(arg):
+  with pytest.raises(ValueError, match='given twice'):
+    listops.get_config(arg)
+  with pytest.raises(ValueError, match="config arg 'size' is given twice"):
+    pathfinder.get_config('32,64')
+
+
 def test_bad_pathfinder_arg_raises():
   for arg in ('48', 'size=48', 'difficulty=medium'):
     with pytest.raises(ValueError, match='expected one of|valid tokens'):
