@@ -176,6 +176,8 @@ class Encoder(nn.Module):
     if inputs.ndim != 2 or inputs.shape[1] > cfg.max_len:
       raise ValueError(f'inputs: expected int [batch, length <= max_len={cfg.max_len}], got '
                        f'shape {inputs.shape}.')
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError(f'inputs: expected integer token ids, got dtype {inputs.dtype}.')
     x = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_EMBED_INIT, name='embed')(
         inputs.astype(jnp.int32))
     keep = inputs > 0  # [B, L]

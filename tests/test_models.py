@@ -101,6 +101,14 @@ def test_rejects_too_long_input():
     model.init(_RNGS, {'inputs': jnp.ones((1, info.max_length + 1), jnp.int32)}, train=False)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bool_])
+def test_rejects_non_integer_ids(dtype):
+  # Float ids would be truncated (e.g. pixels scaled to [0, 1) all become padding id 0).
+  _, info, model = _setup(listops, 'smoke')
+  with pytest.raises(ValueError, match='integer token ids'):
+    model.init(_RNGS, {'inputs': jnp.ones((1, info.max_length), dtype)}, train=False)
+
+
 # ----------------------------------------------------------------------------- equivalence
 # A vanilla-initialised tree runs unchanged under every attention and FFN kind.
 
