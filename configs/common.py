@@ -141,9 +141,14 @@ def attention_sweep(arg: types.SimpleNamespace) -> list[dict[str, Any]]:
   """Override dicts for a sweep of `arg.attention`, after a vanilla baseline point.
 
   'topk' sweeps k x query_chunk_size, 'chunked' sweeps query_chunk_size, 'vanilla' is the
-  baseline alone.
+  baseline alone. A k or query_chunk_size given in the arg pins that axis to its value (every
+  point overrides the arg's, so sweeping the axis anyway would drop it unseen).
   """
   ks, chunks = (SMOKE_SWEEP_KS, SMOKE_SWEEP_CHUNKS) if arg.smoke else (SWEEP_KS, SWEEP_CHUNKS)
+  if arg.k is not None:
+    ks = (arg.k,)
+  if arg.query_chunk_size is not None:
+    chunks = (arg.query_chunk_size,)
   points = [{'attention.kind': 'vanilla'}]
   if arg.attention == 'chunked':
     points += [{'attention.kind': 'chunked', 'attention.query_chunk_size': c} for c in chunks]

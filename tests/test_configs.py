@@ -192,3 +192,16 @@ def test_sweep_kinds():
       {'attention.kind': 'vanilla'},
       {'attention.kind': 'chunked', 'attention.query_chunk_size': 16}]
   assert len(pathfinder.get_sweep('128,topk,smoke')) == 3
+
+
+def test_sweep_arg_pins_its_axis():
+  # Every point sets k and query_chunk_size, so an arg's value must pin the axis, not vanish.
+  assert listops.get_sweep('topk,k=64') == [{'attention.kind': 'vanilla'}] + [
+      {'attention.kind': 'topk', 'attention.k': 64, 'attention.query_chunk_size': c}
+      for c in common.SWEEP_CHUNKS]
+  assert listops.get_sweep('chunked,query_chunk_size=512') == [
+      {'attention.kind': 'vanilla'},
+      {'attention.kind': 'chunked', 'attention.query_chunk_size': 512}]
+  points = listops.get_sweep('topk,smoke,query_chunk_size=8')
+  assert [p['attention.k'] for p in points[1:]] == list(common.SMOKE_SWEEP_KS)
+  assert {p['attention.query_chunk_size'] for p in points[1:]} == {8}
