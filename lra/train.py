@@ -659,13 +659,21 @@ def _final_results(task: Any, trainer: Trainer, state: train_state.TrainState,
 # ----------------------------------------------------------------------------- evaluation mode
 
 
-def eval_tag(config: ml_collections.ConfigDict) -> str:
-  """Names an evaluation by its attention and FFN settings, e.g. 'topk_k32' or 'vanilla'."""
-  tag = config.attention.kind
-  if config.attention.kind == 'topk':
-    tag += f'_k{config.attention.k}'
+def eval_tag(config: ml_collections.ConfigDict, checkpoint: str = 'best') -> str:
+  """Names an evaluation by every setting that changes its results, e.g. 'topk_k32',
+  'vanilla', 'vanilla_relu', 'topk_k32_approx0.9_latest', so evaluations never share a file."""
+  attention = config.attention
+  tag = attention.kind
+  if attention.kind == 'topk':
+    tag += f'_k{attention.k}'
+    if attention.selection == 'approximate':
+      tag += f'_approx{attention.recall_target}'
+  if attention.kernel != 'softmax':
+    tag += f'_{attention.kernel}'
   if config.ffn.kind == 'topk':
     tag += f'_ffntopk_k{config.ffn.k}'
+  if checkpoint != 'best':
+    tag += f'_{checkpoint}'
   return tag
 
 
@@ -703,7 +711,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     step, state = checkpoints.restore(checkpoint, trainer.init_state())
   finally:
     checkpoints.close()
-  tag = eval_tag(config)
+  tag = eval_tag(config, checkpoint)
   results = {'step': step, 'checkpoint': checkpoint, 'tag': tag,
              **_evaluate_splits(task, trainer, state.params),
              'attention': config.attention.to_dict(), 'ffn': config.ffn.to_dict()}

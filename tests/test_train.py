@@ -320,6 +320,20 @@ def test_eight_device_run_equals_one_device_run(listops_run, listops_data, tmp_p
 # ----------------------------------------------------------------------------- evaluation mode
 
 
+def test_eval_tags_differ_where_results_differ():
+  # Each evaluation writes eval_results_<tag>.json: a shared tag would overwrite another's results.
+  configs = {
+      'topk_k32': {'attention.kind': 'topk', 'attention.k': 32},
+      'topk_k32_approx0.9': {'attention.kind': 'topk', 'attention.k': 32,
+                             'attention.selection': 'approximate', 'attention.recall_target': 0.9},
+      'vanilla': {}, 'vanilla_relu': {'attention.kernel': 'relu'},
+      'vanilla_ffntopk_k16': {'ffn.kind': 'topk', 'ffn.k': 16}}
+  for tag, overrides in configs.items():
+    assert train.eval_tag(smoke_config('listops', '', 'vanilla', **overrides)) == tag
+  config = smoke_config('listops', '', 'topk,k=32')
+  assert train.eval_tag(config, 'latest') == 'topk_k32_latest'
+
+
 def test_evaluate_vanilla_checkpoint_with_exact_topk(listops_run):
   config, workdir, results = listops_run
   # k covers all 65 keys (64 tokens + CLS), so top-k must reproduce dense attention.
