@@ -15,6 +15,7 @@ import pytest
 from benchmarks import attention, model_step
 from benchmarks import fused as fused_bench
 from lra import config_loader
+from topk import fused as fused_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--lengths', '64,128', '--dtypes', 'float32', '--repeats', '2', '--chunk', '32',
@@ -99,6 +100,20 @@ def test_attention_defaults_follow_the_backend(monkeypatch):
   with pytest.raises(attention.Unavailable, match='bfloat16 and float16 only'):
     attention._jax_form('cudnn', 'float32', gpu)
   assert attention._parse(['--lengths', '64', '--no-time_longest']).time_longest is False
+
+
+def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypatch, tmp_path):
+  # A GPU where the kernel does not compile (on this CPU Triton fails like that): topk_attention
+  # would run the unfused path, so a topk_fused row must not time it; where it compiles, it times.
+  monkeypatch.setattr(fused_module, '_COMPILES', {})
+  monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
+  argv = [*TINY, '--lengths', '64', '--forms', 'topk_fused', '--baseline', 'topk_fused',
+          '--budget_s', '1e9', '--no-time_longest', '--out', str(tmp_path)]
+  row, = attention.main(argv)
+  assert 'fused kernel does not run here' in row['skipped'] and math.isnan(row['fwd_ms'])
+  monkeypatch.setattr(fused_module, 'compiles', lambda *args, **kwargs: True)
+  row, = attention.main(argv)
+  assert row['skipped'] == '' and row['fwd_bwd_ms'] > 0
 
 
 @pytest.mark.parametrize('flag', [['--forms', 'flash'], ['--dtypes', 'float64'],
