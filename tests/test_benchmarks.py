@@ -116,6 +116,26 @@ def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypat
   assert row['skipped'] == '' and row['fwd_bwd_ms'] > 0
 
 
+def test_attention_1m_target_is_not_failed_by_a_search_stopped_short(monkeypatch, capsys,
+                                                                     tmp_path):
+  # A search stopped by the spent budget after its first length (128), or by
+  # --max_search_length, before any length over the limit, says nothing of 1M within 80 GiB.
+  # A GPU where the kernel compiles.
+  monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(fused_module, 'compiles', lambda *args, **kwargs: True)
+  for flags, why in ((['--max_search_length', '1024'], 'by the time budget'),
+                     (['--budget_s', '1e9', '--no-time_longest'], 'at --max_search_length')):
+    attention.main([*TINY, '--lengths', '128', '--forms', 'topk_fused', '--budget_s', '0',
+                    '--memory_limit_mib', '81920', *flags, '--out', str(tmp_path)])
+    assert ('compiles within 80.0 GiB: no (target: within 80 GiB: not checked: search stopped '
+            f'{why})') in capsys.readouterr().out
+  # A search that ended on a length over the limit fails the target.
+  monkeypatch.setattr(attention, '_longest_fitting', lambda form, *args: (524288, ''))
+  attention.main([*TINY, '--forms', 'topk_fused', '--budget_s', '0', '--memory_limit_mib',
+                  '81920', '--out', str(tmp_path)])
+  assert 'no (target: within 80 GiB: FAIL)' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('flag', [['--forms', 'flash'], ['--dtypes', 'float64'],
                                   ['--baseline', 'dense'], ['--repeats', '0'],
                                   ['--fused_options', '[16]'], ['--fused_options', '{bad']])
