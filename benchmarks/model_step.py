@@ -6,8 +6,10 @@ for a batch of synthetic tokens of the task's shape and vocabulary (`lra.data.ta
 I/O, no TensorFlow), and reports the compiled memory (`memory_analysis()`: temp, arguments =
 train state + batch, and the total the step holds), whether that fits the device, and, when it
 fits, the median step time after a warm-up step and the training time it implies
-(`num_train_steps` steps, evaluation excluded). With --all it measures every task config with
-every attention kind in one process, the first configs first, until --budget_s is spent.
+(`num_train_steps` steps, evaluation excluded). Column `fused`: whether a top-k step runs the
+fused kernel (found in the lowered step); with `--fused on` a step without it is not timed.
+With --all it measures every task config with every attention kind in one process, the first
+configs first, until --budget_s is spent.
 
   python -m benchmarks.model_step --config=configs/listops.py:topk [--dtype bfloat16]
   python -m benchmarks.model_step --all --dtype bfloat16 --budget_s 200
@@ -51,18 +53,25 @@ def synthetic_batch(info: data.TaskInfo, batch_size: int, seed: int = 0) -> dict
   return {**inputs, 'targets': rng.integers(0, info.num_classes, (batch_size,), np.int32)}
 
 
-def measure(config: ml_collections.ConfigDict, repeats: int, limit: int) -> dict[str, Any]:
-  """Compiled memory and (when it fits within `limit` bytes) median time of one train step."""
+def measure(config: ml_collections.ConfigDict, repeats: int, limit: int,
+            require_fused: bool = False) -> dict[str, Any]:
+  """Compiled memory and (when it fits within `limit` bytes) median time of one train step;
+  `fused` says whether the step runs the fused top-k kernel, and `require_fused` skips the
+  timing where it does not."""
   trainer = train.make_trainer(config)  # checks every value of the config
   info = data.task_info(config.task, max_length=config.max_length, **config.task_options)
   batch = synthetic_batch(info, config.batch_size)
   abstract_state = jax.eval_shape(trainer.init_state)
   start = time.perf_counter()
-  compiled = trainer.lower_step(abstract_state, batch).compile()
+  lowered = trainer.lower_step(abstract_state, batch)
+  compiled = lowered.compile()
   mem = compiled.memory_analysis()
   total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes -
            mem.alias_size_in_bytes)
-  row = {'task': info.name, 'kind': config.attention.kind, 'dtype': config.model.dtype,
+  row = {'task': info.name, 'kind': config.attention.kind,
+         'fused': (fused.KERNEL_NAME in lowered.as_text(debug_info=True)
+                   if config.attention.kind == 'topk' else ''),
+         'dtype': config.model.dtype,
          'batch': config.batch_size, 'length': info.max_length,
          'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
          'temp_gib': mem.temp_size_in_bytes / GIB, 'argument_gib': mem.argument_size_in_bytes / GIB,
@@ -71,6 +80,11 @@ def measure(config: ml_collections.ConfigDict, repeats: int, limit: int) -> dict
          'skipped': ''}
   if not row['fits']:
     row['skipped'] = f'needs {size(total)}, over the limit of {size(limit)}'
+    return row
+  if require_fused and not row['fused']:
+    # topk_attention fell back to the unfused path: its time must not pass for the fused one.
+    row['skipped'] = ('the fused kernel is not in the step (it runs on NVIDIA GPUs where it '
+                      'takes the inputs and compiles; the log says which)')
     return row
   state = trainer.init_state()
   device_batch = train.shard_batch(batch, trainer.mesh)
@@ -153,11 +167,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if spent > args.budget_s:
       row = dict.fromkeys(COLUMNS, math.nan)
       row.update(task=config.task, kind=config.attention.kind, dtype=config.model.dtype,
+                 fused=config.attention.fused if config.attention.kind == 'topk' else '',
                  skipped=f'time budget: {spent:.0f} s spent of {args.budget_s:.0f} s')
     else:
-      row = measure(config, args.repeats, limit)
-    row.update(device=device, jax=jax.__version__, config=spec,
-               fused=config.attention.fused if config.attention.kind == 'topk' else '')
+      row = measure(config, args.repeats, limit, require_fused=switch == 'on')
+    row.update(device=device, jax=jax.__version__, config=spec)
     rows.append(row)
     print(f'{spec:>40} {row["dtype"]:>8}{" fused" if row["fused"] else ""}: ' + (
         f'skipped: {row["skipped"]}' if row['skipped'] and math.isnan(row['temp_gib']) else

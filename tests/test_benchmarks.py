@@ -172,6 +172,20 @@ def test_model_step_reports_memory_of_a_step_that_does_not_fit():
   assert math.isnan(row['step_ms'])
 
 
+def test_model_step_fused_column_says_whether_the_step_runs_the_kernel(monkeypatch):
+  config = config_loader.get_config('configs/listops.py:topk,smoke')
+  config.model.num_layers = 1
+  # On CPU the kernel is not in the step: asked for, the row is not timed as if it were.
+  row = model_step.measure(config, repeats=1, limit=2**40, require_fused=True)
+  assert row['fused'] is False and 'fused kernel is not in the step' in row['skipped']
+  assert math.isnan(row['step_ms'])
+  # Run in the interpreter, it is (and its step is timed).
+  monkeypatch.setattr(fused_module, 'PLATFORMS', {'cpu', 'cuda'})
+  monkeypatch.setattr(fused_module, 'OPTIONS', dict(block_q=16, key_tile=16))
+  row = model_step.measure(config, repeats=1, limit=2**40, require_fused=True)
+  assert row['fused'] is True and row['skipped'] == '' and row['step_ms'] > 0
+
+
 def test_model_step_all_lists_every_task_and_kind():
   args = model_step._parse(['--all', '--tasks', 'listops,pathx', '--kinds', 'vanilla,topk',
                             '--preset', 'smoke'])

@@ -229,5 +229,5 @@ def test_lowers_for_cuda_and_stays_off_cpu():
   exported = jax.export.export(
       jax.jit(grads), platforms=['cuda'],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(args, masks)
-  assert TRITON in exported.mlir_module()
+  assert TRITON in exported.mlir_module() and fused.KERNEL_NAME in exported.mlir_module()
   assert 'triton' not in jax.jit(grads).lower(args, masks).as_text()

@@ -61,6 +61,9 @@ GPU_PLATFORMS = ('cuda',)
 PLATFORMS: set[str] = {'cuda'}
 # `candidates`' tuning keywords (block sizes, buffer, Triton's settings) `topk_attention` uses.
 OPTIONS: dict[str, Any] = {}
+# The kernel's name in lowered programs: a program runs the kernel where its text with debug
+# information (`Lowered.as_text(debug_info=True)`) holds this name.
+KERNEL_NAME = 'topk_fused_candidates'
 # Queries per sub-chunk (at most; a divisor of the query chunk) in which `topk_attention` redoes
 # the rows the kernel leaves: their dense scores would otherwise be the fused path's largest
 # temporary.
@@ -357,7 +360,7 @@ def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
       out_shape=(jax.ShapeDtypeStruct((rows, buffer), jnp.float32),
                  jax.ShapeDtypeStruct((rows, buffer), jnp.int32),
                  *(jax.ShapeDtypeStruct((rows,), jnp.int32) for _ in range(3))),
-      grid=(b * h, lq_b // block_q), interpret=interpret,
+      grid=(b * h, lq_b // block_q), interpret=interpret, name=KERNEL_NAME,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(*(x for x in operands if x is not None))
   per_query = lambda x: x.reshape(b, h, lq_b, *x.shape[1:])[:, :, :lq]
