@@ -24,9 +24,12 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True,
-               keep: Callable[[dict[str, Any]], bool] = lambda record: True):
+               keep: Callable[[dict[str, Any]], bool] = lambda record: True,
+               purge_step: int | None = None):
     """`keep` selects the existing records to keep (a resumed run drops the ones it will write
-    again); the others are removed before anything is appended."""
+    again); the others are removed before anything is appended. Event files cannot be edited, so
+    a resumed run passes `purge_step` instead: TensorBoard then hides the events of steps >=
+    `purge_step` in the earlier files, which would otherwise show twice."""
     self._enabled = enabled
     if not enabled:
       return
@@ -39,7 +42,8 @@ class MetricWriter:
         f.writelines(lines)
       os.replace(path + '.tmp', path)
     self._jsonl = open(path, 'a')
-    self._summary = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._summary = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                               purge_step=purge_step)
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     if not self._enabled:

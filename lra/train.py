@@ -533,7 +533,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
     # Records past the resumed step (and its final results) are written again.
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0, keep=lambda record: (
         record['step'] < first or (record['step'] == first
-                                   and not record['split'].startswith('final_'))))
+                                   and not record['split'].startswith('final_'))),
+        purge_step=first + 1)
     wall_time = lambda: previous_time + time.time() - start_time
     with stop:
       try:

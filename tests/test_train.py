@@ -473,6 +473,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(profiled_run, list
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']  # 4 saved anew
   for split in ('validation', 'test'):
     assert resumed[split] == pytest.approx(full[split], rel=1e-6), split
+  # Step 4 is logged again, and shown once: TensorBoard hides the first run's events past step 3.
+  assert read_metrics(workdir).keys() == read_metrics(source).keys()
+  scalars = read_scalars(os.path.join(workdir, 'tensorboard'))
+  assert scalars.keys() == read_scalars(os.path.join(source, 'tensorboard')).keys()
 
 
 def test_all_checkpoints_corrupt_is_an_error_naming_them(profiled_run, tmp_path):
@@ -527,9 +531,11 @@ def test_best_checkpoint_past_the_resumed_step_is_set_aside(listops_data, tmp_pa
 
 def read_scalars(log_dir: str) -> dict[tuple[int, str], float]:
   """The scalars of the TensorBoard event files in `log_dir` (TFRecord framing: length, its CRC,
-  the Event proto, its CRC), by (step, tag)."""
+  the Event proto, its CRC), by (step, tag), as TensorBoard shows them: files are read oldest
+  first and a `SessionLog.START` event of step s hides the earlier events of steps >= s. Asserts
+  that no (step, tag) is shown twice."""
   scalars = {}
-  for path in glob.glob(os.path.join(log_dir, 'events.out.tfevents.*')):
+  for path in sorted(glob.glob(os.path.join(log_dir, 'events.out.tfevents.*'))):
     with open(path, 'rb') as f:
       data = f.read()
     offset = 0
@@ -537,7 +543,10 @@ def read_scalars(log_dir: str) -> dict[tuple[int, str], float]:
       (length,) = struct.unpack('<Q', data[offset:offset + 8])
       event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
       offset += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        scalars = {key: value for key, value in scalars.items() if key[0] < event.step}
       for value in event.summary.value:
+        assert (event.step, value.tag) not in scalars, f'{value.tag} shown twice at {event.step}'
         scalars[(event.step, value.tag)] = value.simple_value
   return scalars
 
