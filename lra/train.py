@@ -122,7 +122,9 @@ def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array], *,
 
   The dropout key is `dropout_key` folded with the step, so a resumed run draws the same masks.
   The metric 'finite' says whether the new state (parameters and optimizer moments) is free of
-  NaN and infinity: the loss only shows a diverged update one step later.
+  NaN and infinity: the loss only shows a diverged update one step later. 'scored' is the weight
+  of the batch's targets (a masked-LM batch scores a varying number of tokens), so means over
+  steps can weight each target once.
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
 
@@ -130,10 +132,11 @@ def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array], *,
     logits = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': step_key})
     loss, correct, weights = target_terms(logits, batch)
     total = jnp.maximum(weights.sum(), 1.0)
-    return (loss * weights).sum() / total, (correct * weights).sum() / total
+    return (loss * weights).sum() / total, ((correct * weights).sum() / total, weights.sum())
 
-  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = {'loss': loss, 'accuracy': accuracy, 'learning_rate': schedule(state.step)}
+  (loss, (accuracy, scored)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {'loss': loss, 'accuracy': accuracy, 'scored': scored,
+             'learning_rate': schedule(state.step)}
   new_state = state.apply_gradients(grads=grads)
   return new_state, {**metrics, 'finite': is_finite(new_state)}
 
@@ -432,6 +435,10 @@ class _Diverged(FloatingPointError):
     self.state_step = state_step
 
 
+# Train metrics that are means over a batch's scored targets (`target_terms`).
+_PER_TARGET = ('loss', 'accuracy')
+
+
 class _TrainMetrics:
   """Host-side accumulator of per-step train metrics, fetched one step behind dispatch so the
   host never waits for the step it has just launched."""
@@ -439,7 +446,7 @@ class _TrainMetrics:
   def __init__(self):
     self._pending: list[tuple[int, dict[str, jax.Array]]] = []
     self._sums: dict[str, float] = {}
-    self._steps = 0
+    self._weights: dict[str, float] = {}
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self._pending.append((step, metrics))
@@ -461,14 +468,17 @@ class _TrainMetrics:
       if not finite:
         raise _Diverged(f'the update of step {step} made the train state NaN or infinite (the '
                         f'loss of its batch was {values["loss"]:.4g})', step)
+      scored = float(values.pop('scored'))
       for name, value in values.items():
-        self._sums[name] = self._sums.get(name, 0.0) + float(value)
-      self._steps += 1
+        weight = scored if name in _PER_TARGET else 1.0
+        self._sums[name] = self._sums.get(name, 0.0) + weight * float(value)
+        self._weights[name] = self._weights.get(name, 0.0) + weight
 
   def summary(self) -> Metrics:
-    """Means since the last summary (every train batch has the same size), then resets."""
-    means = {name: total / self._steps for name, total in self._sums.items()}
-    self._sums, self._steps = {}, 0
+    """Means since the last summary (of loss and accuracy: over the scored targets; other
+    metrics: over steps), then resets."""
+    means = {name: total / max(self._weights[name], 1.0) for name, total in self._sums.items()}
+    self._sums, self._weights = {}, {}
     return means
 
 

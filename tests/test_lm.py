@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
+from flax.training import train_state
 
 from lra import config_loader, data, models, train
 from lra.data import text_folder
@@ -210,6 +212,31 @@ def test_eval_step_counts_scored_tokens_of_real_examples():
       [[1, 0, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]), 'weights': jnp.array([1.0, 1.0, 0.0])}
   sums = train.eval_step(None, batch, apply_fn=lambda *args, **kwargs: logits)
   assert (float(sums['count']), float(sums['correct'])) == (6.0, 6.0)
+
+
+def test_logged_train_metrics_are_means_over_scored_tokens():
+  # Masked-LM batches scoring 1, 2 and 1 tokens: the logged means weight each token once, not
+  # each batch (per batch, accuracy would be (1 + 0 + 1) / 3).
+  logits = jnp.log(jnp.array([1.0, 3.0, 1e-9]))  # predicts class 1 with probability 3/4
+  state = train_state.TrainState.create(
+      apply_fn=lambda variables, batch, **kwargs: jnp.broadcast_to(
+          logits, batch['targets'].shape + (3,)),
+      params={'unused': jnp.zeros(())}, tx=optax.sgd(0.0))
+  step_fn = jax.jit(lambda state, batch: train.train_step(
+      state, batch, dropout_key=jax.random.key(0), schedule=optax.constant_schedule(0.5)))
+  metrics = train._TrainMetrics()
+  batches = [([[1, 1]], [[1, 0]]), ([[0, 0]], [[1, 1]]), ([[1, 0]], [[1, 0]])]
+  for step, (targets, weights) in enumerate(batches, 1):
+    state, step_metrics = step_fn(
+        state, {'targets': jnp.array(targets), 'target_weights': jnp.array(weights)})
+    metrics.add(step, step_metrics)
+  metrics.fetch(keep_last=False)
+  summary = metrics.summary()
+  # Scored: one right (class 1), two wrong (class 0) and one right: 2 of 4 tokens right.
+  losses = [-np.log(0.75), -np.log(0.25), -np.log(0.25), -np.log(0.75)]
+  assert summary['accuracy'] == pytest.approx(0.5)
+  assert summary['loss'] == pytest.approx(np.mean(losses), rel=1e-5)
+  assert summary['learning_rate'] == pytest.approx(0.5)
 
 
 @pytest.fixture(scope='module')
