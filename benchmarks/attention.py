@@ -127,25 +127,24 @@ def _jax_form(form: str, dtype: str, args: argparse.Namespace) -> Callable[..., 
       raise Unavailable(f'cuDNN flash attention supports bfloat16 and float16 only, not {dtype}')
     return _cudnn
   if form in ('topk', 'topk_fused'):
+    fn = topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk,
+                                fused=form == 'topk_fused')
     if form == 'topk_fused':
-      _check_fused(dtype, args)
-    return topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk,
-                                  fused=form == 'topk_fused')
+      _check_fused(fn, dtype, args)
+    return fn
   options = {'chunked': dict(query_chunk_size=args.chunk), 'vanilla': {}}[form]
   return topk.make_attention_fn(form, **options)
 
 
-def _check_fused(dtype: str, args: argparse.Namespace) -> None:
-  """Raises Unavailable unless `topk_attention(fused=True)` runs the kernel here for inputs of
-  `dtype` and `args`' shapes: where it does not take them or Triton fails to compile it,
-  `topk_attention` silently runs the unfused path, which a `topk_fused` row must not time."""
+def _check_fused(fn: Callable[..., jax.Array], dtype: str, args: argparse.Namespace) -> None:
+  """Raises Unavailable unless `fn` (`topk_attention(fused=True)`) runs the kernel here for
+  inputs of `dtype` and `args`' shapes: where it does not take them or Triton fails to compile
+  it, the unfused path runs, which a `topk_fused` row must not time."""
   if jax.default_backend() != 'gpu':
     raise Unavailable('the fused kernel compiles for NVIDIA GPUs only (Pallas interpret mode '
                       'elsewhere is a test path, not a benchmark)')
-  # `fused.platforms` compiles the kernel at its probe length, so a probe of that length says it.
-  probe = jnp.zeros((args.batch, fused.PROBE_LENGTH, args.heads, args.head_dim), DTYPES[dtype])
-  can = topk.inputs.canonicalize(probe, probe, probe, query_chunk_size=args.chunk)
-  if not set(fused.platforms(can, args.k, None, fused.OPTIONS)) & set(fused.GPU_PLATFORMS):
+  spec = _spec(args, args.lengths[0], dtype)
+  if not fused.runs_kernel(jax.jit(fn).lower(spec, spec, spec)):
     raise Unavailable(f'the fused kernel does not run here for {dtype}, head_dim '
                       f'{args.head_dim}, k {args.k} (unsupported input or a Triton failure: '
                       'the log says which); topk_attention would run the unfused path')

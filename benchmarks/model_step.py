@@ -7,9 +7,9 @@ I/O, no TensorFlow), and reports the compiled memory (`memory_analysis()`: temp,
 train state + batch, and the total the step holds), whether that fits the device, and, when it
 fits, the median step time after a warm-up step and the training time it implies
 (`num_train_steps` steps, evaluation excluded). Column `fused`: whether a top-k step runs the
-fused kernel (found in the lowered step); with `--fused on` a step without it is not timed.
-With --all it measures every task config with every attention kind in one process, the first
-configs first, until --budget_s is spent.
+fused kernel (`topk.fused.runs_kernel` of the lowered step); with `--fused on` a step without
+it is not timed. With --all it measures every task config with every attention kind in one
+process, the first configs first, until --budget_s is spent.
 
   python -m benchmarks.model_step --config=configs/listops.py:topk [--dtype bfloat16]
   python -m benchmarks.model_step --all --dtype bfloat16 --budget_s 200
@@ -69,8 +69,7 @@ def measure(config: ml_collections.ConfigDict, repeats: int, limit: int,
   total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes -
            mem.alias_size_in_bytes)
   row = {'task': info.name, 'kind': config.attention.kind,
-         'fused': (fused.KERNEL_NAME in lowered.as_text(debug_info=True)
-                   if config.attention.kind == 'topk' else ''),
+         'fused': fused.runs_kernel(lowered) if config.attention.kind == 'topk' else '',
          'dtype': config.model.dtype,
          'batch': config.batch_size, 'length': info.max_length,
          'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),

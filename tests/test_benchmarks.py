@@ -102,6 +102,12 @@ def test_attention_defaults_follow_the_backend(monkeypatch):
   assert attention._parse(['--lengths', '64', '--no-time_longest']).time_longest is False
 
 
+def _kernel_interpreted(monkeypatch):
+  """The fused kernel runs on this CPU, in Pallas' interpreter, with tiles for tiny shapes."""
+  monkeypatch.setattr(fused_module, 'PLATFORMS', {'cpu', 'cuda'})
+  monkeypatch.setattr(fused_module, 'OPTIONS', dict(block_q=16, key_tile=16))
+
+
 def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypatch, tmp_path):
   # A GPU where the kernel does not compile (on this CPU Triton fails like that): topk_attention
   # would run the unfused path, so a topk_fused row must not time it; where it compiles, it times.
@@ -112,6 +118,9 @@ def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypat
   row, = attention.main(argv)
   assert 'fused kernel does not run here' in row['skipped'] and math.isnan(row['fwd_ms'])
   monkeypatch.setattr(fused_module, 'compiles', lambda *args, **kwargs: True)
+  row, = attention.main(argv)  # it compiles, but on a CPU platform the unfused path runs
+  assert 'fused kernel does not run here' in row['skipped']
+  _kernel_interpreted(monkeypatch)
   row, = attention.main(argv)
   assert row['skipped'] == '' and row['fwd_bwd_ms'] > 0
 
@@ -123,6 +132,7 @@ def test_attention_1m_target_is_not_failed_by_a_search_stopped_short(monkeypatch
   # A GPU where the kernel compiles.
   monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
   monkeypatch.setattr(fused_module, 'compiles', lambda *args, **kwargs: True)
+  _kernel_interpreted(monkeypatch)
   for flags, why in ((['--max_search_length', '1024'], 'by the time budget'),
                      (['--budget_s', '1e9', '--no-time_longest'], 'at --max_search_length')):
     attention.main([*TINY, '--lengths', '128', '--forms', 'topk_fused', '--budget_s', '0',
@@ -180,8 +190,7 @@ def test_model_step_fused_column_says_whether_the_step_runs_the_kernel(monkeypat
   assert row['fused'] is False and 'fused kernel is not in the step' in row['skipped']
   assert math.isnan(row['step_ms'])
   # Run in the interpreter, it is (and its step is timed).
-  monkeypatch.setattr(fused_module, 'PLATFORMS', {'cpu', 'cuda'})
-  monkeypatch.setattr(fused_module, 'OPTIONS', dict(block_q=16, key_tile=16))
+  _kernel_interpreted(monkeypatch)
   row = model_step.measure(config, repeats=1, limit=2**40, require_fused=True)
   assert row['fused'] is True and row['skipped'] == '' and row['step_ms'] > 0
 

@@ -61,8 +61,7 @@ GPU_PLATFORMS = ('cuda',)
 PLATFORMS: set[str] = {'cuda'}
 # `candidates`' tuning keywords (block sizes, buffer, Triton's settings) `topk_attention` uses.
 OPTIONS: dict[str, Any] = {}
-# The kernel's name in lowered programs: a program runs the kernel where its text with debug
-# information (`Lowered.as_text(debug_info=True)`) holds this name.
+# The kernel's name in lowered programs (`runs_kernel`).
 KERNEL_NAME = 'topk_fused_candidates'
 # Queries per sub-chunk (at most; a divisor of the query chunk) in which `topk_attention` redoes
 # the rows the kernel leaves: their dense scores would otherwise be the fused path's largest
@@ -223,6 +222,13 @@ def unsupported(can: inputs.Canonical, k: int) -> str | None:
   return None
 
 
+def runs_kernel(lowered: jax.stages.Lowered) -> bool:
+  """Whether a lowered program runs the kernel: `topk_attention` falls back to the unfused path
+  where the kernel does not take the inputs or does not compile, and only the program says which.
+  Its text with debug information names the kernel wherever it is (Triton or interpreted)."""
+  return KERNEL_NAME in lowered.as_text(debug_info=True)
+
+
 @functools.cache
 def _say(message: str, level: int = logging.INFO) -> None:
   logging.getLogger(__name__).log(level, message)
@@ -265,9 +271,9 @@ def compiles(can: inputs.Canonical, k: int, precision: Any = None,
       jax.jit(run).lower(*arrays).compile()
       _COMPILES[signature] = True
     except Exception as error:  # noqa: BLE001 (Triton's and XLA's errors have many types)
+      first_line = (str(error).strip().splitlines() or [''])[0]
       _say(f'top-k attention: the fused kernel does not compile here ({type(error).__name__}: '
-           f'{str(error).strip().splitlines()[0] if str(error).strip() else ""}); the unfused '
-           'path runs instead', logging.WARNING)
+           f'{first_line}); the unfused path runs instead', logging.WARNING)
       _COMPILES[signature] = False
   return _COMPILES[signature]
 
