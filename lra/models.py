@@ -42,7 +42,6 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _EMBED_INIT = nn.initializers.normal(stddev=1.0)
 _POS_INIT = nn.initializers.normal(stddev=0.02)
 _KERNEL_INIT = nn.initializers.xavier_uniform()
-_BIAS_INIT = nn.initializers.normal(stddev=1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
