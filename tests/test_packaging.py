@@ -69,12 +69,15 @@ def test_dependencies_are_the_requirement_files():
   assert 'pytest' in dev and 'pytest' not in runtime
 
 
+def build_requirements() -> list[str]:
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    return tomllib.load(f)['build-system']['requires']
+
+
 def test_build_requires_jax_at_the_runtime_pins():
   """setup.py compiles the selection kernel against jax's FFI headers: the jax it runs with."""
-  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
-    requires = tomllib.load(f)['build-system']['requires']
   runtime = pins('requirements.txt')
-  build = {normalize(r.split('==')[0]): r.split('==')[1] for r in requires if '==' in r}
+  build = {normalize(r.split('==')[0]): r.split('==')[1] for r in build_requirements() if '==' in r}
   assert build == {name: runtime[name] for name in ('jax', 'jaxlib')}
 
 
@@ -135,8 +138,9 @@ def test_every_package_is_installed():
 
 
 def test_pins_match_imports():
-  """Each third-party import comes from a pinned distribution; each runtime pin is used."""
-  scripts = [f for f in os.listdir(REPO) if f.endswith('.py')]  # train.py, sweep.py, demo.py
+  """Each third-party import comes from a pinned distribution (setup.py's from a build
+  requirement); each runtime pin is used."""
+  scripts = [f for f in os.listdir(REPO) if f.endswith('.py') and f != 'setup.py']  # train.py, ...
   first_party = {name.split('.')[0] for name in configuration()['tool']['setuptools']['packages']}
   first_party |= {f.removesuffix('.py') for f in scripts}
   distributions = importlib.metadata.packages_distributions()
@@ -151,5 +155,8 @@ def test_pins_match_imports():
   assert {name: dists for name, dists in code.items() if not dists & set(runtime)} == {}
   assert {name: dists for name, dists in tests.items() if not dists & (set(runtime) | set(dev))
           } == {}
+  build = {normalize(re.split('[=<>!~ ]', r)[0]) for r in build_requirements()}
+  assert {name: dists for name, dists in third_party(imported_modules('setup.py')).items()
+          if not dists & build} == {}
   used = set().union(*code.values(), *tests.values())
   assert sorted(set(runtime) - used - set(INDIRECT)) == []
