@@ -21,18 +21,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 	  $(if $(JAX_EXTRA),'jax[$(JAX_EXTRA)]')
 	touch $(STAMP)
 
-# Exact top-k selection for CPU (topk/select.py loads it; falls back to lax.top_k without it).
-# No -march=native: the library must run on any x86-64-v2 machine, not just the build host; its
-# AVX2 code is compiled per function and chosen at run time.
-SELECT_LIB := build/libtopk_select.so
-SELECT_ARCH := $(if $(filter x86_64,$(shell uname -m)),-march=x86-64-v2)
+# Exact top-k selection for CPU (topk/select.py loads it; falls back to lax.top_k without it),
+# compiled by setup.py (which holds the compiler flags) into topk/, where `pip install .` puts it.
+SELECT_LIB := topk/libtopk_select.so
 
 build: $(SELECT_LIB)
 
-$(SELECT_LIB): csrc/topk_select.cc $(STAMP)
-	mkdir -p build
-	$(CXX) -O3 $(SELECT_ARCH) -fPIC -shared -std=c++17 -pthread \
-	  -isystem "$$($(PYTHON) -c 'import jax.ffi; print(jax.ffi.include_dir())')" -o $@ $<
+$(SELECT_LIB): csrc/topk_select.cc setup.py $(STAMP)
+	$(PYTHON) setup.py build_ext --inplace
 
 demo: setup
 	$(PYTHON) demo.py
@@ -54,4 +50,4 @@ lint: setup
 	$(PYTHON) -m ruff check .
 
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) build $(SELECT_LIB)

@@ -1,9 +1,15 @@
-"""Package metadata: `pip install .` gets every package and the pinned stack, nothing unused."""
+"""Package metadata: `pip install .` gets every package, the pinned stack (nothing unused) and the
+CPU selection kernel."""
 import ast
 import importlib.metadata
+import json
 import os
 import re
+import shutil
+import subprocess
 import sys
+import sysconfig
+import tomllib
 import warnings
 
 from setuptools.config.pyprojecttoml import read_configuration
@@ -63,6 +69,64 @@ def test_dependencies_are_the_requirement_files():
   assert 'pytest' in dev and 'pytest' not in runtime
 
 
+def build_requirements() -> list[str]:
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    return tomllib.load(f)['build-system']['requires']
+
+
+def test_build_requires_jax_at_the_runtime_pins():
+  """setup.py compiles the selection kernel against jax's FFI headers: the jax it runs with."""
+  runtime = pins('requirements.txt')
+  build = {normalize(r.split('==')[0]): r.split('==')[1] for r in build_requirements() if '==' in r}
+  assert build == {name: runtime[name] for name in ('jax', 'jaxlib')}
+
+
+def test_installed_package_selects_with_its_own_kernel(tmp_path):
+  """`pip install .` of the checkout's files (git's view: no build products) into a fresh venv
+  compiles the kernel into the installed `topk`, which registers it and runs it on CPU.
+
+  The venv sees this environment's packages through a .pth file (jax, and pip and setuptools to
+  build without isolation), so nothing is downloaded.
+  """
+  files = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+  source = tmp_path / 'source'
+  for name in files.split('\0'):
+    if os.path.isfile(os.path.join(REPO, name)):  # not deleted ones, nor a linked .venv
+      (source / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(os.path.join(REPO, name), source / name)
+  assert not list(source.rglob('*.so'))
+  venv = tmp_path / 'venv'
+  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+  python = str(venv / 'bin' / 'python')
+  site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_path("platlib"))'],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  with open(os.path.join(site, 'outer.pth'), 'w') as f:
+    f.write(sysconfig.get_path('platlib') + '\n')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'} | {'JAX_PLATFORMS': 'cpu'}
+  install = subprocess.run(
+      [python, '-m', 'pip', 'install', '--no-deps', '--no-build-isolation', '--no-index',
+       '--ignore-installed', str(source)], cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert install.returncode == 0, install.stdout + install.stderr
+  check = """
+import json, jax, numpy as np
+from topk import select
+scores = np.random.default_rng(0).standard_normal((4, 256), np.float32)
+program = jax.jit(lambda s: select.top_k(s, 8)).lower(scores).as_text()
+equal = all(np.array_equal(a, b) for a, b in zip(select.top_k(scores, 8), jax.lax.top_k(scores, 8)))
+print(json.dumps({'library': str(select.LIBRARY), 'exists': select.LIBRARY.exists(),
+                  'cpu': select.BACKEND['cpu'], 'isa': select.ISA,
+                  'custom_call': 'topk_select' in program, 'equal': bool(equal)}))
+"""
+  result = subprocess.run([python, '-c', check], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report['library'] == os.path.join(os.path.realpath(site), 'topk', 'libtopk_select.so')
+  assert report['exists'] and report['cpu'] == 'ffi' and report['isa'] in ('avx2', 'portable')
+  assert report['custom_call'] and report['equal'], report
+
+
 def test_every_package_is_installed():
   packages = set()
   for folder, subfolders, files in os.walk(REPO):
@@ -74,8 +138,9 @@ def test_every_package_is_installed():
 
 
 def test_pins_match_imports():
-  """Each third-party import comes from a pinned distribution; each runtime pin is used."""
-  scripts = [f for f in os.listdir(REPO) if f.endswith('.py')]  # train.py, sweep.py, demo.py
+  """Each third-party import comes from a pinned distribution (setup.py's from a build
+  requirement); each runtime pin is used."""
+  scripts = [f for f in os.listdir(REPO) if f.endswith('.py') and f != 'setup.py']  # train.py, ...
   first_party = {name.split('.')[0] for name in configuration()['tool']['setuptools']['packages']}
   first_party |= {f.removesuffix('.py') for f in scripts}
   distributions = importlib.metadata.packages_distributions()
@@ -90,5 +155,8 @@ def test_pins_match_imports():
   assert {name: dists for name, dists in code.items() if not dists & set(runtime)} == {}
   assert {name: dists for name, dists in tests.items() if not dists & (set(runtime) | set(dev))
           } == {}
+  build = {normalize(re.split('[=<>!~ ]', r)[0]) for r in build_requirements()}
+  assert {name: dists for name, dists in third_party(imported_modules('setup.py')).items()
+          if not dists & build} == {}
   used = set().union(*code.values(), *tests.values())
   assert sorted(set(runtime) - used - set(INDIRECT)) == []

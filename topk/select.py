@@ -7,9 +7,9 @@ compared as float32, so its NaNs tie with, and come back as, the quiet NaN of th
 
 Exact selection runs one method per platform, chosen with `jax.lax.platform_dependent` from
 `BACKEND` (platform -> name in `METHODS`), every method equal to `lax.top_k`:
-* 'ffi' (CPU): an exact C++ kernel (`csrc/topk_select.cc`, built by `make build` into
-  `build/libtopk_select.so`) registered through the XLA FFI; XLA's own CPU TopK is several times
-  slower than the score product it follows. AVX2 where the processor has it (checked at run
+* 'ffi' (CPU): an exact C++ kernel (`csrc/topk_select.cc`, built into `LIBRARY` by
+  `pip install .` or `make build`) registered through the XLA FFI; XLA's own CPU TopK is several
+  times slower than the score product it follows. AVX2 where the processor has it (checked at run
   time, `ISA`), portable code elsewhere. Without the library CPU uses 'lax'.
 * 'pallas' (a Triton compaction kernel; default on NVIDIA GPUs) and 'two_stage' (plain XLA;
   default on ROCm): see `topk.select_gpu`.
@@ -33,13 +33,18 @@ import numpy as np
 
 from topk import select_gpu
 
-LIBRARY = pathlib.Path(__file__).resolve().parents[1] / 'build' / 'libtopk_select.so'
+LIBRARY = pathlib.Path(__file__).resolve().with_name('libtopk_select.so')
 _TARGET = 'topk_select'
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def _register() -> tuple[str, str | None]:
-  """Registers the kernel for CPU if the library is built; returns the active backend and ISA."""
+  """Registers the kernel for CPU if the library is built; returns the active backend and ISA.
+
+  The library has one place, `LIBRARY` next to this module, whichever way `topk` came: setup.py
+  compiles it there, into the wheel for `pip install .` and into the checkout's `topk/` for
+  `make build` (`setup.py build_ext --inplace`).
+  """
   log = logging.getLogger(__name__)
   if not LIBRARY.exists():
     log.warning('top-k selection on CPU: lax.top_k (%s not built; run `make build`)', LIBRARY)
