@@ -9,14 +9,17 @@ fits, the median step time after a warm-up step and the training time it implies
 (`num_train_steps` steps, evaluation excluded). Column `fused`: whether a top-k step runs the
 fused kernel (`topk.fused.runs_kernel` of the lowered step); with `--fused on` a step without
 it is not timed. With --all it measures every task config with every attention kind in one
-process, the first configs first, until --budget_s is spent.
+process, the first configs first, until --budget_s is spent. Any `--config.<field>=<value>`
+overrides that field of every config measured, as for train.py (column `config` lists them).
 
   python -m benchmarks.model_step --config=configs/listops.py:topk [--dtype bfloat16]
+  python -m benchmarks.model_step --config=configs/text.py:topk --config.batch_size=16
   python -m benchmarks.model_step --all --dtype bfloat16 --budget_s 200
 """
 import argparse
 import math
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -99,6 +102,8 @@ def measure(config: ml_collections.ConfigDict, repeats: int, limit: int,
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
+  """The arguments; `overrides` holds the `--config.<field>=<value>` pairs, in order."""
+  argv, overrides = config_loader.split_overrides(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   which = parser.add_mutually_exclusive_group(required=True)
   which.add_argument('--config', action='append',
@@ -126,6 +131,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                            '(NVIDIA GPUs)')
   add_fused_options(parser)
   args = parser.parse_args(argv)
+  args.overrides = overrides
   if args.repeats < 1:
     parser.error(f'--repeats must be >= 1, got {args.repeats}')
   if args.all:
@@ -144,7 +150,8 @@ def _runs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
   # With both, the fused step first: its target is the one a time budget should not cut.
   switches = {None: (None,), 'on': ('on',), 'off': ('off',), 'both': ('on', 'off')}[args.fused]
   return [(spec, switch) for spec in args.config for switch in (
-      switches if config_loader.get_config(spec).attention.kind == 'topk' else (None,))]
+      switches if config_loader.get_config(spec, args.overrides).attention.kind == 'topk'
+      else (None,))]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   fused.OPTIONS.update(args.fused_options)
   rows = []
   for spec, switch in _runs(args):
-    config = config_loader.get_config(spec)
+    config = config_loader.get_config(spec, args.overrides)
+    label = ' '.join([spec, *(f'--config.{field}={value}' for field, value in args.overrides)])
     if args.dtype:
       config.model.dtype = args.dtype
     if switch is not None:
@@ -170,9 +178,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  skipped=f'time budget: {spent:.0f} s spent of {args.budget_s:.0f} s')
     else:
       row = measure(config, args.repeats, limit, require_fused=switch == 'on')
-    row.update(device=device, jax=jax.__version__, config=spec)
+    row.update(device=device, jax=jax.__version__, config=label)
     rows.append(row)
-    print(f'{spec:>40} {row["dtype"]:>8}{" fused" if row["fused"] else ""}: ' + (
+    print(f'{label:>40} {row["dtype"]:>8}{" fused" if row["fused"] else ""}: ' + (
         f'skipped: {row["skipped"]}' if row['skipped'] and math.isnan(row['temp_gib']) else
         f'temp {row["temp_gib"]:6.2f} GiB + arguments {row["argument_gib"]:5.2f} GiB, total '
         f'{row["total_gib"]:6.2f} GiB ({"fits" if row["fits"] else "does not fit"}); step '

@@ -195,6 +195,16 @@ def test_model_step_fused_column_says_whether_the_step_runs_the_kernel(monkeypat
   assert row['fused'] is True and row['skipped'] == '' and row['step_ms'] > 0
 
 
+def test_model_step_takes_config_overrides(tmp_path):
+  overrides = ['--config.model.num_layers=1', '--config.batch_size=2', '--config.max_length=32']
+  [row] = model_step.main(['--config=configs/listops.py:vanilla,smoke', *overrides,
+                           '--repeats', '1', '--out', str(tmp_path)])
+  assert (row['batch'], row['length'], row['skipped']) == (2, 32, '')
+  assert row['config'] == ' '.join(['configs/listops.py:vanilla,smoke', *overrides])
+  with pytest.raises(config_loader.ConfigError, match='--config.model.depth: no such field'):
+    model_step.main(['--config=configs/listops.py:vanilla,smoke', '--config.model.depth=1'])
+
+
 def test_model_step_all_lists_every_task_and_kind():
   args = model_step._parse(['--all', '--tasks', 'listops,pathx', '--kinds', 'vanilla,topk',
                             '--preset', 'smoke'])

@@ -260,6 +260,31 @@ def test_listops_encode_accepts_well_formed_expressions(source, tokens):
   assert encoded.dtype == np.uint8 and encoded.tolist() == ids(*tokens)
 
 
+def test_listops_names_line_and_byte_that_are_not_utf8(tmp_path):
+  path = os.path.join(listops_dir(tmp_path), 'listops-1000', 'basic_train.tsv')
+  start = os.path.getsize(path)
+  with open(path, 'ab') as f:
+    f.write(b'( [MAX 2 \xff ] )\t2\n')
+  with pytest.raises(ValueError, match=f'basic_train.tsv, line 22: not UTF-8 text: invalid start '
+                                       f'byte at byte {start + 9} of the file'):
+    get_task('listops', str(tmp_path), batch_size=2)
+
+
+def test_listops_skips_a_byte_order_mark(tmp_path):
+  path = os.path.join(listops_dir(tmp_path), 'listops-1000', 'basic_train.tsv')
+  plain = listops.read_tsv(path, 100)
+  with open(path, 'rb') as f:
+    text = f.read()
+  with open(path, 'wb') as f:
+    f.write('\ufeff'.encode() + text)
+  for got, expected in zip(listops.read_tsv(path, 100), plain, strict=True):
+    np.testing.assert_array_equal(got, expected)
+  with open(path, 'wb') as f:
+    f.write('\ufeff'.encode() + text + b'( [MAX \xff ] )\t2\n')
+  with pytest.raises(ValueError, match=f'line 22: .* at byte {3 + len(text) + 7} of the file'):
+    listops.read_tsv(path, 100)
+
+
 def test_listops_empty_split_is_an_error(tmp_path):
   root = listops_dir(tmp_path)
   write(os.path.join(root, 'listops-1000', 'basic_test.tsv'), LISTOPS_HEADER)

@@ -316,3 +316,13 @@ def test_study_commands_write_their_outputs(tmp_path):
                'value_aware_outputs.csv', 'value_aware.png', 'top_r_mass.png', 'value_aware.md'):
     assert os.path.getsize(tmp_path / 'out' / name) > 0
   assert runs.workdir(str(tmp_path / 'runs'), 'causal', 'softmax').endswith('causal_softmax')
+
+
+def test_study_names_its_own_corpus_flags(tmp_path, capsys):
+  common = ['train', '--runs', str(tmp_path), '--data_dir', _CORPUS]
+  with pytest.raises(ValueError, match=r"matches '\*\.txt'; choose the files with --pattern "):
+    main([*common, '--pattern', '*.txt'])
+  with pytest.raises(SystemExit):
+    main([*common, '--config.task_options.pattern=*.py'])
+  assert 'set with --pattern, not --config.task_options.pattern' in capsys.readouterr().err
+  assert not os.listdir(tmp_path)  # nothing trained

@@ -119,3 +119,15 @@ def test_make_feed_forward(spec, module):
   assert (layer.mlp_dim, layer.out_dim, layer.dropout_rate, layer.name) == (10, 6, 0.1, 'mlp')
   if module is topk.TopKFeedForward:
     assert (layer.k, layer.query_chunk_size) == (7, 3)
+
+
+@pytest.mark.parametrize('make, spec, message', [
+    (topk.make_attention_fn, None, r"takes an AttentionSpec or a kind name \['chunked', 'topk', "
+                                   r"'vanilla'\], got None \(NoneType\)"),
+    (topk.make_attention_fn, {'kind': 'topk'}, r'got .*\(dict\).*AttentionSpec\(\*\*fields'),
+    (topk.make_feed_forward, 'topk', r"takes a FeedForwardSpec, got 'topk' \(str\)"),
+    (topk.make_feed_forward, {'kind': 'dense'}, r'FeedForwardSpec\(\*\*fields\)'),
+])
+def test_make_functions_reject_what_is_not_a_spec(make, spec, message):
+  with pytest.raises(TypeError, match=message):
+    make(spec)

@@ -90,7 +90,7 @@ def make_attention_fn(spec: AttentionSpec | str, **options: Any) -> Callable[...
 
   Args:
     spec: an `AttentionSpec`, or a kind name: `make_attention_fn('topk', k=64)` builds
-      `AttentionSpec(kind='topk', k=64)`.
+      `AttentionSpec(kind='topk', k=64)`. Anything else is a TypeError.
     **options: with a kind name only: keyword-only options of that kind's function; the spec's
       fields go into the spec, others (e.g. is_causal) are bound as given.
 
@@ -106,6 +106,10 @@ def make_attention_fn(spec: AttentionSpec | str, **options: Any) -> Callable[...
                        f'{sorted(allowed)}.')
     fields = {field.name for field in dataclasses.fields(AttentionSpec)}
     spec = AttentionSpec(spec, **{name: options.pop(name) for name in fields & set(options)})
+  elif not isinstance(spec, AttentionSpec):
+    raise TypeError(f'make_attention_fn takes an AttentionSpec or a kind name '
+                    f'{sorted(ATTENTION_FNS)}, got {spec!r} ({type(spec).__name__}); for a dict '
+                    'of fields, pass AttentionSpec(**fields).')
   elif options:
     raise TypeError(f'make_attention_fn takes options {sorted(options)} only with a kind name; '
                     'set them in the AttentionSpec.')
@@ -137,10 +141,14 @@ def make_feed_forward(spec: FeedForwardSpec, **attributes: Any) -> nn.Module:
   """The feed-forward module `spec` describes, `[..., d] -> [..., out_dim]`.
 
   Args:
-    spec: the layer.
+    spec: the layer, a `FeedForwardSpec` (anything else is a TypeError).
     **attributes: module attributes every kind takes (mlp_dim, out_dim, dropout_rate, dtype,
       name, ...).
   """
+  if not isinstance(spec, FeedForwardSpec):
+    raise TypeError(f'make_feed_forward takes a FeedForwardSpec, got {spec!r} '
+                    f'({type(spec).__name__}); for a kind name or a dict of fields, pass '
+                    'FeedForwardSpec(kind) or FeedForwardSpec(**fields).')
   module = FEED_FORWARDS[spec.kind]
   taken = {field.name for field in dataclasses.fields(module)}
   options = {name: getattr(spec, name) for name in ('k', 'query_chunk_size') if name in taken}

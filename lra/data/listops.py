@@ -1,10 +1,11 @@
 """ListOps: `listops-1000/basic_{train,val,test}.tsv` of the LRA release, with a fixed vocabulary.
 
-Each row is `Source<TAB>Target`, e.g. `( ( ( ( [MAX 2 ) 9 ) 4 ) ] )<TAB>9`; a `Source<TAB>Target`
-header line is optional. Parentheses only encode the generator's binary nesting and are dropped,
-as in LRA. Unlike LRA, whose token ids followed Python set order and so changed between
-processes, the ids here are fixed by `TOKENS`.
+Each row is `Source<TAB>Target`, e.g. `( ( ( ( [MAX 2 ) 9 ) 4 ) ] )<TAB>9`, one per line (LF or
+CRLF line ends) of UTF-8 text; a `Source<TAB>Target` header line is optional. Parentheses only
+encode the generator's binary nesting and are dropped, as in LRA. Unlike LRA, whose token ids
+followed Python set order and so changed between processes, the ids here are fixed by `TOKENS`.
 """
+import codecs
 import os
 import re
 
@@ -83,17 +84,31 @@ def read_tsv(path: str, max_length: int) -> tuple[np.ndarray, np.ndarray, np.nda
   """Reads one ListOps TSV file.
 
   Args:
-    path: TSV file with `Source` and `Target` columns and an optional header line.
+    path: UTF-8 TSV file with `Source` and `Target` columns and an optional header line; a
+      leading byte order mark is skipped.
     max_length: sequences are truncated to this many tokens.
 
   Returns:
     (tokens uint8 [total], offsets int64 [n + 1], targets int32 [n]); example i has token ids
     tokens[offsets[i]:offsets[i + 1]].
+
+  Raises:
+    ValueError: a line that is not UTF-8 (naming it and the byte offset in the file), a malformed
+      row (naming its line), or no examples.
   """
   sequences, targets = [], []
-  with open(path, encoding='utf-8') as f:
-    for line_number, line in enumerate(f, start=1):
-      line = line.rstrip('\r\n')
+  with open(path, 'rb') as f:
+    # A leading byte order mark, as Windows editors write, marks the encoding and is no text.
+    offset = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+    f.seek(offset)
+    # Read as bytes, so that an error can name the byte offset in the file.
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode('utf-8').rstrip('\r\n')
+      except UnicodeDecodeError as error:
+        raise ValueError(f'{path}, line {line_number}: not UTF-8 text: {error.reason} at byte '
+                         f'{offset + error.start} of the file') from None
+      offset += len(raw)
       if line_number == 1 and line.split('\t') == ['Source', 'Target']:
         continue
       if not line.strip():

@@ -29,8 +29,12 @@ HELD_OUT_FRACTION = 0.05
 MASK_RATE = 0.15
 
 
-def read_folder(folder: str, pattern: str = '**/*.txt') -> np.ndarray:
+def read_folder(folder: str, pattern: str = '**/*.txt',
+                pattern_flag: str = '--config.task_options.pattern') -> np.ndarray:
   """The bytes uint8 `[n]` of the files under `folder` matching `pattern`, joined in path order.
+
+  `pattern_flag` is the command-line flag that sets `pattern`, named when no file matches: the
+  config field's for train.py; a script with a flag of its own passes that.
 
   Raises:
     FileNotFoundError: `folder` is not a folder.
@@ -44,8 +48,8 @@ def read_folder(folder: str, pattern: str = '**/*.txt') -> np.ndarray:
                             'the folder of UTF-8 text files as data_dir')
   paths = sorted(path for path in pathlib.Path(folder).glob(pattern) if path.is_file())
   if not paths:
-    raise ValueError(f'no file under {folder!r} matches {pattern!r}; set the task option '
-                     'pattern (e.g. --config.task_options.pattern="**/*.md")')
+    raise ValueError(f'no file under {folder!r} matches {pattern!r}; choose the files with '
+                     f'{pattern_flag} (e.g. {pattern_flag}="**/*.md")')
   parts = []
   for path in paths:
     raw = path.read_bytes()

@@ -17,9 +17,10 @@ checkpoints on the first `--num_batches` validation batches (`train` stops after
 - zero_shot: token error rate and loss with top-k attention (`--attention_k`) or top-k
   feed-forward layers (`--ffn_k`) swapped in without retraining. Writes zero_shot.{csv,md,png}.
 
-Any `--config.<field>=<value>` is applied to the training configs, so the same commands study
-bigger models and corpora on a GPU, e.g. `--config.model.emb_dim=512 --config.max_length=1024
---config.num_train_steps=20000 --data_dir=CORPUS --pattern='**/*.txt'`.
+Any `--config.<field>=<value>` but the corpus's (set by `--data_dir` and `--pattern`) is applied
+to the training configs, so the same commands study bigger models and corpora on a GPU, e.g.
+`--config.model.emb_dim=512 --config.max_length=1024 --config.num_train_steps=20000
+--data_dir=CORPUS --pattern='**/*.txt'`.
 """
 import argparse
 import json
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def corpus_line(folder: str, pattern: str) -> str:
   """One line naming the corpus and its size in bytes (= tokens) per split."""
-  corpus = text_folder.read_folder(folder, pattern)
+  corpus = text_folder.read_folder(folder, pattern, pattern_flag='--pattern')
   sizes = ', '.join(f'{name} {stop - start:,}' for name, (start, stop) in
                     text_folder.split_bounds(corpus.size).items())
   return f'Corpus: `{pattern}` under {folder}: {corpus.size:,} bytes (= tokens; {sizes}).'
@@ -105,14 +106,18 @@ def main(argv: list[str] | None = None) -> str:
   rs = _ints(parser, '--r', args.r)
   attention_ks = _ints(parser, '--attention_k', args.attention_k)
   ffn_ks = _ints(parser, '--ffn_k', args.ffn_k)
+  for field, flag in (('data_dir', '--data_dir'), ('task_options.pattern', '--pattern')):
+    if any(name == field for name, _ in overrides):
+      parser.error(f'the corpus is set with {flag}, not --config.{field}.')
   folder = args.data_dir or runs.default_corpus()
+  corpus = corpus_line(folder, args.pattern)  # before training: a corpus error comes first
   overrides = [('data_dir', folder), ('task_options.pattern', args.pattern), *overrides]
   try:
     workdirs = [runs.ensure_trained(args.runs, args.objective, kernel, overrides)
                 for kernel in args.kernels.split(',')]
   except config_loader.ConfigError as error:
     parser.error(str(error))
-  header = (f'{corpus_line(folder, args.pattern)}\nModels: `configs/lm.py:{args.objective}` '
+  header = (f'{corpus}\nModels: `configs/lm.py:{args.objective}` '
             f'per kernel ({", ".join(args.kernels.split(","))}); overrides: '
             f'{" ".join(f"--config.{k}={v}" for k, v in overrides[2:]) or "none"}.')
   if args.study == 'train':
