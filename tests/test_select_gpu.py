@@ -184,3 +184,15 @@ def test_top_k_lowers_the_gpu_branch_for_cuda(method, marker, monkeypatch):
           jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16))
   text = exported.mlir_module()
   assert marker in text and 'topk_select' not in text
+
+
+@pytest.mark.parametrize('rows, kernel', [(2048, True), (2049, False)])
+def test_pallas_top_k_keeps_arrays_past_int32_offsets_from_the_kernel(rows, kernel):
+  # Triton's offsets are int32: `[2048, 2**20]` scores (2**31 entries, last offset 2**31 - 1)
+  # are the most the kernel takes; one more row goes to `two_stage_top_k`. Traced, not run.
+  spec = jax.ShapeDtypeStruct((rows, 2**20), jnp.bfloat16)
+  jaxpr = str(jax.make_jaxpr(lambda s: select_gpu.pallas_top_k(s, 64))(spec))
+  assert ('pallas_call' in jaxpr) == kernel
+  if not kernel:
+    with pytest.raises(ValueError, match='an array of 2,148,532,224 entries'):
+      jax.eval_shape(lambda s: select_gpu.candidates(s, 64, 256), spec)
