@@ -39,6 +39,8 @@ PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_ENTRIES = 2**31
 # `candidates`' default rows per kernel instance.
 BLOCK_ROWS = 4
+# The compaction kernel's name in lowered programs (their text with debug information).
+KERNEL_NAME = 'topk_compact_candidates'
 
 
 def _next_power_of_2(x: int) -> int:
@@ -151,7 +153,7 @@ def candidates(scores: jax.Array, k: int, buffer: int, *, interpret: bool = Fals
       out_shape=(jax.ShapeDtypeStruct((padded, buffer + 1), scores.dtype),
                  jax.ShapeDtypeStruct((padded, buffer + 1), jnp.int32),
                  jax.ShapeDtypeStruct((padded,), jnp.int32)),
-      grid=(padded // block_rows,), interpret=interpret,
+      grid=(padded // block_rows,), interpret=interpret, name=KERNEL_NAME,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(scores, bound)
   return values[:rows, :buffer], indices[:rows, :buffer], count[:rows]
