@@ -453,6 +453,63 @@ def test_chunked_refuses_to_sow():
     attn.apply(params, x, sow_weights=True, mutable=['intermediates'])
 
 
+
+@pytest.mark.parametrize('kind, options', [
+    ('vanilla', {}), ('chunked', {'query_chunk_size': 3}),
+    ('topk', {'k': LK + 2, 'query_chunk_size': 4}),
+])
+def test_force_fp32_for_softmax_as_flax(kind, options):
+  # flax's mixed precision: bfloat16 computation, float32 weights (sown in float32). flax
+  # hands the flag to an attention_fn whose signature names it; our forms must take it.
+  x = jnp.asarray(np.random.default_rng(15).normal(size=(B, LQ, 8)), jnp.float32)
+  mem = jnp.asarray(np.random.default_rng(16).normal(size=(B, LK, 8)), jnp.float32)
+  mask = _case('mask')[0]['mask']
+
+  def module(**attention_fn):
+    return nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=8, dtype=jnp.bfloat16,
+                                           force_fp32_for_softmax=True, **attention_fn)
+
+  params = module().init(jax.random.key(0), x, mem, mask=mask)
+  ours = module(attention_fn=topk.make_attention_fn(kind, **options))
+  sow = kind != 'chunked'  # chunked refuses to sow (quadratic weights)
+  run = lambda m: m.apply(params, x, mem, mask=mask, sow_weights=sow,
+                          mutable=['intermediates'])
+  flax_out, flax_sown = run(module())
+  out, sown = run(ours)
+  assert out.dtype == flax_out.dtype == jnp.bfloat16
+  _assert_trees_close(out, flax_out, 2e-2)
+  if not sow:
+    return
+  flax_weights, = flax_sown['intermediates']['attention_weights']
+  weights, = sown['intermediates']['attention_weights']
+  assert flax_weights.dtype == weights.dtype == jnp.float32
+  if kind == 'topk':
+    weights = _scatter(weights, sown['intermediates']['attention_indices'][0], LK)
+  # flax's scores are bfloat16, ours float32: equal to bfloat16's rounding.
+  np.testing.assert_allclose(weights, flax_weights, atol=2e-2)
+  # The weights are float32's softmax, not bfloat16 values held in float32.
+  assert np.any(np.asarray(weights) != np.asarray(weights.astype(jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize('kind', tuple(FORMS))
+def test_force_fp32_for_softmax_keeps_weights_in_float32(kind):
+  # Two keys with weights near 0.51 and 0.49 and values +1 and -1: the output, their
+  # difference 0.02, moves by 7% when the weights are rounded to bfloat16 first (as without the
+  # flag, and as flax), far more than the output's own bfloat16 rounding (0.4%).
+  q = jnp.asarray([[[[1.0, 0, 0, 0]]]], jnp.bfloat16)  # [1, 1, 1, 4]
+  k = jnp.asarray([[[[0.08, 0, 0, 0]], [[0.0, 0, 0, 0]]]], jnp.bfloat16)
+  v = jnp.asarray([[[[1.0] * 4], [[-1.0] * 4]]], jnp.bfloat16)
+  weights = jax.nn.softmax(jnp.asarray([0.04, 0.0]))
+  forced = FORMS[kind](q, k, v, force_fp32_for_softmax=True)
+  plain = FORMS[kind](q, k, v)
+  assert forced.dtype == plain.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(forced, np.float32), weights[0] - weights[1],
+                             rtol=1e-2)
+  rounded = weights.astype(jnp.bfloat16).astype(jnp.float32)
+  np.testing.assert_allclose(np.asarray(plain, np.float32), rounded[0] - rounded[1], rtol=1e-2)
+  with pytest.raises(ValueError, match='force_fp32_for_softmax must be True or False'):
+    FORMS[kind](q, k, v, force_fp32_for_softmax='yes')
+
 def _temp_bytes(fn, length):
   spec = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
   grad = jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2))

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import topk
-from topk import fused, inputs
+from topk import fused, inputs, select_gpu
 
-TRITON = '__gpu$xla.gpu.triton'
 SMALL = dict(block_q=16, key_tile=16)  # and groups max(16, 2k)
 
 
@@ -213,8 +212,14 @@ def test_kernel_that_does_not_compile_falls_back(monkeypatch, caplog):
   assert list(fused._COMPILES.values()) == [False]
 
 
+def _lowered_for_cuda(fn, *args):
+  """`fn` jitted and lowered for CUDA on any backend (nothing is compiled or run)."""
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',))
+
+
 def test_lowers_for_cuda_and_stays_off_cpu():
   # On for CUDA by default: the kernel in the CUDA lowering of forward and backward, not on CPU.
+  # `runs_kernel` looks for the kernel's own name, whatever custom call jaxlib wraps it in.
   assert fused.PLATFORMS == {'cuda'}
   spec, length = jax.ShapeDtypeStruct, 1000
   args = (spec((1, length, 2, 64), jnp.bfloat16),) * 3
@@ -227,8 +232,44 @@ def test_lowers_for_cuda_and_stays_off_cpu():
                                                   is_causal=True, **masks))
     return jax.grad(loss, argnums=(0, 1, 2))(*args)
 
-  exported = jax.export.export(
-      jax.jit(grads), platforms=['cuda'],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(args, masks)
-  assert TRITON in exported.mlir_module() and fused.KERNEL_NAME in exported.mlir_module()
-  assert 'triton' not in jax.jit(grads).lower(args, masks).as_text()
+  assert fused.runs_kernel(_lowered_for_cuda(grads, args, masks))
+  assert not fused.runs_kernel(jax.jit(grads).lower(args, masks))
+
+
+def _million_tokens(heads, k):
+  """Whether `topk_attention` on abstract bfloat16 `[1, 2**20, heads, 64]` inputs, lowered for
+  CUDA (where the kernel is on), runs the kernel; and the kernel's largest array for them."""
+  spec = jax.ShapeDtypeStruct((1, 2**20, heads, 64), jnp.bfloat16)
+  attend = lambda q, key, v: topk.topk_attention(q, key, v, k=k)
+  largest = []  # no query padding: 2**20 queries make whole chunks
+  jax.eval_shape(lambda x: largest.append(fused.largest_array(inputs.canonicalize(x, x, x),
+                                                              k)), spec)
+  return fused.runs_kernel(_lowered_for_cuda(attend, spec, spec, spec)), largest[0]
+
+
+def test_arrays_past_int32_offsets_never_reach_the_kernel(caplog):
+  # Triton's offsets are int32: an array of 2**31 entries is the most the kernel can address
+  # (last offset 2**31 - 1). At 1M tokens, 8 heads and k 64 the candidate buffers
+  # [8 * 2**20 rows, 256 slots] are exactly that: the kernel runs.
+  assert _million_tokens(heads=8, k=64) == (True, 8 * 2**20 * 256)
+  assert 8 * 2**20 * 256 - 1 == 2**31 - 1
+  # 16 heads, or k 128 (512 slots), double it: the unfused path runs, with a warning.
+  fused._say.cache_clear()  # a message is logged once per process: maybe by another test
+  with caplog.at_level('WARNING', logger='topk.fused'):
+    for heads, k in ((16, 64), (8, 128)):
+      assert _million_tokens(heads=heads, k=k) == (False, 2**32)
+  assert "an array of 4,294,967,296 entries: Triton's int32 offsets" in caplog.text
+
+
+@pytest.mark.parametrize('length, runs', [(46340, True), (46341, False)])
+def test_full_mask_past_int32_offsets_never_reaches_the_kernel(length, runs):
+  # A [q_len, kv_len] mask: 46,340**2 entries fit in int32 offsets, 46,341**2 do not.
+  spec = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
+  mask = jax.ShapeDtypeStruct((1, 1, length, length), bool)
+  attend = lambda q, mask: topk.topk_attention(q, q, q, k=8, mask=mask, query_chunk_size=length)
+  assert fused.runs_kernel(_lowered_for_cuda(attend, spec, mask)) == runs
+  assert (length**2 <= select_gpu.MAX_ENTRIES) == runs
+  if not runs:
+    with pytest.raises(ValueError, match='does not take an array of 2,147,488,281 entries'):
+      jax.eval_shape(lambda q, mask: fused.candidates(
+          inputs.canonicalize(q, q, q, mask=mask), 8), spec, mask)

@@ -13,7 +13,6 @@ from topk import select, select_gpu
 
 GPU_METHODS = ['two_stage', 'pallas']
 MASKED = jnp.finfo(jnp.float32).min  # how topk_attention masks scores
-TRITON = '__gpu$xla.gpu.triton'
 
 
 @pytest.fixture(autouse=True)
@@ -162,25 +161,34 @@ def test_topk_attention_with_each_method(method, attention_case, monkeypatch):
                _value_and_grads(top(200), *args), dense)
 
 
+def _cuda_text(fn, *args):
+  """`fn` lowered for CUDA on any backend, as text with debug information (kernel names)."""
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text(debug_info=True)
+
+
 def test_pallas_kernel_lowers_for_cuda():
+  # The kernel's own name, whatever custom call jaxlib wraps a Pallas-Triton kernel in.
   shapes = jax.ShapeDtypeStruct((8, 4096), jnp.bfloat16)
-  fn = jax.jit(lambda s: select_gpu.pallas_top_k(s, 64))
-  exported = jax.export.export(
-      fn, platforms=['cuda'],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(shapes)
-  assert TRITON in exported.mlir_module()
+  assert select_gpu.KERNEL_NAME in _cuda_text(lambda s: select_gpu.pallas_top_k(s, 64), shapes)
 
 
 @pytest.mark.parametrize('method, marker', [
     ('two_stage', 'tensor<8x4x512xbf16>'),  # the first stage's blocks
-    ('pallas', TRITON),
+    ('pallas', select_gpu.KERNEL_NAME),
 ])
 def test_top_k_lowers_the_gpu_branch_for_cuda(method, marker, monkeypatch):
   monkeypatch.setattr(select_gpu, 'TWO_STAGE_WIDTH', 512)
   monkeypatch.setitem(select.BACKEND, 'cuda', method)
-  exported = jax.export.export(
-      jax.jit(lambda s: select.top_k(s, 64)), platforms=['cuda'],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(
-          jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16))
-  text = exported.mlir_module()
+  text = _cuda_text(lambda s: select.top_k(s, 64), jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16))
   assert marker in text and 'topk_select' not in text
+
+@pytest.mark.parametrize('rows, kernel', [(2048, True), (2049, False)])
+def test_pallas_top_k_keeps_arrays_past_int32_offsets_from_the_kernel(rows, kernel):
+  # Triton's offsets are int32: `[2048, 2**20]` scores (2**31 entries, last offset 2**31 - 1)
+  # are the most the kernel takes; one more row goes to `two_stage_top_k`. Traced, not run.
+  spec = jax.ShapeDtypeStruct((rows, 2**20), jnp.bfloat16)
+  jaxpr = str(jax.make_jaxpr(lambda s: select_gpu.pallas_top_k(s, 64))(spec))
+  assert ('pallas_call' in jaxpr) == kernel
+  if not kernel:
+    with pytest.raises(ValueError, match='an array of 2,148,532,224 entries'):
+      jax.eval_shape(lambda s: select_gpu.candidates(s, 64, 256), spec)

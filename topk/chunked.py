@@ -12,7 +12,8 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       bias: jax.Array | None = None, mask: jax.Array | None = None,
                       broadcast_dropout: bool = True, dropout_rng: jax.Array | None = None,
                       dropout_rate: float = 0.0, deterministic: bool = False, dtype: Any = None,
-                      precision: Any = None, module: Any = None, *, query_chunk_size: int = 1024,
+                      precision: Any = None, module: Any = None,
+                      force_fp32_for_softmax: bool = False, *, query_chunk_size: int = 1024,
                       is_causal: bool = False, key_padding_mask: jax.Array | None = None,
                       query_padding_mask: jax.Array | None = None,
                       kernel: str = 'softmax') -> jax.Array:
@@ -28,6 +29,7 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic,
       dtype, precision: as in `topk.dot_product_attention`.
     module: must be None (see above).
+    force_fp32_for_softmax: as in `topk.dot_product_attention`.
     query_chunk_size: queries per chunk (clipped to q_len).
     is_causal: query i attends to keys 0..i only (built per chunk).
     key_padding_mask: optional bool or 0/1 `[batch..., kv_len]`, False = padding.
@@ -46,7 +48,8 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
       dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
       dtype=dtype, kernel=kernel, query_chunk_size=query_chunk_size, is_causal=is_causal,
-      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+      force_fp32_for_softmax=force_fp32_for_softmax)
 
   @jax.checkpoint
   def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:

@@ -41,6 +41,7 @@ interpreter and lowered for CUDA on CPU, and its own GPU time is still to be mea
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -210,8 +211,26 @@ def _power_of_2(x: int) -> bool:
   return x >= 1 and x & (x - 1) == 0
 
 
-def unsupported(can: inputs.Canonical, k: int) -> str | None:
-  """Why the kernel cannot serve these inputs (the unfused path then runs), or None."""
+def largest_array(can: inputs.Canonical, k: int, options: dict[str, Any] | None = None) -> int:
+  """Entries of the largest array `candidates(can, k, **options)` hands the kernel: the query
+  `[B*H, Lq_b, D]` (Lq_pad rounded up to block_q), key `[B*H, Lk, D]`, mask, bias, padding masks,
+  or the candidate buffers `[B*H*Lq_b, buffer]` and counts `[B*H*Lq_b]` it writes.
+
+  The kernel takes none past `select_gpu.MAX_ENTRIES` (Triton's int32 offsets): the candidate
+  buffers reach it at 1M tokens, 8 heads and k 64 (buffer 256), a full `[Lq_pad, kv_len]` mask
+  or bias past 46,340 tokens. `compiles` cannot see it: it compiles for `PROBE_LENGTH` tokens.
+  """
+  b, h, lq, d = can.query.shape
+  lk = can.key.shape[2]
+  tiling = Tiling(**(options or {})).resolve(k, lk)
+  rows = b * h * pl.cdiv(lq, tiling.block_q) * tiling.block_q
+  given = (can.mask, can.bias, can.key_padding_mask, can.query_padding_mask)
+  return max(rows * max(d, tiling.buffer), b * h * lk * d,
+             *(math.prod(x.shape) for x in given if x is not None))
+
+
+def _untaken(can: inputs.Canonical, k: int) -> str | None:
+  """Why the kernel does not take inputs of this kind (dtype, head_dim, no keys), or None."""
   d = can.query.shape[3]
   if can.dtype not in DTYPES:
     return f'computation dtype {can.dtype} (the kernel takes {DTYPES})'
@@ -220,6 +239,22 @@ def unsupported(can: inputs.Canonical, k: int) -> str | None:
   if k < 1:
     return 'no keys'
   return None
+
+
+def _too_large(can: inputs.Canonical, k: int, options: dict[str, Any] | None) -> str | None:
+  """Why inputs the kernel takes are too large for its int32 offsets, or None."""
+  entries = largest_array(can, k, options)
+  if entries > select_gpu.MAX_ENTRIES:
+    return (f'an array of {entries:,} entries: Triton\'s int32 offsets address at most '
+            f'{select_gpu.MAX_ENTRIES:,}')
+  return None
+
+
+def unsupported(can: inputs.Canonical, k: int,
+                options: dict[str, Any] | None = None) -> str | None:
+  """Why the kernel cannot serve these inputs with these `Tiling` options (the unfused path then
+  runs), or None."""
+  return _untaken(can, k) or _too_large(can, k, options)
 
 
 def runs_kernel(lowered: jax.stages.Lowered) -> bool:
@@ -282,62 +317,91 @@ def platforms(can: inputs.Canonical, k: int, precision: Any = None,
               options: dict[str, Any] | None = None) -> tuple[str, ...]:
   """The platforms in `PLATFORMS` where `topk_attention` runs the kernel on these inputs (none if
   it does not take them, or, on a GPU, if it does not compile for them: `compiles`); logs the
-  choice once per distinct message."""
+  choice once per distinct message.
+
+  Inputs past the kernel's int32 offsets (`largest_array`) go to the unfused path whole (the
+  kernel is not launched per query chunk: the key, a full mask or bias can be past the limit
+  alone), with a warning: the unfused path is slower and needs a query chunk's dense scores.
+  """
   unknown = set(PLATFORMS) - {'cpu', *GPU_PLATFORMS}
   if unknown:
     raise ValueError(f'topk.fused.PLATFORMS: unknown platforms {sorted(unknown)}; valid: '
                      f"{sorted({'cpu', *GPU_PLATFORMS})}.")
-  reason = unsupported(can, k)
+  reason, level = _untaken(can, k), logging.INFO
+  too_large = None if reason or not PLATFORMS else _too_large(can, k, options)
+  if too_large:
+    reason, level = too_large, logging.WARNING
   chosen = () if reason else tuple(sorted(PLATFORMS))
   if (jax.default_backend() == 'gpu' and set(chosen) & set(GPU_PLATFORMS)
       and not compiles(can, k, precision, options)):
     chosen = tuple(p for p in chosen if p not in GPU_PLATFORMS)
     reason = 'it does not compile on this GPU'
-  _say(f'top-k attention: fused kernel on {", ".join(chosen)}, unfused elsewhere' if chosen else
-       f'top-k attention: unfused ({reason or "topk.fused.PLATFORMS is empty"})')
+  if chosen:
+    _say(f'top-k attention: fused kernel on {", ".join(chosen)}, unfused elsewhere')
+  else:
+    _say(f'top-k attention: unfused ({reason or "topk.fused.PLATFORMS is empty"})', level)
   return chosen
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """The kernel's tuning options (`OPTIONS`, `candidates`' keywords).
+
+  block_q: queries per kernel instance (16 and 32 timed fastest on an H100 at 16K tokens;
+  larger blocks read the keys fewer times); key_tile: keys per compaction step; groups: strided
+  key groups of the bound (default: `max(key_tile, 2k)` rounded up to a power of two), also the
+  keys per bound step; buffer: candidate slots per row, at least `2k + 1` (default `max(4k, 64)`
+  rounded up to a power of two, less where kv_len needs less); all powers of two, the first
+  three at least 16 (Triton's dot). num_warps, num_stages: Triton's.
+  """
+  block_q: int = 32
+  key_tile: int = 128
+  groups: int | None = None
+  buffer: int | None = None
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def resolve(self, k: int, kv_len: int) -> 'Tiling':
+    """These options for `k` of `kv_len` keys, defaults filled in; raises ValueError unless
+    they are valid (and `1 <= k <= kv_len`)."""
+    if not 1 <= k <= kv_len:
+      raise ValueError(f'topk.fused.candidates: k must be in [1, kv_len = {kv_len}], got {k}.')
+    groups = self.groups or max(self.key_tile, select_gpu._next_power_of_2(2 * k))
+    buffer = self.buffer or min(select_gpu._next_power_of_2(max(4 * k, 64)),
+                                select_gpu._next_power_of_2(kv_len + k + 1))
+    sizes = dict(block_q=self.block_q, key_tile=self.key_tile, groups=groups)
+    for name, size in (*sizes.items(), ('buffer', buffer)):
+      if not (isinstance(size, int) and _power_of_2(size) and (name == 'buffer' or size >= 16)):
+        raise ValueError(f'topk.fused.candidates: {name} must be a power of two (>= 16 but '
+                         f'buffer), got {size!r}.')
+    if groups < k or buffer < 2 * k + 1:
+      raise ValueError(f'topk.fused.candidates: needs groups >= k and buffer >= 2k + 1 (k = '
+                       f'{k}), got groups {groups}, buffer {buffer}.')
+    return dataclasses.replace(self, groups=groups, buffer=buffer)
+
+
 def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
-               block_q: int = 32, key_tile: int = 128, groups: int | None = None,
-               buffer: int | None = None, num_warps: int = 4,
-               num_stages: int = 2) -> Candidates:
+               **options: Any) -> Candidates:
   """Steps 1 and 2: the candidates for the top k of every query, without the dense scores.
 
   Args:
-    can: canonical inputs (`unsupported(can, k)` must be None); their masks, bias and
+    can: canonical inputs (`unsupported(can, k, options)` must be None); their masks, bias and
       `is_causal` apply as in `inputs.chunk_scores`.
     k: keys kept per query, `1 <= k <= kv_len`.
     precision: the score product's precision (`dot`'s).
     interpret: run in Pallas' interpreter (any platform) instead of compiling with Triton.
-    block_q: queries per kernel instance (16 and 32 timed fastest on an H100 at 16K tokens;
-      larger blocks read the keys fewer times); key_tile: keys per compaction step; groups: strided
-      key groups of the bound (default: `max(key_tile, 2k)` rounded up to a power of two), also
-      the keys per bound step; buffer: candidate slots per row, at least `2k + 1` (default
-      `max(4k, 64)` rounded up to a power of two, less where kv_len needs less); all powers of
-      two, the first three at least 16 (Triton's dot). num_warps, num_stages: Triton's.
+    **options: the fields of `Tiling`.
 
   Returns:
     `Candidates` with `values, slots [B, H, Lq_pad, buffer]` and counts `[B, H, Lq_pad]`.
   """
-  reason = unsupported(can, k)
+  reason = unsupported(can, k, options)
   if reason is not None:
     raise ValueError(f'topk.fused.candidates: the kernel does not take {reason}.')
   b, h, lq, d = can.query.shape
   lk = can.key.shape[2]
-  if not 1 <= k <= lk:
-    raise ValueError(f'topk.fused.candidates: k must be in [1, kv_len = {lk}], got {k}.')
-  groups = groups or max(key_tile, select_gpu._next_power_of_2(2 * k))
-  buffer = buffer or min(select_gpu._next_power_of_2(max(4 * k, 64)),
-                         select_gpu._next_power_of_2(lk + k + 1))
-  sizes = dict(block_q=block_q, key_tile=key_tile, groups=groups)
-  for name, size in (*sizes.items(), ('buffer', buffer)):
-    if not (isinstance(size, int) and _power_of_2(size) and (name == 'buffer' or size >= 16)):
-      raise ValueError(f'topk.fused.candidates: {name} must be a power of two (>= 16 but '
-                       f'buffer), got {size!r}.')
-  if groups < k or buffer < 2 * k + 1:
-    raise ValueError(f'topk.fused.candidates: needs groups >= k and buffer >= 2k + 1 (k = '
-                     f'{k}), got groups {groups}, buffer {buffer}.')
+  tiling = Tiling(**options).resolve(k, lk)
+  block_q, buffer = tiling.block_q, tiling.buffer
 
   lq_b = pl.cdiv(lq, block_q) * block_q
   q = inputs.scale_query(can.query)  # as the unfused scores, rounding included
@@ -355,8 +419,8 @@ def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
   def kernel(*refs):
     refs = iter(refs)
     ins = [next(refs) if p else None for p in present]
-    _kernel(*ins, *refs, k=k, heads=h, q_len=lq, block_q=block_q, groups=groups, tile=key_tile,
-            buffer=buffer, precision=precision, is_causal=can.is_causal,
+    _kernel(*ins, *refs, k=k, heads=h, q_len=lq, block_q=block_q, groups=tiling.groups,
+            tile=tiling.key_tile, buffer=buffer, precision=precision, is_causal=can.is_causal,
             bias_heads=(1, 1) if can.bias is None else can.bias.shape[:2],
             mask_heads=(1, 1) if can.mask is None else can.mask.shape[:2])
 
@@ -367,7 +431,8 @@ def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
                  jax.ShapeDtypeStruct((rows, buffer), jnp.int32),
                  *(jax.ShapeDtypeStruct((rows,), jnp.int32) for _ in range(3))),
       grid=(b * h, lq_b // block_q), interpret=interpret, name=KERNEL_NAME,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps,
+                                           num_stages=tiling.num_stages),
   )(*(x for x in operands if x is not None))
   per_query = lambda x: x.reshape(b, h, lq_b, *x.shape[1:])[:, :, :lq]
   return Candidates(*map(per_query, (values, slots, above, ties, bad)))

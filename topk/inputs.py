@@ -79,6 +79,9 @@ class Canonical:
   q_len: int
   chunk: int  # queries per chunk; Lq_pad = num_chunks * chunk
   dtype: Any  # computation and output dtype
+  # Dtype of the attention weights, sown and mixed with the values: the computation dtype, or
+  # float32 with flax's force_fp32_for_softmax (mixed precision keeps the weights exact).
+  weights_dtype: Any
 
   @property
   def num_chunks(self) -> int:
@@ -163,7 +166,8 @@ def _canonical_padding(x: Any, name: str, batch_shape: tuple[int, ...], length: 
 def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: Any = None,
                  mask: Any = None, dtype: Any = None, query_chunk_size: int | None = None,
                  is_causal: bool = False, key_padding_mask: Any = None,
-                 query_padding_mask: Any = None) -> Canonical:
+                 query_padding_mask: Any = None,
+                 force_fp32_for_softmax: bool = False) -> Canonical:
   """Validates the inputs and returns them in the internal layout.
 
   Args:
@@ -178,6 +182,10 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
     is_causal: mask keys after the query position (positions aligned at 0).
     key_padding_mask: optional bool or 0/1 `[batch..., kv_len]`.
     query_padding_mask: optional bool or 0/1 `[batch..., q_len]`.
+    force_fp32_for_softmax: flax's: the attention weights stay float32 (sown in float32 and
+      mixed with the values in float32) whatever the computation dtype. The scores and the
+      kernel are float32 either way; without it the weights are rounded to the computation
+      dtype, as flax does.
 
   Returns:
     The `Canonical` inputs.
@@ -187,6 +195,7 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
       non-numeric inputs, or a dtype that is not real floating point.
   """
   is_causal = check_bool(is_causal, 'is_causal')
+  force_fp32_for_softmax = check_bool(force_fp32_for_softmax, 'force_fp32_for_softmax')
   query, key, value = (real_array(x, name, 'a real or integer array') for x, name in
                        ((query, 'query'), (key, 'key'), (value, 'value')))
   if query.ndim < 3 or not query.ndim == key.ndim == value.ndim:
@@ -238,14 +247,15 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
   return Canonical(
       query=to_bhld(query, q_pad), key=to_bhld(key), value=to_bhld(value), mask=mask, bias=bias,
       key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-      is_causal=is_causal, batch_shape=batch_shape, q_len=q_len, chunk=chunk, dtype=dtype)
+      is_causal=is_causal, batch_shape=batch_shape, q_len=q_len, chunk=chunk, dtype=dtype,
+      weights_dtype=jnp.dtype(jnp.float32) if force_fp32_for_softmax else dtype)
 
 
 def prepare(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: Any, mask: Any,
             broadcast_dropout: bool, dropout_rng: jax.Array | None, dropout_rate: float,
             deterministic: bool, dtype: Any, kernel: str, query_chunk_size: int | None = None,
             is_causal: bool = False, key_padding_mask: Any = None,
-            query_padding_mask: Any = None
+            query_padding_mask: Any = None, force_fp32_for_softmax: bool = False
             ) -> tuple[Canonical, Callable[[jax.Array], jax.Array], Dropout | None]:
   """The opening every attention form shares: validates all arguments (as documented in
   `canonicalize`, `make_dropout` and `topk.kernels.get_kernel`) before any work is done.
@@ -257,7 +267,8 @@ def prepare(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: Any, ma
   dropout = make_dropout(dropout_rng, dropout_rate, deterministic, broadcast_dropout)
   can = canonicalize(query, key, value, bias=bias, mask=mask, dtype=dtype,
                      query_chunk_size=query_chunk_size, is_causal=is_causal,
-                     key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+                     key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+                     force_fp32_for_softmax=force_fp32_for_softmax)
   return can, kernel_fn, dropout
 
 

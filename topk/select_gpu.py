@@ -13,7 +13,8 @@ selections here shrink the row first and leave only a small `lax.top_k` to XLA:
   Every entry that can be in the top k is in the buffer, ties included, and in index order, so
   the result is exact. Rows whose buffer overflows or that hold a NaN (IEEE comparisons miss
   NaNs) take `two_stage_top_k` instead: mostly masked rows (many entries tie at the bound) land
-  there.
+  there. Rows too many for the kernel's int32 offsets (`MAX_ENTRIES`) take `two_stage_top_k`
+  whole.
 
 Neither has been timed on a GPU yet; on CPU they run for tests (Pallas with `interpret=True`).
 """
@@ -31,6 +32,15 @@ from jax.experimental.pallas import triton as plgpu
 TWO_STAGE_WIDTH = 512
 # Dtypes the Pallas kernel compares exactly in float32.
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Pallas-Triton addresses an array's entries with int32 offsets: a kernel takes no operand or
+# output of more than 2**31 entries (its last offset, entries - 1, must fit in an int32). Here
+# `[rows, n]` scores reach it at 2**31 entries, e.g. one query chunk of 1024 queries, 8 heads and
+# 256K keys; `topk.fused` holds its kernel to the same limit.
+MAX_ENTRIES = 2**31
+# `candidates`' default rows per kernel instance.
+BLOCK_ROWS = 4
+# The compaction kernel's name in lowered programs (their text with debug information).
+KERNEL_NAME = 'topk_compact_candidates'
 
 
 def _next_power_of_2(x: int) -> int:
@@ -111,16 +121,26 @@ def _compact_kernel(scores_ref, bound_ref, values_ref, indices_ref, count_ref, *
               mask=row_ok)
 
 
+def _largest_array(rows: int, n: int, buffer: int, block_rows: int) -> int:
+  """Entries of the largest array of `candidates`' kernel: the scores `[rows, n]` or the buffers
+  `[rows rounded up to block_rows, buffer + 1]`."""
+  return max(rows * n, pl.cdiv(rows, block_rows) * block_rows * (buffer + 1))
+
+
 def candidates(scores: jax.Array, k: int, buffer: int, *, interpret: bool = False,
-               block_rows: int = 4, tile: int = 1024, num_warps: int = 4,
+               block_rows: int = BLOCK_ROWS, tile: int = 1024, num_warps: int = 4,
                num_stages: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The entries of each row of `scores [rows, n]` that can be in its top k, in index order.
 
   Returns `(values [rows, buffer], indices int32 [rows, buffer], count int32 [rows])`: slots at
   or past `count` hold no candidate, and `count > buffer` marks a row whose candidates did not
-  fit or that holds a NaN.
+  fit or that holds a NaN. Raises ValueError for arrays past `MAX_ENTRIES`.
   """
   rows, n = scores.shape
+  largest = _largest_array(rows, n, buffer, block_rows)
+  if largest > MAX_ENTRIES:
+    raise ValueError(f'select_gpu.candidates: an array of {largest:,} entries; the kernel\'s '
+                     f'int32 offsets address at most {MAX_ENTRIES:,}.')
   groups = 8 * k
   # Group g holds entries g, g + groups, ...: the k largest group maxima are k distinct entries,
   # so the k-th of them is at most the row's k-th largest.
@@ -133,7 +153,7 @@ def candidates(scores: jax.Array, k: int, buffer: int, *, interpret: bool = Fals
       out_shape=(jax.ShapeDtypeStruct((padded, buffer + 1), scores.dtype),
                  jax.ShapeDtypeStruct((padded, buffer + 1), jnp.int32),
                  jax.ShapeDtypeStruct((padded,), jnp.int32)),
-      grid=(padded // block_rows,), interpret=interpret,
+      grid=(padded // block_rows,), interpret=interpret, name=KERNEL_NAME,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(scores, bound)
   return values[:rows, :buffer], indices[:rows, :buffer], count[:rows]
@@ -147,7 +167,7 @@ def pallas_top_k(scores: jax.Array, k: int, *, buffer: int | None = None,
     scores: float32, bfloat16 or float16 `[..., n]`.
     k: entries to select.
     buffer: candidate slots per row (default: a power of two >= 4k). Rows with more candidates
-      take `two_stage_top_k`.
+      take `two_stage_top_k`, as all rows do where an array would pass `MAX_ENTRIES`.
     **kernel_options: `candidates`' keywords: `interpret` (run the kernel in Pallas'
       interpreter, on any platform), `block_rows` and `tile` (rows per kernel instance and
       columns per loop step, powers of two), `num_warps` and `num_stages` (Triton's).
@@ -162,6 +182,9 @@ def pallas_top_k(scores: jax.Array, k: int, *, buffer: int | None = None,
     return two_stage_top_k(scores, k)
   buffer = buffer or _next_power_of_2(4 * k)
   batch = scores.shape[:-1]
+  block_rows = kernel_options.get('block_rows', BLOCK_ROWS)
+  if _largest_array(math.prod(batch), n, buffer, block_rows) > MAX_ENTRIES:
+    return two_stage_top_k(scores, k)
   flat = scores.reshape(math.prod(batch), n)
   values, indices, count = candidates(flat, k, buffer, **kernel_options)
   # Exact rows have at least k candidates before the -inf fill, so ties never pick a fill slot.

@@ -64,7 +64,8 @@ def _gather_bias(bias: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def _mix_rows(weights: jax.Array, idx: jax.Array, value: jax.Array, dtype: Any) -> jax.Array:
-  """`sum_j weights[..., j] * value[idx[..., j]]` in float32: `weights, idx [B, H, C, k]`,
+  """`sum_j weights[..., j] * value[idx[..., j]]` in float32, the weights first rounded to
+  `dtype` (`can.weights_dtype`, as the backward's `mix`): `weights, idx [B, H, C, k]`,
   `value [B, H, Lk, Dv]` -> `[B, H, C, Dv]`.
 
   One kept rank at a time: XLA on CPU fuses each rank's row gather into the multiply-add, which
@@ -100,8 +101,9 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
 
   def mix(kept, v_kept, multiplier):
     # As `_mix_rows` on gathered values v_kept [B,H,C,k,Dv]; the backward needs them anyway.
-    return jnp.einsum('bhck,bhckd->bhcd', kept_weights(kept, multiplier).astype(can.dtype),
-                      v_kept, precision=precision, preferred_element_type=jnp.float32)
+    return jnp.einsum('bhck,bhckd->bhcd',
+                      kept_weights(kept, multiplier).astype(can.weights_dtype), v_kept,
+                      precision=precision, preferred_element_type=jnp.float32)
 
   def kept_scores(q_chunk, k_kept):
     # The differentiable part of a kept score; bias and masking are added around it.
@@ -150,7 +152,7 @@ def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Arr
         shape = idx.shape[:3] + key.shape[2:3]
         valid = jnp.take_along_axis(jnp.broadcast_to(valid, shape), idx, axis=-1)
       weights = kept_weights(kept, multiplier(rng, i, idx.shape))
-      out = _mix_rows(weights, idx, v, can.dtype)
+      out = _mix_rows(weights, idx, v, can.weights_dtype)
       return out, (idx, kept, valid)
 
     def run(candidates):
@@ -225,7 +227,8 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                    bias: jax.Array | None = None, mask: jax.Array | None = None,
                    broadcast_dropout: bool = True, dropout_rng: jax.Array | None = None,
                    dropout_rate: float = 0.0, deterministic: bool = False, dtype: Any = None,
-                   precision: Any = None, module: Any = None, *, k: int,
+                   precision: Any = None, module: Any = None,
+                   force_fp32_for_softmax: bool = False, *, k: int,
                    query_chunk_size: int = 1024, is_causal: bool = False,
                    key_padding_mask: jax.Array | None = None,
                    query_padding_mask: jax.Array | None = None,
@@ -241,9 +244,11 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic,
       dtype, precision: as in `topk.dot_product_attention`.
     module: if given (flax's sow_weights=True), sows into its 'intermediates' collection the
-      kept weights as 'attention_weights' (before dropout, computation dtype) and their key
-      indices as 'attention_indices' (int32), both `[batch..., heads, q_len, min(k, kv_len)]`,
-      instead of dense `[..., q_len, kv_len]` weights. They carry no gradient.
+      kept weights as 'attention_weights' (before dropout; computation dtype, or float32 with
+      force_fp32_for_softmax) and their key indices as 'attention_indices' (int32), both
+      `[batch..., heads, q_len, min(k, kv_len)]`, instead of dense `[..., q_len, kv_len]`
+      weights. They carry no gradient.
+    force_fp32_for_softmax: as in `topk.dot_product_attention` (for the kept weights).
     k: keys kept per query (an int >= 1; values above kv_len keep all keys).
     query_chunk_size, is_causal, key_padding_mask, query_padding_mask, kernel: as in
       `topk.chunked_attention`.
@@ -264,7 +269,8 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
       dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
       dtype=dtype, kernel=kernel, query_chunk_size=query_chunk_size, is_causal=is_causal,
-      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+      force_fp32_for_softmax=force_fp32_for_softmax)
   k = min(k, can.key.shape[2])
   attend = functools.partial(_attend, can, k, kernel_fn, dropout, precision, selection,
                              recall_target, fused)
@@ -275,6 +281,7 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   def per_query(x):  # [B, H, Lq_pad, k] -> [batch..., H, q_len, k]
     return x[:, :, :can.q_len].reshape(can.batch_shape + x.shape[1:2] + (can.q_len, k))
 
-  module.sow('intermediates', 'attention_weights', per_query(kernel_fn(kept)).astype(can.dtype))
+  module.sow('intermediates', 'attention_weights',
+             per_query(kernel_fn(kept)).astype(can.weights_dtype))
   module.sow('intermediates', 'attention_indices', per_query(idx))
   return inputs.to_output(can, out)
