@@ -222,10 +222,21 @@ def slot_gpus(gpus: Sequence[str], slot: int, per_point: int) -> list[str]:
 
 def _write_sweep_file(root: str, config_spec: str, shared: config_loader.Overrides,
                       points: Sequence[Point], launcher: str) -> None:
+  """Records the sweep in `root`, refusing a root that holds a sweep of other settings (a rerun
+  skips finished points, whose results would then belong to other settings)."""
+  sweep = {'config': config_spec, 'shared': [list(o) for o in shared],
+           'points': [{'name': p.name, 'overrides': p.overrides} for p in points]}
+  path = os.path.join(root, SWEEP_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if {key: previous.get(key) for key in sweep} != json.loads(json.dumps(sweep)):
+      raise SweepError(f'--workdir_root={root} holds a sweep of other settings (--config='
+                       f'{previous.get("config")}, overrides {previous.get("shared")}); choose '
+                       'another --workdir_root.')
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, SWEEP_FILE), 'w') as f:
-    json.dump({'config': config_spec, 'shared': [list(o) for o in shared], 'launcher': launcher,
-               'points': [{'name': p.name, 'overrides': p.overrides} for p in points]}, f, indent=2)
+  with open(path, 'w') as f:
+    json.dump({**sweep, 'launcher': launcher}, f, indent=2)
     f.write('\n')
 
 

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -143,6 +144,38 @@ def test_local_failures_are_reported_per_point_with_their_gpus(gpus, expected, t
   rows = sweeps.summarize(points, root)  # all failed: the summary still says which and why
   assert [row['state'] for row in rows] == [f'failed: {failed[name]}' for name, _ in points]
   assert sweeps.read_status(root)[0][1] == sweeps.PointState('failed', None, failed['vanilla'])
+  with pytest.raises(sweeps.SweepError, match=f'--workdir_root={root} holds a sweep of other '
+                     r"settings \(--config=configs/listops.py:topk,smoke, overrides \[\]\)"):
+    sweeps.run_local(str(fake), _SMOKE, [('seed', '1')], points, root)
+
+
+# Stands in for train.py: ends with an error line when SIGTERM stops it; argv[1] marks it ready.
+_STOPPABLE_TRAIN_PY = """
+import pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit('stopped by SIGTERM'))
+pathlib.Path(sys.argv[1]).touch()
+time.sleep(60)
+"""
+
+
+def test_preempted_point_stops_train_py_with_sigterm_and_resubmits_itself(tmp_path):
+  ready = tmp_path / 'ready'
+  job = sweeps.TrainPoint([sys.executable, '-c', _STOPPABLE_TRAIN_PY, str(ready)], {'A': '1'})
+  errors = []
+  thread = threading.Thread(target=lambda: errors.append(pytest.raises(sweeps.PointFailed, job)))
+  thread.start()
+  deadline = time.monotonic() + 60
+  while not ready.exists():
+    assert time.monotonic() < deadline and thread.is_alive()
+    time.sleep(0.05)
+  os.kill(job._process.pid, signal.SIGUSR2)  # submitit's preemption notice is not for train.py
+  time.sleep(0.2)
+  assert job._process.poll() is None
+  resubmission = job.checkpoint()  # what submitit calls on the notice
+  thread.join(timeout=60)
+  assert str(errors[0].value) == 'train.py exited with status 1: stopped by SIGTERM'
+  assert isinstance(resubmission.function, sweeps.TrainPoint)
+  assert (resubmission.function.command, resubmission.function.env) == (job.command, job.env)
 
 
 def test_slot_gpus_round_robin():
@@ -167,8 +200,8 @@ def test_local_sweep_end_to_end_and_a_killed_point_resumes(listops_data, tmp_pat
          'JAX_DISABLE_MOST_OPTIMIZATIONS': 'true'}
   args = ['--config=configs/listops.py:chunked,smoke', f'--config.data_dir={listops_data}',
           '--launcher=local', '--parallel=2', f'--workdir_root={root}',
-          '--config.num_train_steps=200', '--config.eval_frequency=100',
-          '--config.checkpoint_every=100']
+          '--config.num_train_steps=100', '--config.eval_frequency=50',
+          '--config.checkpoint_every=50']
   sweep = subprocess.Popen([sys.executable, 'sweep.py', *args], cwd=REPO, text=True,
                            env={**os.environ, **env}, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
@@ -195,7 +228,7 @@ def test_local_sweep_end_to_end_and_a_killed_point_resumes(listops_data, tmp_pat
   status = {point.name: state for point, state in sweeps.read_status(root)}
   assert status['vanilla'].state == 'done'
   killed_at = status['chunked_c16'].step
-  assert status['chunked_c16'].state == 'failed' and 0 < killed_at < 200
+  assert status['chunked_c16'].state == 'failed' and 0 < killed_at < 100
   assert 'train.py was stopped by SIGTERM' in status['chunked_c16'].detail
   # A rerun skips the finished point and resumes the killed one from its checkpoint.
   rerun = _sweep_py(*args, env=env)
