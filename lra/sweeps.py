@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -140,22 +141,28 @@ class TrainPoint(submitit.helpers.Checkpointable):
         env.pop(name, None)
       else:
         env[name] = value
-    preempt_signal = submitit.JobEnvironment._usr_sig()
-    # SLURM may signal every process of the step: train.py must stop on SIGTERM (saving a
-    # checkpoint), not die of the preemption signal meant for submitit.
-    self._process = subprocess.Popen(
-        self.command, env=env, stderr=subprocess.PIPE, text=True, errors='replace',
-        preexec_fn=lambda: signal.signal(preempt_signal, signal.SIG_IGN))
-    last_line = ''
-    for line in self._process.stderr:
-      sys.stderr.write(line)
-      sys.stderr.flush()
-      last_line = line.strip() or last_line
+    # SLURM may send the preemption notice to every process of the job step; train.py must stop
+    # on SIGTERM (saving a checkpoint), not die of a signal meant for submitit. The child starts
+    # with the notice blocked (a signal mask survives exec), and this process gets a notice sent
+    # meanwhile once it unblocks it.
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {submitit.JobEnvironment._usr_sig()})
+    try:
+      self._process = subprocess.Popen(self.command, env=env, stderr=subprocess.PIPE, text=True,
+                                       errors='replace')
+    finally:
+      signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+    # Copied in a thread: submitit's notice handler waits for train.py in this one, and a pipe
+    # nobody read meanwhile would stall train.py's last log lines.
+    last_line = ['']
+    copier = threading.Thread(target=_copy_lines, args=(self._process.stderr, last_line),
+                              daemon=True)
+    copier.start()
     returncode = self._process.wait()
+    copier.join()
     if returncode:
       how = (f'was stopped by {signal.Signals(-returncode).name}' if returncode < 0
              else f'exited with status {returncode}')
-      raise PointFailed(f'train.py {how}: {last_line}')
+      raise PointFailed(f'train.py {how}: {last_line[0]}')
     return returncode
 
   def checkpoint(self) -> submitit.helpers.DelayedSubmission:
@@ -171,6 +178,14 @@ class TrainPoint(submitit.helpers.Checkpointable):
 
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, '_process': None}
+
+
+def _copy_lines(stream: Any, last_line: list[str]) -> None:
+  """Copies `stream` to stderr, keeping its last non-empty line in `last_line[0]`."""
+  for line in stream:
+    sys.stderr.write(line)
+    sys.stderr.flush()
+    last_line[0] = line.strip() or last_line[0]
 
 
 class SlurmOptions(NamedTuple):
@@ -535,6 +550,8 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: str) -> None:
                     xycoords=('axes fraction', 'data'), fontsize=8)
   if topk:
     axes.set_xscale('log', base=2)
+    ks = sorted({row['attention.k'] for row in topk})
+    axes.set_xticks(ks, [str(k) for k in ks])
   axes.set_xlabel('k')
   axes.set_ylabel('accuracy')
   axes.set_title(f'{len(finished)} of {len(rows)} points finished')
