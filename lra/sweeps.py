@@ -288,9 +288,8 @@ def run_local(train_py: str, config_spec: str, shared: config_loader.Overrides,
     raise SweepError(f'--parallel={parallel}; expected an int >= 1.')
   gpus = visible_gpus()
   if gpus_per_point < 1 or (gpus and gpus_per_point > len(gpus)):
-    raise SweepError(f'--gpus_per_point={gpus_per_point}; expected an int from 1 to the '
-                     f'{len(gpus)} visible GPUs.' if gpus else f'--gpus_per_point='
-                     f'{gpus_per_point}; expected an int >= 1.')
+    most = f' and at most the {len(gpus)} visible GPUs' if gpus else ''
+    raise SweepError(f'--gpus_per_point={gpus_per_point}; expected an int >= 1{most}.')
   _write_sweep_file(root, config_spec, shared, points, 'local')
   pending = [p for p in points if not _is_done(root, p.name)]
   for point in points:

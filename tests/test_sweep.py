@@ -178,10 +178,16 @@ def test_preempted_point_stops_train_py_with_sigterm_and_resubmits_itself(tmp_pa
   assert (resubmission.function.command, resubmission.function.env) == (job.command, job.env)
 
 
-def test_slot_gpus_round_robin():
+def test_slot_gpus_round_robin(monkeypatch):
   assert sweeps.slot_gpus(['0', '1', '2', '3'], 1, 2) == ['2', '3']
   assert sweeps.slot_gpus(['0', '1'], 3, 1) == ['1']  # more slots than GPUs: they share
   assert sweeps.slot_gpus([], 1, 1) == []
+  monkeypatch.setattr(sweeps, 'visible_gpus', lambda: ['0'])
+  with pytest.raises(sweeps.SweepError, match=r'^--gpus_per_point=2; expected an int >= 1 and '
+                     'at most the 1 visible GPUs'):
+    sweeps.run_local('train.py', _SMOKE, [], [], 'unused', gpus_per_point=2)
+  with pytest.raises(sweeps.SweepError, match=r'^--parallel=0; expected an int >= 1'):
+    sweeps.run_local('train.py', _SMOKE, [], [], 'unused', parallel=0)
 
 
 @pytest.fixture
