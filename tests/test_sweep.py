@@ -90,6 +90,14 @@ def test_sweep_py_reports_a_mistake_in_one_line(args, message, tmp_path):
   assert not os.path.exists(tmp_path / 'r')  # nothing ran
 
 
+def test_sweep_py_names_a_misspelt_launcher(tmp_path):
+  result = _sweep_py(f'--config={_SMOKE}', '--launcher=slrum', f'--workdir_root={tmp_path}/r')
+  assert result.returncode != 0
+  assert result.stderr.startswith('FATAL Flags parsing error: flag --launcher=slrum: value should '
+                                  'be one of <local|slurm>')
+  assert not os.path.exists(tmp_path / 'r')
+
+
 # ----------------------------------------------------------------------------- summary
 
 
