@@ -356,10 +356,10 @@ def submit_slurm(train_py: str, config_spec: str, shared: config_loader.Override
     command = _command(train_py, config_spec, shared, point, root, options.nodes > 1)
     try:
       job = executor.submit(TrainPoint(command))
-    except (subprocess.CalledProcessError, submitit.core.utils.FailedSubmissionError) as error:
-      output = getattr(error, 'output', None) or getattr(error, 'stderr', None) or error
-      raise SweepError(f'sbatch refused point {point.name}: '
-                       f'{str(output).strip().splitlines()[-1:]}') from None
+    except (submitit.core.utils.FailedJobError,
+            submitit.core.utils.FailedSubmissionError) as error:  # sbatch's status, its output
+      lines = str(error).strip().splitlines() or ['(no output)']
+      raise SweepError(f'sbatch refused point {point.name}: {lines[-1]}') from None
     jobs[point.name] = job.job_id
     print(f'{point.name}: submitted (SLURM job {job.job_id})', flush=True)
   return jobs

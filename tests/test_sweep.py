@@ -15,7 +15,7 @@ import time
 
 import pytest
 from submitit.core.test_core import MockedSubprocess
-from submitit.core.utils import DelayedSubmission
+from submitit.core.utils import DelayedSubmission, FailedJobError
 
 from configs import image, listops, pathfinder, pathx, retrieval, text
 from lra import config_loader, sweeps
@@ -289,6 +289,20 @@ def test_slurm_sbatch_script_asks_for_what_the_flags_say(tmp_path):
                              '--config.attention.kind=topk', '--config.attention.k=4',
                              '--config.attention.query_chunk_size=16', '--multiprocess']
   assert sweeps.read_status(root)[1][1] == sweeps.PointState('pending')  # submitted, not started
+
+
+class _RefusingSbatch(MockedSubprocess):
+  def sbatch(self, args):
+    raise FailedJobError('sbatch: error: invalid partition specified: gpu')
+
+
+def test_sbatch_refusal_names_the_point(tmp_path):
+  points = [sweeps.Point('vanilla', {'attention.kind': 'vanilla'})]
+  with _RefusingSbatch(known_cmds=['srun', 'sbatch']).context():
+    with pytest.raises(sweeps.SweepError, match='^sbatch refused point vanilla: sbatch: error: '
+                       'invalid partition specified: gpu$'):
+      sweeps.submit_slurm('train.py', _SMOKE, [], points, str(tmp_path),
+                          sweeps.SlurmOptions('gpu', 60, 1, {}))
 
 
 def test_slurm_without_sbatch_is_a_clear_error(tmp_path, monkeypatch):
