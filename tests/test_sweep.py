@@ -126,6 +126,21 @@ def test_summary_lists_results_and_states_and_plots(tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_point_state_reads_the_workdir(tmp_path):
+  workdir = tmp_path / 'point'
+  assert sweeps.point_state(str(workdir)) == sweeps.PointState('pending')
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').write_text(
+      '{"step": 7, "split": "train", "loss": 1.0}\n{"step": 8, "split": "validation"}\n{"ste')
+  # A local job whose controller is gone without a result: the sweep running it was killed.
+  (workdir / 'submitit').mkdir()
+  (workdir / 'submitit' / '999999999_submitted.pkl').write_bytes(b'')
+  (workdir / 'submitit' / '999999999_0_log.err').write_text('I1204 step 7/100\nboom\n\n')
+  state = sweeps.point_state(str(workdir))
+  assert state == sweeps.PointState('failed', 7, 'ended without a result; last log line: boom')
+  assert str(state) == 'failed at step 7: ended without a result; last log line: boom'
+
+
 # ----------------------------------------------------------------------------- local launcher
 
 # Stands in for train.py: fails with a last error line that shows the GPUs it was given.
