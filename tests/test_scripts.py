@@ -1,18 +1,13 @@
-"""Tests of the command-line layer: lra.config_loader, train.py's flags and sweep.py."""
-import csv
-import json
+"""Tests of the command-line layer: lra.config_loader and train.py's flags."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-import sweep
-from configs import image, listops, pathfinder, pathx, retrieval, text
 from lra import config_loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_MODULES = (listops, text, retrieval, image, pathfinder, pathx)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -82,68 +77,3 @@ def test_train_py_accepts_and_applies_jax_flags():
                 '--config=configs/listops.py:smoke', '--workdir=/tmp/unused')
   assert 'Unknown command line flag' not in result.stderr
   assert "Unable to initialize backend 'bogus'" in result.stderr, result.stderr[-2000:]
-
-
-# ----------------------------------------------------------------------------- sweep.py
-
-
-def test_sweep_point_names_are_unique():
-  for module in _MODULES:
-    points = module.get_sweep('topk')
-    assert len({sweep.point_name(p) for p in points}) == len(points)
-
-
-def test_sweep_flags():
-  points = config_loader.get_sweep('configs/listops.py:topk,smoke')
-  assert points == listops.get_sweep('topk,smoke')
-  assert sweep.point_name(points[1]) == 'topk_k4_c16'
-  overrides = sweep.point_overrides([('data_dir', 'DATA')], points[1])
-  assert sweep.train_flags('configs/listops.py:topk,smoke', overrides, 'root/topk_k4_c16') == [
-      '--config=configs/listops.py:topk,smoke', '--workdir=root/topk_k4_c16',
-      '--config.data_dir=DATA', '--config.attention.kind=topk', '--config.attention.k=4',
-      '--config.attention.query_chunk_size=16']
-  with pytest.raises(config_loader.ConfigError, match='does not exist'):
-    config_loader.get_sweep('configs/missing.py:topk')
-
-
-def test_sweep_prints_commands_with_shared_overrides():
-  result = _run('sweep.py', '--config=configs/text.py:chunked,smoke', '--config.data_dir=DATA',
-                '--workdir_root=/tmp/root', '--config.num_train_steps', '3')
-  assert result.returncode == 0, result.stderr[-2000:]
-  shared = '--config.data_dir=DATA --config.num_train_steps=3'
-  assert result.stdout.splitlines() == [
-      'python train.py --config=configs/text.py:chunked,smoke --workdir=/tmp/root/vanilla '
-      f'{shared} --config.attention.kind=vanilla',
-      'python train.py --config=configs/text.py:chunked,smoke --workdir=/tmp/root/chunked_c16 '
-      f'{shared} --config.attention.kind=chunked --config.attention.query_chunk_size=16']
-
-
-def test_sweep_rejects_a_misspelt_shared_override_in_one_line():
-  result = _run('sweep.py', '--config=configs/text.py:chunked,smoke', '--config.dat_dir=DATA')
-  assert result.returncode != 0
-  assert result.stderr.strip() == (
-      "sweep.py: --config.dat_dir: no such field; the fields of config are " +
-      str(sorted(text.get_config().keys())) + '.')
-
-
-def test_sweep_summarizes_fake_results(tmp_path):
-  root = str(tmp_path)
-  points = [(sweep.point_name(p), p) for p in listops.get_sweep('topk,smoke')]
-  fake = {'validation': {'accuracy': 0.375, 'loss': 1.5}, 'test': {'accuracy': 0.25, 'loss': 2.0}}
-  for name, _ in points[:2]:
-    os.makedirs(os.path.join(root, name))
-    with open(os.path.join(root, name, 'results.json'), 'w') as f:
-      json.dump(fake, f)
-  rows = sweep.summarize(points, root)
-  assert len(rows) == 3
-  assert (rows[1]['name'], rows[1]['attention.k'], rows[1]['test_accuracy']) == (
-      'topk_k4_c16', 4, 0.25)
-  assert rows[2]['validation_accuracy'] == ''  # no results.json yet
-  with open(os.path.join(root, 'summary.csv')) as f:
-    table = list(csv.DictReader(f))
-  assert table[0]['validation_accuracy'] == '0.375'
-  assert table[0]['attention.kind'] == 'vanilla'
-  with open(os.path.join(root, 'summary.md')) as f:
-    lines = f.read().splitlines()
-  assert len(lines) == 2 + len(points)
-  assert '| topk_k4_c16 | topk | 4 | 16 | 0.3750 | 1.5000 | 0.2500 | 2.0000 |' in lines
