@@ -15,8 +15,10 @@ Every checkpoint is finite: `save` and `save_best` refuse a state with a NaN or 
 diverged run never leaves a checkpoint that its rerun would resume into.
 """
 
+import gc
 import math
 import os
+import sys
 from typing import Any
 
 import grain
@@ -44,6 +46,28 @@ def is_finite(tree: PyTree) -> jax.Array:
 
 
 _is_finite = jax.jit(is_finite)
+
+
+def _finalize_abandoned_reads() -> None:
+  """Finalizes, quietly, the array reads that a failed orbax restore left pending.
+
+  Orbax reads a checkpoint's arrays as tasks of an event loop that it closes as soon as one read
+  fails; the tasks still pending are finalized whenever they are garbage-collected, and each
+  raises on its way out (orbax turns the GeneratorExit into an Exception, a closed loop raises
+  'Event loop is closed'), which Python prints as an 'Exception ignored' traceback: one per array,
+  burying the one warning that says which checkpoint failed. Collecting them here, under a hook
+  that only counts them, keeps them out of the log.
+  """
+  ignored = []
+  previous = sys.unraisablehook
+  sys.unraisablehook = ignored.append
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
+  if ignored:
+    logging.info('Discarded %d errors of reads that the failed restore left pending.',
+                 len(ignored))
 
 
 class RunCheckpoints:
@@ -161,6 +185,11 @@ class RunCheckpoints:
       except Exception as error:  # orbax, TensorStore and JSON each raise their own types
         first_line = str(error).split('\n', 1)[0][:300]  # TensorStore appends its spec
         cause = f'{type(error).__name__}: {first_line}'
+      else:
+        cause = None
+      if cause is not None:
+        # Outside the `except`: the error's traceback, which holds orbax's event loop, is gone.
+        _finalize_abandoned_reads()
         failures.append(f'{path}: {cause}')
         logging.warning('Checkpoint %s is unusable (%s).', path, cause)
         continue

@@ -4,6 +4,8 @@ End-to-end runs use the real smoke configs on fixture data in the release format
 the generator, retrieval TSVs, Pathfinder PNGs) or TFDS mock data. One 4-step ListOps run is shared
 by the resume, sharding and evaluation tests.
 """
+import asyncio
+import gc
 import glob
 import importlib
 import json
@@ -477,6 +479,35 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(profiled_run, list
   assert read_metrics(workdir).keys() == read_metrics(source).keys()
   scalars = read_scalars(os.path.join(workdir, 'tensorboard'))
   assert scalars.keys() == read_scalars(os.path.join(source, 'tensorboard')).keys()
+
+
+def test_fallback_logs_no_tracebacks_of_abandoned_reads(profiled_run, monkeypatch, caplog):
+  # The first array read fails while the others are still pending, as when a truncated file is
+  # read first: orbax closes its event loop on them, and each used to print a traceback when
+  # garbage-collected.
+  from orbax.checkpoint._src.serialization import serialization
+  read_shard, reads = serialization._read_shard, []
+
+  async def failing_first(**kwargs):
+    reads.append(kwargs)
+    if len(reads) == 1:
+      raise OSError('truncated file')
+    await asyncio.sleep(0.2)
+    return await read_shard(**kwargs)
+
+  monkeypatch.setattr(serialization, '_read_shard', failing_first)
+  unraisable = []
+  monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+  config, workdir, _ = profiled_run
+  checkpoints = RunCheckpoints(workdir, keep=2, read_only=True)
+  try:
+    step, _ = checkpoints.restore('latest', train.make_trainer(config).init_state())
+  finally:
+    checkpoints.close()
+  gc.collect()
+  assert step == 3 and len(reads) > 2
+  assert f'Checkpoint {workdir}/checkpoints/4 is unusable (Exception: ' in caplog.text
+  assert unraisable == [] and 'Event loop is closed' not in caplog.text
 
 
 def test_all_checkpoints_corrupt_is_an_error_naming_them(profiled_run, tmp_path):
