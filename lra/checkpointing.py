@@ -104,6 +104,13 @@ class RunCheckpoints:
   def best_step(self) -> int | None:
     return self._best.best_step()
 
+  def set_aside_best_steps(self) -> list[int]:
+    """Steps of the best checkpoints moved to `unusable_checkpoints/` (`best-<step>`, or
+    `best-<step>-<n>` when that step was set aside before), oldest first."""
+    aside = os.path.join(self._workdir, UNUSABLE_DIR)
+    names = os.listdir(aside) if os.path.isdir(aside) else []
+    return sorted({int(name.split('-')[1]) for name in names if name.startswith('best-')})
+
   def best_accuracy(self) -> float:
     """Validation accuracy of the best checkpoint, or -inf when there is none yet."""
     step = self._best.best_step()

@@ -717,7 +717,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints, read_only=True)
   try:
     if checkpoint == 'best' and checkpoints.best_step() is None:
-      logging.warning('No best checkpoint in %s (no validation ran); using the latest.', workdir)
+      aside = checkpoints.set_aside_best_steps()
+      why = (f'the best checkpoint of step(s) {aside} was set aside in {UNUSABLE_DIR}/ as '
+             'unrestorable or as a state of steps a resumed run trained again' if aside else
+             'no validation ran, or none had a finite loss')
+      logging.warning('No best checkpoint in %s (%s); using the latest.', workdir, why)
       checkpoint = 'latest'
     step, state = checkpoints.restore(checkpoint, trainer.init_state())
   finally:

@@ -349,6 +349,20 @@ def test_evaluate_vanilla_checkpoint_with_exact_topk(listops_run):
     assert evaluated[split]['loss'] == pytest.approx(results['best'][split]['loss'], rel=1e-5)
 
 
+def test_evaluate_says_why_it_falls_back_to_the_latest(listops_run, tmp_path, caplog):
+  config, source, results = listops_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  checkpoints = RunCheckpoints(workdir, keep=2)
+  checkpoints.set_aside([results['best_step']], 'best')
+  checkpoints.close()
+  evaluated = train.evaluate(config, workdir)
+  assert evaluated['checkpoint'] == 'latest' and evaluated['step'] == 4
+  assert (f'No best checkpoint in {workdir} (the best checkpoint of step(s) '
+          f'[{results["best_step"]}] was set aside in unusable_checkpoints/') in caplog.text
+  assert 'no validation ran' not in caplog.text
+
+
 def test_evaluate_without_checkpoint_is_an_error(listops_data, tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     train.evaluate(smoke_config('listops', listops_data), str(tmp_path))
