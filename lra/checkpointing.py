@@ -19,6 +19,7 @@ import gc
 import math
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import grain
@@ -32,6 +33,7 @@ PyTree = Any
 
 _BEST_METRIC = 'accuracy'
 _WALL_TIME = 'wall_time_s'
+_TRAIN_WINDOW = 'train_window'
 UNUSABLE_DIR = 'unusable_checkpoints'
 
 
@@ -121,9 +123,13 @@ class RunCheckpoints:
     return str(self._manager(which).directory / str(step))
 
   def save(self, step: int, state: PyTree, *, wall_time_s: float,
+           train_window: Mapping[str, tuple[float, float]],
            data_iterator: grain.DatasetIterator) -> None:
     """Saves a periodic checkpoint of `state` and the position of `data_iterator` (the train
-    stream), with the run's elapsed `wall_time_s`; a step that is already saved is left as it is.
+    stream), with the run's elapsed `wall_time_s` and `train_window` (metric name -> (weighted
+    sum, weight) of the train steps since the last logged record, so that a run resumed between
+    two records logs the same means as an uninterrupted one); a step that is already saved is left
+    as it is.
 
     Raises:
       FloatingPointError: `state` holds a NaN or infinity (nothing is written).
@@ -132,7 +138,9 @@ class RunCheckpoints:
       self._check_finite(step, state)
       self._latest.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
-                        custom_metadata={_WALL_TIME: wall_time_s})
+                        custom_metadata={_WALL_TIME: wall_time_s,
+                                         _TRAIN_WINDOW: {name: list(sums) for name, sums
+                                                         in train_window.items()}})
 
   def save_best(self, step: int, state: PyTree, validation: dict[str, float]) -> bool:
     """Saves `state` as the best checkpoint if its validation accuracy beats the best so far (ties
@@ -151,8 +159,15 @@ class RunCheckpoints:
 
   def wall_time_s(self, step: int) -> float:
     """Elapsed wall time of the run when periodic checkpoint `step` was saved (0 if unknown)."""
-    metadata = self._latest.metadata(step).custom_metadata or {}
-    return float(metadata.get(_WALL_TIME, 0.0))
+    return float(self._custom_metadata(step).get(_WALL_TIME, 0.0))
+
+  def train_window(self, step: int) -> dict[str, tuple[float, float]]:
+    """The `train_window` saved with periodic checkpoint `step` (empty if it has none)."""
+    window = self._custom_metadata(step).get(_TRAIN_WINDOW, {})
+    return {name: (float(total), float(weight)) for name, (total, weight) in window.items()}
+
+  def _custom_metadata(self, step: int) -> dict[str, Any]:
+    return self._latest.metadata(step).custom_metadata or {}
 
   def restore(self, which: str, target: PyTree, *,
               data_iterator: grain.DatasetIterator | None = None) -> tuple[int, PyTree]:

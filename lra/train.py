@@ -443,10 +443,12 @@ class _TrainMetrics:
   """Host-side accumulator of per-step train metrics, fetched one step behind dispatch so the
   host never waits for the step it has just launched."""
 
-  def __init__(self):
+  def __init__(self, window: Mapping[str, tuple[float, float]]):
+    """`window`: the (weighted sum, weight) of each metric over the steps since the last summary
+    (a resumed run's, from its checkpoint; empty for a fresh start)."""
     self._pending: list[tuple[int, dict[str, jax.Array]]] = []
-    self._sums: dict[str, float] = {}
-    self._weights: dict[str, float] = {}
+    self._sums = {name: total for name, (total, _) in window.items()}
+    self._weights = {name: weight for name, (_, weight) in window.items()}
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self._pending.append((step, metrics))
@@ -473,6 +475,10 @@ class _TrainMetrics:
         weight = scored if name in _PER_TARGET else 1.0
         self._sums[name] = self._sums.get(name, 0.0) + weight * float(value)
         self._weights[name] = self._weights.get(name, 0.0) + weight
+
+  def window(self) -> dict[str, tuple[float, float]]:
+    """(weighted sum, weight) of each metric over the fetched steps since the last summary."""
+    return {name: (total, self._weights[name]) for name, total in self._sums.items()}
 
   def summary(self) -> Metrics:
     """Means since the last summary (of loss and accuracy: over the scored targets; other
@@ -528,10 +534,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
     state = trainer.init_state()
     count = num_params(state.params)
     logging.info('Model has %d parameters.', count)
-    previous_time = 0.0
+    previous_time, window = 0.0, {}
     if checkpoints.latest_step() is not None:
       step, state = checkpoints.restore('latest', state, data_iterator=batches)
-      previous_time = checkpoints.wall_time_s(step)
+      previous_time, window = checkpoints.wall_time_s(step), checkpoints.train_window(step)
       logging.info('Resuming from step %d in %s.', step, workdir)
     first = int(state.step)
     best_step = checkpoints.best_step()
@@ -548,8 +554,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
     wall_time = lambda: previous_time + time.time() - start_time
     with stop:
       try:
-        state = _train_loop(config, task, batches, trainer, state, writer, checkpoints, stop,
-                            wall_time, os.path.join(workdir, 'profile'))
+        state = _train_loop(config, task, batches, trainer, state, _TrainMetrics(window),
+                            writer, checkpoints, stop, wall_time,
+                            os.path.join(workdir, 'profile'))
       except _Diverged as error:
         raise FloatingPointError(f'{error}; {_set_aside_diverged(checkpoints, error)}') from None
     if stop.signum is not None:
@@ -583,14 +590,14 @@ def _set_aside_diverged(checkpoints: RunCheckpoints, error: _Diverged) -> str:
 
 
 def _train_loop(config: ml_collections.ConfigDict, task: Any, batches: grain.DatasetIterator,
-                trainer: Trainer, state: train_state.TrainState, writer: MetricWriter,
-                checkpoints: RunCheckpoints, stop: _StopRequest,
+                trainer: Trainer, state: train_state.TrainState, metrics: _TrainMetrics,
+                writer: MetricWriter, checkpoints: RunCheckpoints, stop: _StopRequest,
                 wall_time: Callable[[], float], profile_dir: str) -> train_state.TrainState:
   """Runs steps from `state.step` to `num_train_steps` (or until a stop signal), reading
-  `batches` from where `state` left it."""
+  `batches` from where `state` left it and adding to `metrics` (holding the steps since the last
+  train record)."""
   total = config.num_train_steps
   first = int(state.step)
-  metrics = _TrainMetrics()
   profiler = _Profiler(profile_dir, first, config.profile_steps)
   clock, clock_step = time.time(), first
   try:
@@ -630,7 +637,8 @@ def _train_loop(config: ml_collections.ConfigDict, task: Any, batches: grain.Dat
         logging.info('step %d validation: loss %.4f accuracy %.4f%s', step, validation['loss'],
                      validation['accuracy'], note)
       if do_save:
-        checkpoints.save(step, state, wall_time_s=wall_time(), data_iterator=batches)
+        checkpoints.save(step, state, wall_time_s=wall_time(), train_window=metrics.window(),
+                         data_iterator=batches)
       if stopping:
         break
       clock, clock_step = time.time(), step  # steps/s counts training time only

@@ -252,6 +252,38 @@ def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path
   assert resumed['best_step'] == full['best_step']
 
 
+def test_resume_between_train_records_logs_the_uninterrupted_means(listops_run, listops_data,
+                                                                     tmp_path, monkeypatch):
+  # log_every=2 and a SIGTERM during step 3: the checkpoint of step 3 is saved between two train
+  # records, and the resumed run's record of step 4 still averages steps 3 and 4.
+  _, full_workdir, _ = listops_run
+  workdir = str(tmp_path)
+  config = smoke_config('listops', listops_data, num_eval_steps=-1, log_every=2)
+  step = train.Trainer.step
+
+  def step_and_signal(self, state, batch):
+    if int(state.step) == 2:
+      signal.raise_signal(signal.SIGTERM)
+    return step(self, state, batch)
+
+  monkeypatch.setattr(train.Trainer, 'step', step_and_signal)
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)  # receives the re-delivered signal
+  try:
+    assert train.train_and_evaluate(config, workdir) == {'step': 3,
+                                                         'stopped_by_signal': signal.SIGTERM}
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  monkeypatch.undo()
+  assert train.train_and_evaluate(config, workdir)['step'] == 4
+  # Every ListOps batch scores its 8 examples, so a record's means are means over its steps.
+  full, resumed = read_metrics(full_workdir), read_metrics(workdir)
+  assert {s for s, split in resumed if split == 'train'} == {2, 4}
+  for name in ('loss', 'accuracy', 'learning_rate'):
+    for record, steps in ((2, (1, 2)), (4, (3, 4))):
+      expected = np.mean([full[(s, 'train')][name] for s in steps])
+      assert resumed[(record, 'train')][name] == pytest.approx(expected, rel=1e-6), (record, name)
+
+
 _TRAIN_PY = """
 import runpy, sys
 sys.argv = ['train.py', *sys.argv[1:]]
@@ -617,7 +649,7 @@ def test_save_refuses_a_non_finite_state(tmp_path):
   checkpoints = RunCheckpoints(str(tmp_path), keep=1)
   state = {'w': jnp.array([1.0, np.nan]), 'step': jnp.array(3)}
   with pytest.raises(FloatingPointError, match='step 3 holds NaN or infinite'):
-    checkpoints.save(3, state, wall_time_s=1.0,
+    checkpoints.save(3, state, wall_time_s=1.0, train_window={},
                      data_iterator=iter(grain.MapDataset.range(1).to_iter_dataset()))
   with pytest.raises(FloatingPointError, match='step 3 holds NaN or infinite'):
     checkpoints.save_best(3, state, {'accuracy': 0.5, 'loss': 1.0})
