@@ -31,6 +31,7 @@ ShardByJaxProcess`); the shares of all processes make up the global array.
 import contextlib
 import datetime
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -678,9 +679,18 @@ def _final_results(task: Any, trainer: Trainer, state: train_state.TrainState,
 # ----------------------------------------------------------------------------- evaluation mode
 
 
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """8 hex digits of the SHA-256 of `config`'s fields (its JSON with sorted keys): configs that
+  differ in any field get different hashes."""
+  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def eval_tag(config: ml_collections.ConfigDict, checkpoint: str = 'best') -> str:
-  """Names an evaluation by every setting that changes its results, e.g. 'topk_k32',
-  'vanilla', 'vanilla_relu', 'topk_k32_approx0.9_latest', so evaluations never share a file."""
+  """Names an evaluation by its attention and FFN settings, for people, and by the hash of its
+  whole config (`config_hash`), so that evaluations differing in any field (max_length too) never
+  share a file, e.g. 'topk_k32_1a2b3c4d', 'vanilla_relu_<hash>', 'topk_k32_approx0.9_latest_<hash>'.
+  The same evaluation run again gets the same tag."""
   attention = config.attention
   tag = attention.kind
   if attention.kind == 'topk':
@@ -693,7 +703,7 @@ def eval_tag(config: ml_collections.ConfigDict, checkpoint: str = 'best') -> str
     tag += f'_ffntopk_k{config.ffn.k}'
   if checkpoint != 'best':
     tag += f'_{checkpoint}'
-  return tag
+  return f'{tag}_{config_hash(config)}'
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -710,7 +720,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoint: 'best' (falls back to the latest when none exists) or 'latest'.
   Returns:
     {'step', 'checkpoint' (the one used), 'tag', 'validation': {'accuracy', 'loss'},
-     'test': {...}, 'attention', 'ffn'}.
+     'test': {...}, 'config' (all of `config`)}.
   Raises:
     FileNotFoundError: the workdir has no checkpoint (checked before anything is built or
       written).
@@ -737,7 +747,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tag = eval_tag(config, checkpoint)
   results = {'step': step, 'checkpoint': checkpoint, 'tag': tag,
              **_evaluate_splits(task, trainer, state.params),
-             'attention': config.attention.to_dict(), 'ffn': config.ffn.to_dict()}
+             'config': config.to_dict()}
   logging.info('evaluation %s of step %d: %s', tag, step, results)
   _write_json(os.path.join(workdir, f'eval_results_{tag}.json'), results)
   return results

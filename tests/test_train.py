@@ -363,9 +363,14 @@ def test_eval_tags_differ_where_results_differ():
       'vanilla': {}, 'vanilla_relu': {'attention.kernel': 'relu'},
       'vanilla_ffntopk_k16': {'ffn.kind': 'topk', 'ffn.k': 16}}
   for tag, overrides in configs.items():
-    assert train.eval_tag(smoke_config('listops', '', 'vanilla', **overrides)) == tag
+    assert re.fullmatch(rf'{re.escape(tag)}_[0-9a-f]{{8}}',
+                        train.eval_tag(smoke_config('listops', '', 'vanilla', **overrides)))
   config = smoke_config('listops', '', 'topk,k=32')
-  assert train.eval_tag(config, 'latest') == 'topk_k32_latest'
+  assert train.eval_tag(config, 'latest').startswith('topk_k32_latest_')
+  # Any other field (here max_length) gives another tag; the same config, the same tag.
+  tags = {train.eval_tag(smoke_config('listops', '', 'topk,k=32', **overrides))
+          for overrides in ({}, {}, {'max_length': 24})}
+  assert len(tags) == 2
 
 
 def test_evaluate_vanilla_checkpoint_with_exact_topk(listops_run):
@@ -373,12 +378,26 @@ def test_evaluate_vanilla_checkpoint_with_exact_topk(listops_run):
   # k covers all 65 keys (64 tokens + CLS), so top-k must reproduce dense attention.
   topk_config = smoke_config('listops', config.data_dir, 'topk,k=128,smoke')
   evaluated = train.evaluate(topk_config, workdir)
-  assert evaluated['tag'] == 'topk_k128' and evaluated['step'] == results['best_step']
-  assert read_json(os.path.join(workdir, 'eval_results_topk_k128.json'))['test'] == (
-      evaluated['test'])
+  assert evaluated['tag'].startswith('topk_k128_') and evaluated['step'] == results['best_step']
+  assert read_json(os.path.join(workdir, f'eval_results_{evaluated["tag"]}.json')) == (
+      json.loads(json.dumps(evaluated)))
+  assert evaluated['config'] == topk_config.to_dict()
   for split in ('validation', 'test'):
     assert evaluated[split]['accuracy'] == results['best'][split]['accuracy']
     assert evaluated[split]['loss'] == pytest.approx(results['best'][split]['loss'], rel=1e-5)
+
+
+def test_evaluations_of_other_configs_keep_their_own_files(listops_run, tmp_path):
+  config, source, _ = listops_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  short = smoke_config('listops', config.data_dir, max_length=24)
+  evaluated = [train.evaluate(c, workdir) for c in (config, short)]
+  assert evaluated[0]['tag'] != evaluated[1]['tag']
+  for results, max_length in zip(evaluated, (64, 24), strict=True):
+    written = read_json(os.path.join(workdir, f'eval_results_{results["tag"]}.json'))
+    assert written['config']['max_length'] == max_length
+  assert evaluated[0]['test'] != evaluated[1]['test']  # expressions of up to 40 tokens, cut at 24
 
 
 def test_evaluate_says_why_it_falls_back_to_the_latest(listops_run, tmp_path, caplog):
