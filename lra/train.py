@@ -8,7 +8,8 @@ everything below `train_and_evaluate` / `evaluate` takes plain values.
 
 A workdir holds:
   lock                   held by the training process (lra.workdir_lock): one run per workdir
-  config.json            the run's config, written at start
+  config.json            the config of the latest start
+  configs/<step>.json    the config of every start, by the step it started from (0: fresh)
   metrics.jsonl          one JSON object per line: {"step", "split", <metric>: value, ...}
   tensorboard/           the same scalars as TensorBoard events (`<split>/<metric>`)
   checkpoints/<step>/    periodic orbax checkpoints (the last `keep_checkpoints`)
@@ -501,7 +502,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The contents of results.json: {'step', 'validation': {'accuracy', 'loss'}, 'test': {...}
     (both of the final state), 'best_step', 'best': {'validation': ..., 'test': ...} (of the
     best-validation state), 'wall_time_s' (summed over the processes that trained this workdir,
-    each up to the checkpoint the next one resumed from), 'num_params', 'config'}.
+    each up to the checkpoint the next one resumed from), 'num_params', 'config',
+    'config_history' ([{'step', 'config'}] of every start in this workdir, by the step it started
+    from)}.
     After SIGTERM/SIGINT: a checkpoint of the current step is saved, no results are computed
     and the signal is re-delivered once the handlers are restored, so the process ends as it
     would have without them.
@@ -522,12 +525,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop.resend()
 
 
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a.b': value} of a nested dict {'a': {'b': value}}."""
+  flat = {}
+  for name, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{name}.'))
+    else:
+      flat[f'{prefix}{name}'] = value
+  return flat
+
+
+def _config_history(workdir: str) -> list[dict[str, Any]]:
+  """[{'step', 'config'}] of every start of a run in `workdir` (`configs/<step>.json`), by
+  step."""
+  folder = os.path.join(workdir, 'configs')
+  steps = sorted(int(name[:-len('.json')]) for name in
+                 (os.listdir(folder) if os.path.isdir(folder) else []) if name.endswith('.json'))
+  history = []
+  for step in steps:
+    with open(os.path.join(folder, f'{step}.json')) as f:
+      history.append({'step': step, 'config': json.load(f)})
+  return history
+
+
+def _record_start(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Writes `config` to config.json and configs/<step>.json, and logs the fields in which it
+  differs from the config of the previous start, so a changed config never erases what the
+  earlier steps ran with."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2) + '\n'
+  history = _config_history(workdir)
+  if history:
+    before, after = _flatten(history[-1]['config']), _flatten(json.loads(text))
+    changes = [f'{name}: {before.get(name)!r} -> {after.get(name)!r}'
+               for name in sorted(before.keys() | after.keys())
+               if before.get(name) != after.get(name)]
+    if changes:
+      logging.warning('Starting at step %d with a config that differs from the start at step %d '
+                      '(configs/%d.json) in: %s', step, history[-1]['step'],
+                      history[-1]['step'], '; '.join(changes))
+  os.makedirs(os.path.join(workdir, 'configs'), exist_ok=True)
+  for path in (os.path.join(workdir, 'config.json'),
+               os.path.join(workdir, 'configs', f'{step}.json')):
+    with open(path, 'w') as f:
+      f.write(text)
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Any,
                         trainer: Trainer, stop: _StopRequest, start_time: float
                         ) -> dict[str, Any]:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2) + '\n')
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
   writer = None
   batches = iter(task.train())
@@ -541,6 +589,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
       previous_time, window = checkpoints.wall_time_s(step), checkpoints.train_window(step)
       logging.info('Resuming from step %d in %s.', step, workdir)
     first = int(state.step)
+    _record_start(config, workdir, first)
     best_step = checkpoints.best_step()
     if best_step is not None and best_step > first:
       # A state of steps this run trains again (e.g. of a diverged run): the best is chosen anew.
@@ -565,7 +614,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
                       stop.signum, int(state.step))
       return {'step': int(state.step), 'stopped_by_signal': stop.signum}
     results = _final_results(task, trainer, state, writer, checkpoints)
-    results.update(wall_time_s=wall_time(), num_params=count, config=config.to_dict())
+    results.update(wall_time_s=wall_time(), num_params=count, config=config.to_dict(),
+                   config_history=_config_history(workdir))
     _write_json(os.path.join(workdir, 'results.json'), results)
     return results
   finally:

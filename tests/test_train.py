@@ -157,8 +157,10 @@ def test_pad_batch():
 
 def test_listops_run_writes_workdir(listops_run):
   config, workdir, results = listops_run
-  assert sorted(os.listdir(workdir)) == ['best_checkpoint', 'checkpoints', 'config.json', 'lock',
-                                         'metrics.jsonl', 'results.json', 'tensorboard']
+  assert sorted(os.listdir(workdir)) == ['best_checkpoint', 'checkpoints', 'config.json',
+                                         'configs', 'lock', 'metrics.jsonl', 'results.json',
+                                         'tensorboard']
+  assert os.listdir(os.path.join(workdir, 'configs')) == ['0.json']
   assert os.path.getsize(os.path.join(workdir, 'lock')) == 0  # released
   assert read_json(os.path.join(workdir, 'results.json')) == json.loads(json.dumps(results))
   assert read_json(os.path.join(workdir, 'config.json'))['task'] == 'listops'
@@ -222,7 +224,7 @@ def test_every_task_trains(module, arg, make_data, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path):
+def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path, caplog):
   _, full_workdir, full = listops_run
   workdir = str(tmp_path)
   config = smoke_config('listops', listops_data, num_eval_steps=-1, num_train_steps=2)
@@ -241,6 +243,12 @@ def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path
   config.num_train_steps = 4
   resumed = train.train_and_evaluate(config, workdir)
   assert resumed['wall_time_s'] > 1e6
+  # Each start's config is kept, and what changed is logged.
+  assert [(start['step'], start['config']['num_train_steps'])
+          for start in resumed['config_history']] == [(0, 2), (2, 4)]
+  assert read_json(os.path.join(workdir, 'configs', '0.json'))['num_train_steps'] == 2
+  assert ('Starting at step 2 with a config that differs from the start at step 0 '
+          '(configs/0.json) in: num_train_steps: 2 -> 4\n') in caplog.text
   expected, actual = read_metrics(full_workdir), read_metrics(workdir)
   for key in [(s, 'train') for s in range(1, 5)] + [(2, 'validation'), (4, 'validation')]:
     expected[key].pop('steps_per_second', None)
