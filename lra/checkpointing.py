@@ -15,11 +15,13 @@ Every checkpoint is finite: `save` and `save_best` refuse a state with a NaN or 
 diverged run never leaves a checkpoint that its rerun would resume into.
 """
 
+import contextlib
+import errno
 import gc
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
@@ -48,6 +50,31 @@ def is_finite(tree: PyTree) -> jax.Array:
 
 
 _is_finite = jax.jit(is_finite)
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error` or an error it was raised from is ENOSPC: an `OSError`, or TensorStore's
+  RESOURCE_EXHAUSTED that quotes the OS error."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if 'no space left on device' in str(error).lower():
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _saving(path: str) -> Iterator[None]:
+  """Turns a full disk during a save into one `CheckpointError` naming `path`: orbax raises it
+  from deep in TensorStore, under tracebacks that hide the cause."""
+  try:
+    yield
+  except Exception as error:
+    if not _is_disk_full(error):
+      raise
+    raise CheckpointError(f'cannot save checkpoint {path}: no space left on device; free space '
+                          'and rerun, which resumes from the last checkpoint') from None
 
 
 def _finalize_abandoned_reads() -> None:
@@ -133,14 +160,16 @@ class RunCheckpoints:
 
     Raises:
       FloatingPointError: `state` holds a NaN or infinity (nothing is written).
+      CheckpointError: the disk is full.
     """
     if self._latest.latest_step() != step:
       self._check_finite(step, state)
-      self._latest.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
-                        custom_metadata={_WALL_TIME: wall_time_s,
-                                         _TRAIN_WINDOW: {name: list(sums) for name, sums
-                                                         in train_window.items()}})
+      items = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                 data=grain.checkpoint.CheckpointSave(data_iterator))
+      window = {name: list(sums) for name, sums in train_window.items()}
+      with _saving(self.path('latest', step)):
+        self._latest.save(step, args=items,
+                          custom_metadata={_WALL_TIME: wall_time_s, _TRAIN_WINDOW: window})
 
   def save_best(self, step: int, state: PyTree, validation: dict[str, float]) -> bool:
     """Saves `state` as the best checkpoint if its validation accuracy beats the best so far (ties
@@ -148,13 +177,15 @@ class RunCheckpoints:
 
     Raises:
       FloatingPointError: `state` holds a NaN or infinity (nothing is written).
+      CheckpointError: the disk is full.
     """
     accuracy, loss = validation['accuracy'], validation['loss']
     if not (math.isfinite(loss) and math.isfinite(accuracy)) or accuracy <= self.best_accuracy():
       return False
     self._check_finite(step, state)
-    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                    metrics={_BEST_METRIC: accuracy})
+    with _saving(self.path('best', step)):
+      self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                      metrics={_BEST_METRIC: accuracy})
     return True
 
   def wall_time_s(self, step: int) -> float:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -581,6 +582,35 @@ def test_fallback_logs_no_tracebacks_of_abandoned_reads(profiled_run, monkeypatc
   assert step == 3 and len(reads) > 2
   assert f'Checkpoint {workdir}/checkpoints/4 is unusable (Exception: ' in caplog.text
   assert unraisable == [] and 'Event loop is closed' not in caplog.text
+
+
+def test_full_disk_during_a_save_is_one_error_naming_the_checkpoint(listops_run, listops_data,
+                                                                     tmp_path, monkeypatch):
+  _, _, full = listops_run
+  save = ocp.CheckpointManager.save
+
+  def save_on_a_full_disk(self, step, *args, **kwargs):
+    if step == 4:  # as TensorStore reports it, wrapped by orbax
+      try:
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing file: [OS error 28: No space left on '
+                         'device]')
+      except ValueError as error:
+        raise RuntimeError('Failed to save checkpoint') from error
+    return save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save_on_a_full_disk)
+  workdir = str(tmp_path)
+  config = smoke_config('listops', listops_data, num_eval_steps=-1)
+  with pytest.raises(CheckpointError) as error:
+    train.train_and_evaluate(config, workdir)
+  assert str(error.value) == (f'cannot save checkpoint {workdir}/checkpoints/4: no space left on '
+                              'device; free space and rerun, which resumes from the last '
+                              'checkpoint')
+  assert error.value.__cause__ is None and error.value.__suppress_context__
+  monkeypatch.undo()  # space freed: the rerun resumes from step 2 and finishes the run
+  resumed = train.train_and_evaluate(config, workdir)
+  for split in ('validation', 'test'):
+    assert resumed[split] == pytest.approx(full[split], rel=1e-6), split
 
 
 def test_all_checkpoints_corrupt_is_an_error_naming_them(profiled_run, tmp_path):
