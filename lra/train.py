@@ -17,13 +17,14 @@ A workdir holds:
   unusable_checkpoints/  checkpoints set aside: unrestorable, or of a diverged state
   profile/               a `jax.profiler` trace of `profile_steps` steps, when asked for
   results.json           final metrics (see `train_and_evaluate`)
-  eval_results_<tag>.json  written by `evaluate`
+  eval_results_<tag>.json  written by `evaluate` (`eval_tag`: settings and config hash)
 
 Resuming: `train_and_evaluate` on a workdir with checkpoints continues from the latest usable one.
 The checkpoint holds the train stream's position (its grain iterator state), which is restored in
 constant time, and the dropout key is the seed's key folded with the step, so an interrupted and
-resumed run reproduces the uninterrupted one; metric records past the resumed step are dropped and
-the elapsed wall time carries over in the checkpoint.
+resumed run reproduces the uninterrupted one; metric records past the resumed step are dropped, and
+the elapsed wall time and the train metrics of the steps since the last train record carry over in
+the checkpoint (so a record spanning the resume averages the same steps as without it).
 
 Input: each process reads only its own share of every global batch (`grain.sharding.
 ShardByJaxProcess`); the shares of all processes make up the global array.
