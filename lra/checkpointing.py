@@ -15,8 +15,13 @@ Every checkpoint is finite: `save` and `save_best` refuse a state with a NaN or 
 diverged run never leaves a checkpoint that its rerun would resume into.
 """
 
+import contextlib
+import errno
+import gc
 import math
 import os
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
@@ -30,6 +35,7 @@ PyTree = Any
 
 _BEST_METRIC = 'accuracy'
 _WALL_TIME = 'wall_time_s'
+_TRAIN_WINDOW = 'train_window'
 UNUSABLE_DIR = 'unusable_checkpoints'
 
 
@@ -44,6 +50,53 @@ def is_finite(tree: PyTree) -> jax.Array:
 
 
 _is_finite = jax.jit(is_finite)
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error` or an error it was raised from is ENOSPC: an `OSError`, or TensorStore's
+  RESOURCE_EXHAUSTED that quotes the OS error."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if 'no space left on device' in str(error).lower():
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _saving(path: str) -> Iterator[None]:
+  """Turns a full disk during a save into one `CheckpointError` naming `path`: orbax raises it
+  from deep in TensorStore, under tracebacks that hide the cause."""
+  try:
+    yield
+  except Exception as error:
+    if not _is_disk_full(error):
+      raise
+    raise CheckpointError(f'cannot save checkpoint {path}: no space left on device; free space '
+                          'and rerun, which resumes from the last checkpoint') from None
+
+
+def _finalize_abandoned_reads() -> None:
+  """Finalizes, quietly, the array reads that a failed orbax restore left pending.
+
+  Orbax reads a checkpoint's arrays as tasks of an event loop that it closes as soon as one read
+  fails; the tasks still pending are finalized whenever they are garbage-collected, and each
+  raises on its way out (orbax turns the GeneratorExit into an Exception, a closed loop raises
+  'Event loop is closed'), which Python prints as an 'Exception ignored' traceback: one per array,
+  burying the one warning that says which checkpoint failed. Collecting them here, under a hook
+  that only counts them, keeps them out of the log.
+  """
+  ignored = []
+  previous = sys.unraisablehook
+  sys.unraisablehook = ignored.append
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
+  if ignored:
+    logging.info('Discarded %d errors of reads that the failed restore left pending.',
+                 len(ignored))
 
 
 class RunCheckpoints:
@@ -80,6 +133,13 @@ class RunCheckpoints:
   def best_step(self) -> int | None:
     return self._best.best_step()
 
+  def set_aside_best_steps(self) -> list[int]:
+    """Steps of the best checkpoints moved to `unusable_checkpoints/` (`best-<step>`, or
+    `best-<step>-<n>` when that step was set aside before), oldest first."""
+    aside = os.path.join(self._workdir, UNUSABLE_DIR)
+    names = os.listdir(aside) if os.path.isdir(aside) else []
+    return sorted({int(name.split('-')[1]) for name in names if name.startswith('best-')})
+
   def best_accuracy(self) -> float:
     """Validation accuracy of the best checkpoint, or -inf when there is none yet."""
     step = self._best.best_step()
@@ -90,18 +150,26 @@ class RunCheckpoints:
     return str(self._manager(which).directory / str(step))
 
   def save(self, step: int, state: PyTree, *, wall_time_s: float,
+           train_window: Mapping[str, tuple[float, float]],
            data_iterator: grain.DatasetIterator) -> None:
     """Saves a periodic checkpoint of `state` and the position of `data_iterator` (the train
-    stream), with the run's elapsed `wall_time_s`; a step that is already saved is left as it is.
+    stream), with the run's elapsed `wall_time_s` and `train_window` (metric name -> (weighted
+    sum, weight) of the train steps since the last logged record, so that a run resumed between
+    two records logs the same means as an uninterrupted one); a step that is already saved is left
+    as it is.
 
     Raises:
       FloatingPointError: `state` holds a NaN or infinity (nothing is written).
+      CheckpointError: the disk is full.
     """
     if self._latest.latest_step() != step:
       self._check_finite(step, state)
-      self._latest.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
-                        custom_metadata={_WALL_TIME: wall_time_s})
+      items = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                 data=grain.checkpoint.CheckpointSave(data_iterator))
+      window = {name: list(sums) for name, sums in train_window.items()}
+      with _saving(self.path('latest', step)):
+        self._latest.save(step, args=items,
+                          custom_metadata={_WALL_TIME: wall_time_s, _TRAIN_WINDOW: window})
 
   def save_best(self, step: int, state: PyTree, validation: dict[str, float]) -> bool:
     """Saves `state` as the best checkpoint if its validation accuracy beats the best so far (ties
@@ -109,19 +177,28 @@ class RunCheckpoints:
 
     Raises:
       FloatingPointError: `state` holds a NaN or infinity (nothing is written).
+      CheckpointError: the disk is full.
     """
     accuracy, loss = validation['accuracy'], validation['loss']
     if not (math.isfinite(loss) and math.isfinite(accuracy)) or accuracy <= self.best_accuracy():
       return False
     self._check_finite(step, state)
-    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                    metrics={_BEST_METRIC: accuracy})
+    with _saving(self.path('best', step)):
+      self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                      metrics={_BEST_METRIC: accuracy})
     return True
 
   def wall_time_s(self, step: int) -> float:
     """Elapsed wall time of the run when periodic checkpoint `step` was saved (0 if unknown)."""
-    metadata = self._latest.metadata(step).custom_metadata or {}
-    return float(metadata.get(_WALL_TIME, 0.0))
+    return float(self._custom_metadata(step).get(_WALL_TIME, 0.0))
+
+  def train_window(self, step: int) -> dict[str, tuple[float, float]]:
+    """The `train_window` saved with periodic checkpoint `step` (empty if it has none)."""
+    window = self._custom_metadata(step).get(_TRAIN_WINDOW, {})
+    return {name: (float(total), float(weight)) for name, (total, weight) in window.items()}
+
+  def _custom_metadata(self, step: int) -> dict[str, Any]:
+    return self._latest.metadata(step).custom_metadata or {}
 
   def restore(self, which: str, target: PyTree, *,
               data_iterator: grain.DatasetIterator | None = None) -> tuple[int, PyTree]:
@@ -161,6 +238,11 @@ class RunCheckpoints:
       except Exception as error:  # orbax, TensorStore and JSON each raise their own types
         first_line = str(error).split('\n', 1)[0][:300]  # TensorStore appends its spec
         cause = f'{type(error).__name__}: {first_line}'
+      else:
+        cause = None
+      if cause is not None:
+        # Outside the `except`: the error's traceback, which holds orbax's event loop, is gone.
+        _finalize_abandoned_reads()
         failures.append(f'{path}: {cause}')
         logging.warning('Checkpoint %s is unusable (%s).', path, cause)
         continue

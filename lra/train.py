@@ -8,7 +8,8 @@ everything below `train_and_evaluate` / `evaluate` takes plain values.
 
 A workdir holds:
   lock                   held by the training process (lra.workdir_lock): one run per workdir
-  config.json            the run's config, written at start
+  config.json            the config of the latest start
+  configs/<step>.json    the config of every start, by the step it started from (0: fresh)
   metrics.jsonl          one JSON object per line: {"step", "split", <metric>: value, ...}
   tensorboard/           the same scalars as TensorBoard events (`<split>/<metric>`)
   checkpoints/<step>/    periodic orbax checkpoints (the last `keep_checkpoints`)
@@ -16,13 +17,14 @@ A workdir holds:
   unusable_checkpoints/  checkpoints set aside: unrestorable, or of a diverged state
   profile/               a `jax.profiler` trace of `profile_steps` steps, when asked for
   results.json           final metrics (see `train_and_evaluate`)
-  eval_results_<tag>.json  written by `evaluate`
+  eval_results_<tag>.json  written by `evaluate` (`eval_tag`: settings and config hash)
 
 Resuming: `train_and_evaluate` on a workdir with checkpoints continues from the latest usable one.
 The checkpoint holds the train stream's position (its grain iterator state), which is restored in
 constant time, and the dropout key is the seed's key folded with the step, so an interrupted and
-resumed run reproduces the uninterrupted one; metric records past the resumed step are dropped and
-the elapsed wall time carries over in the checkpoint.
+resumed run reproduces the uninterrupted one; metric records past the resumed step are dropped, and
+the elapsed wall time and the train metrics of the steps since the last train record carry over in
+the checkpoint (so a record spanning the resume averages the same steps as without it).
 
 Input: each process reads only its own share of every global batch (`grain.sharding.
 ShardByJaxProcess`); the shares of all processes make up the global array.
@@ -31,6 +33,7 @@ ShardByJaxProcess`); the shares of all processes make up the global array.
 import contextlib
 import datetime
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -443,10 +446,12 @@ class _TrainMetrics:
   """Host-side accumulator of per-step train metrics, fetched one step behind dispatch so the
   host never waits for the step it has just launched."""
 
-  def __init__(self):
+  def __init__(self, window: Mapping[str, tuple[float, float]]):
+    """`window`: the (weighted sum, weight) of each metric over the steps since the last summary
+    (a resumed run's, from its checkpoint; empty for a fresh start)."""
     self._pending: list[tuple[int, dict[str, jax.Array]]] = []
-    self._sums: dict[str, float] = {}
-    self._weights: dict[str, float] = {}
+    self._sums = {name: total for name, (total, _) in window.items()}
+    self._weights = {name: weight for name, (_, weight) in window.items()}
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self._pending.append((step, metrics))
@@ -474,6 +479,10 @@ class _TrainMetrics:
         self._sums[name] = self._sums.get(name, 0.0) + weight * float(value)
         self._weights[name] = self._weights.get(name, 0.0) + weight
 
+  def window(self) -> dict[str, tuple[float, float]]:
+    """(weighted sum, weight) of each metric over the fetched steps since the last summary."""
+    return {name: (total, self._weights[name]) for name, total in self._sums.items()}
+
   def summary(self) -> Metrics:
     """Means since the last summary (of loss and accuracy: over the scored targets; other
     metrics: over steps), then resets."""
@@ -494,7 +503,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The contents of results.json: {'step', 'validation': {'accuracy', 'loss'}, 'test': {...}
     (both of the final state), 'best_step', 'best': {'validation': ..., 'test': ...} (of the
     best-validation state), 'wall_time_s' (summed over the processes that trained this workdir,
-    each up to the checkpoint the next one resumed from), 'num_params', 'config'}.
+    each up to the checkpoint the next one resumed from), 'num_params', 'config',
+    'config_history' ([{'step', 'config'}] of every start in this workdir, by the step it started
+    from)}.
     After SIGTERM/SIGINT: a checkpoint of the current step is saved, no results are computed
     and the signal is re-delivered once the handlers are restored, so the process ends as it
     would have without them.
@@ -515,12 +526,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop.resend()
 
 
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a.b': value} of a nested dict {'a': {'b': value}}."""
+  flat = {}
+  for name, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{name}.'))
+    else:
+      flat[f'{prefix}{name}'] = value
+  return flat
+
+
+def _config_history(workdir: str) -> list[dict[str, Any]]:
+  """[{'step', 'config'}] of every start of a run in `workdir` (`configs/<step>.json`), by
+  step."""
+  folder = os.path.join(workdir, 'configs')
+  steps = sorted(int(name[:-len('.json')]) for name in
+                 (os.listdir(folder) if os.path.isdir(folder) else []) if name.endswith('.json'))
+  history = []
+  for step in steps:
+    with open(os.path.join(folder, f'{step}.json')) as f:
+      history.append({'step': step, 'config': json.load(f)})
+  return history
+
+
+def _record_start(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Writes `config` to config.json and configs/<step>.json, and logs the fields in which it
+  differs from the config of the previous start, so a changed config never erases what the
+  earlier steps ran with."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2) + '\n'
+  history = _config_history(workdir)
+  if history:
+    before, after = _flatten(history[-1]['config']), _flatten(json.loads(text))
+    changes = [f'{name}: {before.get(name)!r} -> {after.get(name)!r}'
+               for name in sorted(before.keys() | after.keys())
+               if before.get(name) != after.get(name)]
+    if changes:
+      logging.warning('Starting at step %d with a config that differs from the start at step %d '
+                      '(configs/%d.json) in: %s', step, history[-1]['step'],
+                      history[-1]['step'], '; '.join(changes))
+  os.makedirs(os.path.join(workdir, 'configs'), exist_ok=True)
+  for path in (os.path.join(workdir, 'config.json'),
+               os.path.join(workdir, 'configs', f'{step}.json')):
+    with open(path, 'w') as f:
+      f.write(text)
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Any,
                         trainer: Trainer, stop: _StopRequest, start_time: float
                         ) -> dict[str, Any]:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2) + '\n')
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
   writer = None
   batches = iter(task.train())
@@ -528,12 +584,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
     state = trainer.init_state()
     count = num_params(state.params)
     logging.info('Model has %d parameters.', count)
-    previous_time = 0.0
+    previous_time, window = 0.0, {}
     if checkpoints.latest_step() is not None:
       step, state = checkpoints.restore('latest', state, data_iterator=batches)
-      previous_time = checkpoints.wall_time_s(step)
+      previous_time, window = checkpoints.wall_time_s(step), checkpoints.train_window(step)
       logging.info('Resuming from step %d in %s.', step, workdir)
     first = int(state.step)
+    _record_start(config, workdir, first)
     best_step = checkpoints.best_step()
     if best_step is not None and best_step > first:
       # A state of steps this run trains again (e.g. of a diverged run): the best is chosen anew.
@@ -548,8 +605,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
     wall_time = lambda: previous_time + time.time() - start_time
     with stop:
       try:
-        state = _train_loop(config, task, batches, trainer, state, writer, checkpoints, stop,
-                            wall_time, os.path.join(workdir, 'profile'))
+        state = _train_loop(config, task, batches, trainer, state, _TrainMetrics(window),
+                            writer, checkpoints, stop, wall_time,
+                            os.path.join(workdir, 'profile'))
       except _Diverged as error:
         raise FloatingPointError(f'{error}; {_set_aside_diverged(checkpoints, error)}') from None
     if stop.signum is not None:
@@ -557,7 +615,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: A
                       stop.signum, int(state.step))
       return {'step': int(state.step), 'stopped_by_signal': stop.signum}
     results = _final_results(task, trainer, state, writer, checkpoints)
-    results.update(wall_time_s=wall_time(), num_params=count, config=config.to_dict())
+    results.update(wall_time_s=wall_time(), num_params=count, config=config.to_dict(),
+                   config_history=_config_history(workdir))
     _write_json(os.path.join(workdir, 'results.json'), results)
     return results
   finally:
@@ -583,14 +642,14 @@ def _set_aside_diverged(checkpoints: RunCheckpoints, error: _Diverged) -> str:
 
 
 def _train_loop(config: ml_collections.ConfigDict, task: Any, batches: grain.DatasetIterator,
-                trainer: Trainer, state: train_state.TrainState, writer: MetricWriter,
-                checkpoints: RunCheckpoints, stop: _StopRequest,
+                trainer: Trainer, state: train_state.TrainState, metrics: _TrainMetrics,
+                writer: MetricWriter, checkpoints: RunCheckpoints, stop: _StopRequest,
                 wall_time: Callable[[], float], profile_dir: str) -> train_state.TrainState:
   """Runs steps from `state.step` to `num_train_steps` (or until a stop signal), reading
-  `batches` from where `state` left it."""
+  `batches` from where `state` left it and adding to `metrics` (holding the steps since the last
+  train record)."""
   total = config.num_train_steps
   first = int(state.step)
-  metrics = _TrainMetrics()
   profiler = _Profiler(profile_dir, first, config.profile_steps)
   clock, clock_step = time.time(), first
   try:
@@ -630,7 +689,8 @@ def _train_loop(config: ml_collections.ConfigDict, task: Any, batches: grain.Dat
         logging.info('step %d validation: loss %.4f accuracy %.4f%s', step, validation['loss'],
                      validation['accuracy'], note)
       if do_save:
-        checkpoints.save(step, state, wall_time_s=wall_time(), data_iterator=batches)
+        checkpoints.save(step, state, wall_time_s=wall_time(), train_window=metrics.window(),
+                         data_iterator=batches)
       if stopping:
         break
       clock, clock_step = time.time(), step  # steps/s counts training time only
@@ -670,9 +730,18 @@ def _final_results(task: Any, trainer: Trainer, state: train_state.TrainState,
 # ----------------------------------------------------------------------------- evaluation mode
 
 
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """8 hex digits of the SHA-256 of `config`'s fields (its JSON with sorted keys): configs that
+  differ in any field get different hashes."""
+  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def eval_tag(config: ml_collections.ConfigDict, checkpoint: str = 'best') -> str:
-  """Names an evaluation by every setting that changes its results, e.g. 'topk_k32',
-  'vanilla', 'vanilla_relu', 'topk_k32_approx0.9_latest', so evaluations never share a file."""
+  """Names an evaluation by its attention and FFN settings, for people, and by the hash of its
+  whole config (`config_hash`), so that evaluations differing in any field (max_length too) never
+  share a file, e.g. 'topk_k32_1a2b3c4d', 'vanilla_relu_<hash>', 'topk_k32_approx0.9_latest_<hash>'.
+  The same evaluation run again gets the same tag."""
   attention = config.attention
   tag = attention.kind
   if attention.kind == 'topk':
@@ -685,7 +754,7 @@ def eval_tag(config: ml_collections.ConfigDict, checkpoint: str = 'best') -> str
     tag += f'_ffntopk_k{config.ffn.k}'
   if checkpoint != 'best':
     tag += f'_{checkpoint}'
-  return tag
+  return f'{tag}_{config_hash(config)}'
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -702,7 +771,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoint: 'best' (falls back to the latest when none exists) or 'latest'.
   Returns:
     {'step', 'checkpoint' (the one used), 'tag', 'validation': {'accuracy', 'loss'},
-     'test': {...}, 'attention', 'ffn'}.
+     'test': {...}, 'config' (all of `config`)}.
   Raises:
     FileNotFoundError: the workdir has no checkpoint (checked before anything is built or
       written).
@@ -717,7 +786,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints, read_only=True)
   try:
     if checkpoint == 'best' and checkpoints.best_step() is None:
-      logging.warning('No best checkpoint in %s (no validation ran); using the latest.', workdir)
+      aside = checkpoints.set_aside_best_steps()
+      why = (f'the best checkpoint of step(s) {aside} was set aside in {UNUSABLE_DIR}/ as '
+             'unrestorable or as a state of steps a resumed run trained again' if aside else
+             'no validation ran, or none had a finite loss')
+      logging.warning('No best checkpoint in %s (%s); using the latest.', workdir, why)
       checkpoint = 'latest'
     step, state = checkpoints.restore(checkpoint, trainer.init_state())
   finally:
@@ -725,7 +798,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tag = eval_tag(config, checkpoint)
   results = {'step': step, 'checkpoint': checkpoint, 'tag': tag,
              **_evaluate_splits(task, trainer, state.params),
-             'attention': config.attention.to_dict(), 'ffn': config.ffn.to_dict()}
+             'config': config.to_dict()}
   logging.info('evaluation %s of step %d: %s', tag, step, results)
   _write_json(os.path.join(workdir, f'eval_results_{tag}.json'), results)
   return results

@@ -224,7 +224,7 @@ def test_logged_train_metrics_are_means_over_scored_tokens():
       params={'unused': jnp.zeros(())}, tx=optax.sgd(0.0))
   step_fn = jax.jit(lambda state, batch: train.train_step(
       state, batch, dropout_key=jax.random.key(0), schedule=optax.constant_schedule(0.5)))
-  metrics = train._TrainMetrics()
+  metrics = train._TrainMetrics({})
   batches = [([[1, 1]], [[1, 0]]), ([[0, 0]], [[1, 1]]), ([[1, 0]], [[1, 0]])]
   for step, (targets, weights) in enumerate(batches, 1):
     state, step_metrics = step_fn(

@@ -4,6 +4,8 @@ End-to-end runs use the real smoke configs on fixture data in the release format
 the generator, retrieval TSVs, Pathfinder PNGs) or TFDS mock data. One 4-step ListOps run is shared
 by the resume, sharding and evaluation tests.
 """
+import asyncio
+import gc
 import glob
 import importlib
 import json
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -155,8 +158,10 @@ def test_pad_batch():
 
 def test_listops_run_writes_workdir(listops_run):
   config, workdir, results = listops_run
-  assert sorted(os.listdir(workdir)) == ['best_checkpoint', 'checkpoints', 'config.json', 'lock',
-                                         'metrics.jsonl', 'results.json', 'tensorboard']
+  assert sorted(os.listdir(workdir)) == ['best_checkpoint', 'checkpoints', 'config.json',
+                                         'configs', 'lock', 'metrics.jsonl', 'results.json',
+                                         'tensorboard']
+  assert os.listdir(os.path.join(workdir, 'configs')) == ['0.json']
   assert os.path.getsize(os.path.join(workdir, 'lock')) == 0  # released
   assert read_json(os.path.join(workdir, 'results.json')) == json.loads(json.dumps(results))
   assert read_json(os.path.join(workdir, 'config.json'))['task'] == 'listops'
@@ -220,7 +225,7 @@ def test_every_task_trains(module, arg, make_data, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path):
+def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path, caplog):
   _, full_workdir, full = listops_run
   workdir = str(tmp_path)
   config = smoke_config('listops', listops_data, num_eval_steps=-1, num_train_steps=2)
@@ -239,6 +244,12 @@ def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path
   config.num_train_steps = 4
   resumed = train.train_and_evaluate(config, workdir)
   assert resumed['wall_time_s'] > 1e6
+  # Each start's config is kept, and what changed is logged.
+  assert [(start['step'], start['config']['num_train_steps'])
+          for start in resumed['config_history']] == [(0, 2), (2, 4)]
+  assert read_json(os.path.join(workdir, 'configs', '0.json'))['num_train_steps'] == 2
+  assert ('Starting at step 2 with a config that differs from the start at step 0 '
+          '(configs/0.json) in: num_train_steps: 2 -> 4\n') in caplog.text
   expected, actual = read_metrics(full_workdir), read_metrics(workdir)
   for key in [(s, 'train') for s in range(1, 5)] + [(2, 'validation'), (4, 'validation')]:
     expected[key].pop('steps_per_second', None)
@@ -248,6 +259,38 @@ def test_resume_reproduces_uninterrupted_run(listops_run, listops_data, tmp_path
     assert resumed[split] == pytest.approx(full[split], rel=1e-6), split
     assert resumed['best'][split] == pytest.approx(full['best'][split], rel=1e-6), split
   assert resumed['best_step'] == full['best_step']
+
+
+def test_resume_between_train_records_logs_the_uninterrupted_means(listops_run, listops_data,
+                                                                     tmp_path, monkeypatch):
+  # log_every=2 and a SIGTERM during step 3: the checkpoint of step 3 is saved between two train
+  # records, and the resumed run's record of step 4 still averages steps 3 and 4.
+  _, full_workdir, _ = listops_run
+  workdir = str(tmp_path)
+  config = smoke_config('listops', listops_data, num_eval_steps=-1, log_every=2)
+  step = train.Trainer.step
+
+  def step_and_signal(self, state, batch):
+    if int(state.step) == 2:
+      signal.raise_signal(signal.SIGTERM)
+    return step(self, state, batch)
+
+  monkeypatch.setattr(train.Trainer, 'step', step_and_signal)
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)  # receives the re-delivered signal
+  try:
+    assert train.train_and_evaluate(config, workdir) == {'step': 3,
+                                                         'stopped_by_signal': signal.SIGTERM}
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  monkeypatch.undo()
+  assert train.train_and_evaluate(config, workdir)['step'] == 4
+  # Every ListOps batch scores its 8 examples, so a record's means are means over its steps.
+  full, resumed = read_metrics(full_workdir), read_metrics(workdir)
+  assert {s for s, split in resumed if split == 'train'} == {2, 4}
+  for name in ('loss', 'accuracy', 'learning_rate'):
+    for record, steps in ((2, (1, 2)), (4, (3, 4))):
+      expected = np.mean([full[(s, 'train')][name] for s in steps])
+      assert resumed[(record, 'train')][name] == pytest.approx(expected, rel=1e-6), (record, name)
 
 
 _TRAIN_PY = """
@@ -329,9 +372,14 @@ def test_eval_tags_differ_where_results_differ():
       'vanilla': {}, 'vanilla_relu': {'attention.kernel': 'relu'},
       'vanilla_ffntopk_k16': {'ffn.kind': 'topk', 'ffn.k': 16}}
   for tag, overrides in configs.items():
-    assert train.eval_tag(smoke_config('listops', '', 'vanilla', **overrides)) == tag
+    assert re.fullmatch(rf'{re.escape(tag)}_[0-9a-f]{{8}}',
+                        train.eval_tag(smoke_config('listops', '', 'vanilla', **overrides)))
   config = smoke_config('listops', '', 'topk,k=32')
-  assert train.eval_tag(config, 'latest') == 'topk_k32_latest'
+  assert train.eval_tag(config, 'latest').startswith('topk_k32_latest_')
+  # Any other field (here max_length) gives another tag; the same config, the same tag.
+  tags = {train.eval_tag(smoke_config('listops', '', 'topk,k=32', **overrides))
+          for overrides in ({}, {}, {'max_length': 24})}
+  assert len(tags) == 2
 
 
 def test_evaluate_vanilla_checkpoint_with_exact_topk(listops_run):
@@ -339,12 +387,40 @@ def test_evaluate_vanilla_checkpoint_with_exact_topk(listops_run):
   # k covers all 65 keys (64 tokens + CLS), so top-k must reproduce dense attention.
   topk_config = smoke_config('listops', config.data_dir, 'topk,k=128,smoke')
   evaluated = train.evaluate(topk_config, workdir)
-  assert evaluated['tag'] == 'topk_k128' and evaluated['step'] == results['best_step']
-  assert read_json(os.path.join(workdir, 'eval_results_topk_k128.json'))['test'] == (
-      evaluated['test'])
+  assert evaluated['tag'].startswith('topk_k128_') and evaluated['step'] == results['best_step']
+  assert read_json(os.path.join(workdir, f'eval_results_{evaluated["tag"]}.json')) == (
+      json.loads(json.dumps(evaluated)))
+  assert evaluated['config'] == topk_config.to_dict()
   for split in ('validation', 'test'):
     assert evaluated[split]['accuracy'] == results['best'][split]['accuracy']
     assert evaluated[split]['loss'] == pytest.approx(results['best'][split]['loss'], rel=1e-5)
+
+
+def test_evaluations_of_other_configs_keep_their_own_files(listops_run, tmp_path):
+  config, source, _ = listops_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  short = smoke_config('listops', config.data_dir, max_length=24)
+  evaluated = [train.evaluate(c, workdir) for c in (config, short)]
+  assert evaluated[0]['tag'] != evaluated[1]['tag']
+  for results, max_length in zip(evaluated, (64, 24), strict=True):
+    written = read_json(os.path.join(workdir, f'eval_results_{results["tag"]}.json'))
+    assert written['config']['max_length'] == max_length
+  assert evaluated[0]['test'] != evaluated[1]['test']  # expressions of up to 40 tokens, cut at 24
+
+
+def test_evaluate_says_why_it_falls_back_to_the_latest(listops_run, tmp_path, caplog):
+  config, source, results = listops_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  checkpoints = RunCheckpoints(workdir, keep=2)
+  checkpoints.set_aside([results['best_step']], 'best')
+  checkpoints.close()
+  evaluated = train.evaluate(config, workdir)
+  assert evaluated['checkpoint'] == 'latest' and evaluated['step'] == 4
+  assert (f'No best checkpoint in {workdir} (the best checkpoint of step(s) '
+          f'[{results["best_step"]}] was set aside in unusable_checkpoints/') in caplog.text
+  assert 'no validation ran' not in caplog.text
 
 
 def test_evaluate_without_checkpoint_is_an_error(listops_data, tmp_path):
@@ -479,6 +555,64 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(profiled_run, list
   assert scalars.keys() == read_scalars(os.path.join(source, 'tensorboard')).keys()
 
 
+def test_fallback_logs_no_tracebacks_of_abandoned_reads(profiled_run, monkeypatch, caplog):
+  # The first array read fails while the others are still pending, as when a truncated file is
+  # read first: orbax closes its event loop on them, and each used to print a traceback when
+  # garbage-collected.
+  from orbax.checkpoint._src.serialization import serialization
+  read_shard, reads = serialization._read_shard, []
+
+  async def failing_first(**kwargs):
+    reads.append(kwargs)
+    if len(reads) == 1:
+      raise OSError('truncated file')
+    await asyncio.sleep(0.2)
+    return await read_shard(**kwargs)
+
+  monkeypatch.setattr(serialization, '_read_shard', failing_first)
+  unraisable = []
+  monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+  config, workdir, _ = profiled_run
+  checkpoints = RunCheckpoints(workdir, keep=2, read_only=True)
+  try:
+    step, _ = checkpoints.restore('latest', train.make_trainer(config).init_state())
+  finally:
+    checkpoints.close()
+  gc.collect()
+  assert step == 3 and len(reads) > 2
+  assert f'Checkpoint {workdir}/checkpoints/4 is unusable (Exception: ' in caplog.text
+  assert unraisable == [] and 'Event loop is closed' not in caplog.text
+
+
+def test_full_disk_during_a_save_is_one_error_naming_the_checkpoint(listops_run, listops_data,
+                                                                     tmp_path, monkeypatch):
+  _, _, full = listops_run
+  save = ocp.CheckpointManager.save
+
+  def save_on_a_full_disk(self, step, *args, **kwargs):
+    if step == 4:  # as TensorStore reports it, wrapped by orbax
+      try:
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing file: [OS error 28: No space left on '
+                         'device]')
+      except ValueError as error:
+        raise RuntimeError('Failed to save checkpoint') from error
+    return save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save_on_a_full_disk)
+  workdir = str(tmp_path)
+  config = smoke_config('listops', listops_data, num_eval_steps=-1)
+  with pytest.raises(CheckpointError) as error:
+    train.train_and_evaluate(config, workdir)
+  assert str(error.value) == (f'cannot save checkpoint {workdir}/checkpoints/4: no space left on '
+                              'device; free space and rerun, which resumes from the last '
+                              'checkpoint')
+  assert error.value.__cause__ is None and error.value.__suppress_context__
+  monkeypatch.undo()  # space freed: the rerun resumes from step 2 and finishes the run
+  resumed = train.train_and_evaluate(config, workdir)
+  for split in ('validation', 'test'):
+    assert resumed[split] == pytest.approx(full[split], rel=1e-6), split
+
+
 def test_all_checkpoints_corrupt_is_an_error_naming_them(profiled_run, tmp_path):
   config, source, _ = profiled_run
   workdir = str(tmp_path / 'run')
@@ -572,7 +706,7 @@ def test_save_refuses_a_non_finite_state(tmp_path):
   checkpoints = RunCheckpoints(str(tmp_path), keep=1)
   state = {'w': jnp.array([1.0, np.nan]), 'step': jnp.array(3)}
   with pytest.raises(FloatingPointError, match='step 3 holds NaN or infinite'):
-    checkpoints.save(3, state, wall_time_s=1.0,
+    checkpoints.save(3, state, wall_time_s=1.0, train_window={},
                      data_iterator=iter(grain.MapDataset.range(1).to_iter_dataset()))
   with pytest.raises(FloatingPointError, match='step 3 holds NaN or infinite'):
     checkpoints.save_best(3, state, {'accuracy': 0.5, 'loss': 1.0})
