@@ -191,8 +191,8 @@ def two_process_run(listops_data, compilation_cache, tmp_path_factory) -> dict:
   The first part decodes train records slowly (so that the preemption sync point falls before the
   last step) and saves no periodic checkpoint: the only one is the stop's. The rerun has the
   baseline's settings. Returns the run of each part and, of the first part: the return codes,
-  the sync steps each process logged, the checkpoints, the last train step in metrics.jsonl and
-  whether results.json was written.
+  the sync steps each process logged, the checkpoints, the train stream positions in the latest
+  one, the last train step in metrics.jsonl and whether results.json was written.
   """
   root = tmp_path_factory.mktemp('two_processes')
   workdir = str(root / 'run')
@@ -207,20 +207,25 @@ def two_process_run(listops_data, compilation_cache, tmp_path_factory) -> dict:
   synced = [re.findall(r'Preemption sync point reached at step (\d+)', first.output(i))
             for i in range(2)]
   checkpoints = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  data = os.path.join(workdir, 'checkpoints', checkpoints[-1], 'data')
+  positions = {name: read_json(os.path.join(data, name))
+               for name in os.listdir(data) if name.endswith('.json')}
   last_logged = max(step for step, split in read_metrics(workdir) if split == 'train')
   first_results = os.path.exists(os.path.join(workdir, 'results.json'))
   rerun = _Run(workdir, str(root / 'rerun_logs'), listops_data, compilation_cache, 2,
                '--config.checkpoint_every=1')
   assert rerun.wait(timeout=300) == [0, 0], rerun.output(0)[-3000:] + rerun.output(1)[-3000:]
   return {'first': first, 'returncodes': returncodes, 'synced': synced,
-          'checkpoints': checkpoints, 'last_logged': last_logged, 'first_results': first_results,
-          'rerun': rerun}
+          'checkpoints': checkpoints, 'positions': positions, 'last_logged': last_logged,
+          'first_results': first_results, 'rerun': rerun}
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_saves_it(two_process_run):
   first = two_process_run['first']
   logs = first.output(0)[-3000:] + first.output(1)[-3000:]
   assert two_process_run['returncodes'] == [-signal.SIGTERM] * 2, logs
+  # Only process 1 got the signal; JAX's coordination service told process 0.
+  assert 'SIGTERM caught' in first.output(1) and 'SIGTERM caught' not in first.output(0), logs
   synced = two_process_run['synced']
   assert len(synced[0]) == 1 and synced[0] == synced[1], logs
   step = int(synced[0][0])
@@ -228,6 +233,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_saves_it(two_process_
   # log_every=1 in smoke configs: the last train record is of the step both stopped at.
   assert two_process_run['last_logged'] == step
   assert two_process_run['checkpoints'] == [str(step)]
+  assert two_process_run['positions'] == {f'process_{i}-of-2.json': {'next_index': step}
+                                          for i in range(2)}
   assert not two_process_run['first_results']
   # The resumed run continued both processes' train streams from that step.
   rerun = two_process_run['rerun']
