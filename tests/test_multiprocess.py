@@ -142,12 +142,17 @@ class _Run:
         process.kill()
         process.wait()
 
+  def _train_records(self) -> int:
+    path = os.path.join(self.workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+      return 0
+    with open(path) as f:  # a line still being written has no newline yet
+      return sum(json.loads(line)['split'] == 'train' for line in f if line.endswith('\n'))
+
   def wait_for_train_records(self, count: int, timeout: float = 240) -> None:
     """Waits until process 0 has written `count` train records to metrics.jsonl."""
-    path = os.path.join(self.workdir, 'metrics.jsonl')
     deadline = time.monotonic() + timeout
-    while not (os.path.exists(path) and sum(
-        '"split": "train"' in line for line in open(path)) >= count):
+    while self._train_records() < count:
       ended = [i for i, process in enumerate(self.processes) if process.poll() is not None]
       assert not ended, f'process {ended[0]} ended early:\n' + self.output(ended[0])[-3000:]
       assert time.monotonic() < deadline, 'no training progress:\n' + self.output(0)[-3000:]
