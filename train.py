@@ -9,7 +9,9 @@ Any config field can be overridden with --config.<field>=<value>, and JAX's opti
 too (e.g. --jax_log_compiles, --jax_platforms=cpu).
 Several processes (multi-host GPU, or several processes on one host): start one per host with
 `--multiprocess`; `jax.distributed.initialize` then auto-detects SLURM, Open MPI and Cloud TPU, or
-reads JAX_COORDINATOR_ADDRESS together with --num_processes and --process_id.
+reads JAX_COORDINATOR_ADDRESS together with --num_processes and --process_id. When a process dies,
+the others stop with an error within --heartbeat_timeout_seconds (at once if they were in a
+collective with it).
 """
 import jax
 from absl import app, flags, logging
@@ -29,6 +31,11 @@ _MULTIPROCESS = flags.DEFINE_bool('multiprocess', False,
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --multiprocess, if not '
                                       'auto-detected.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --multiprocess, if not auto-detected.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout_seconds', 100, 'With --multiprocess: seconds without a heartbeat after '
+    'which JAX\'s coordination service declares a process dead and ends the others with an error '
+    '(a process blocked on a dead peer outside a collective only learns of it this way).',
+    lower_bound=1)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -38,7 +45,8 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
   config = config_loader.get_config(_CONFIG.value, overrides)
   from lra import train  # imported here so that a config mistake is reported fast
   if _MULTIPROCESS.value:
-    jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   logging.info('JAX process %d/%d, local devices: %s, all devices: %d', jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
   if _MODE.value == 'train':
