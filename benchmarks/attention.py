@@ -15,11 +15,11 @@ excluded), and both times as ratios to a baseline form of the same length and dt
               importable (not a project requirement; no compiled memory)
 
 A form that cannot run (platform, dtype, missing library, over the memory limit, error) gets a
-row with the reason in `skipped`. Defaults follow `jax.default_backend()`: on CPU the README's
-table (float32, lengths 1K-8K, chunk 256, ratios to vanilla); on an accelerator lengths 4K, 16K,
-64K and the longest power-of-two multiple whose top-k forward+backward compiles within the
-device's memory, bfloat16 and float32, chunk 1024, ratios to cuDNN flash, and a time budget
-that stops adding lengths once spent (the given lengths are timed first, then the searches).
+row with the reason in `skipped`. Defaults follow `jax.default_backend()`: on CPU the table of
+benchmarks/README.md (float32, lengths 1K-8K, chunk 256, ratios to vanilla); on an accelerator
+lengths 4K, 16K, 64K and the longest power-of-two multiple whose top-k forward+backward compiles
+within the device's memory, bfloat16 and float32, chunk 1024, ratios to cuDNN flash, and a time
+budget that stops adding lengths once spent (the given lengths are timed first, then the searches).
 Writes the table to stdout and `attention.csv` (and `attention.png` when matplotlib is
 installed) under --out, then the targets as PASS/FAIL lines.
 
@@ -48,7 +48,7 @@ PROJECT_FORMS = ('vanilla', 'chunked', 'topk')  # the forms `topk.make_attention
 # 'topk' without ('topk') and with ('topk_fused') the fused kernel: `topk_attention(fused=...)`.
 FORMS = ('qk_product', *PROJECT_FORMS, 'topk_fused', 'cudnn', 'torch')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-# Defaults per platform: CPU keeps the README's table; any accelerator gets the GPU study.
+# Defaults per platform: CPU keeps benchmarks/README.md's table; any accelerator gets the GPU study.
 DEFAULTS = {
     'cpu': dict(lengths='1024,2048,4096,8192', dtypes='float32', chunk=256, baseline='vanilla',
                 forms='qk_product,vanilla,chunked,topk', budget_s=math.inf, time_longest=False),

@@ -84,7 +84,7 @@ def parse_arg(arg: str | None, **spec: Any) -> types.SimpleNamespace:
 
 
 def base_config(attention: str) -> ml_collections.ConfigDict:
-  """Fields whose defaults all tasks share; each task config adds the rest (see README)."""
+  """Fields whose defaults all tasks share; each task config adds the rest (see lra/README.md)."""
   config = ml_collections.ConfigDict()
   config.task_options = ml_collections.ConfigDict()  # extra kwargs for lra.data.get_task
   config.data_dir = ''  # root of the LRA release / TFDS data

@@ -3,7 +3,7 @@
 One trainer for every task and attention kind. Data parallelism uses `jax.jit` over a 1-D
 ('data',) mesh of all devices: batches are sharded on their first axis, the train state is
 replicated. This module is the marked edge where a `ConfigDict` is read (its fields are listed in
-configs/common.py and the README); `build` checks every value before any data is read, and
+configs/common.py and lra/README.md); `build` checks every value before any data is read, and
 everything below `train_and_evaluate` / `evaluate` takes plain values.
 
 A workdir holds:

@@ -29,14 +29,8 @@ small copy of the inputs), so a Triton failure costs speed, not the program.
 Memory: besides the outputs, the kernel writes the candidate buffers (float32 and int32):
 O(Lq * k), never `[Lq, kv_len]`.
 
-Speed: on one H100 (bfloat16, 8 heads, head_dim 64, k 64) a first version of this kernel, whose
-bound and final selection took k rounds of max-and-remove each, checked equal to `lax.top_k` on
-the device and made top-k attention's forward 4.9x faster than the unfused path at 16K tokens
-(20 ms against 100 ms; cuDNN flash: 1.6 ms); README "GPU and TPU" has the figures. The present
-version does less work per tile (one `cumsum` and two stores instead of two and four, a
-20-step bisection instead of k rounds, no in-kernel selection); it is tested in Pallas'
-interpreter and lowered for CUDA on CPU, and its own GPU time is still to be measured
-(`benchmarks.fused`).
+Speed: the kernel is tested in Pallas' interpreter and lowered for CUDA on CPU; its GPU time is
+measured by `benchmarks.fused` (benchmarks/README.md has the figures and the code they measured).
 """
 import dataclasses
 import functools

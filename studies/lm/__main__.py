@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--query_chunk_size', type=int, default=4096,
                       help='value_aware: queries per value-aware solver chunk (bounds memory)')
   # Fewer starts, iterations and sweeps than the solver's defaults (4, 100, 2): a few times
-  # cheaper, its errors are upper bounds slightly above theirs (README).
+  # cheaper, its errors are upper bounds slightly above theirs (studies/lm/README.md).
   parser.add_argument('--num_starts', type=int, default=2,
                       help='value_aware: greedy starts per query')
   parser.add_argument('--num_iters', type=int, default=30,
