@@ -89,6 +89,9 @@ def base_config(attention: str) -> ml_collections.ConfigDict:
   config.task_options = ml_collections.ConfigDict()  # extra kwargs for lra.data.get_task
   config.data_dir = ''  # root of the LRA release / TFDS data
   config.seed = 0
+  # Inputs longer than max_length are cut to it, with a warning per split saying how many and by
+  # how much; False makes such an input an error naming it, before training starts.
+  config.truncate = True
   config.num_eval_steps = -1  # validation batches per evaluation; -1 = whole split
   config.keep_checkpoints = 2  # periodic checkpoints kept, plus the best
   config.log_every = 50  # steps between progress lines

@@ -272,6 +272,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.profile_steps != 0 and not _is_positive_int(config.profile_steps):
     raise ValueError(f'config.profile_steps={config.profile_steps!r}; expected 0 (off) or an int '
                      '>= 1.')
+  if not isinstance(config.truncate, bool):
+    raise ValueError(f'config.truncate={config.truncate!r}; expected True (cut inputs longer than '
+                     'max_length, with a warning) or False (such an input is an error).')
   if config.batch_size % jax.device_count():
     raise ValueError(f'config.batch_size={config.batch_size} does not divide among '
                      f'{jax.device_count()} devices')
@@ -317,7 +320,8 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
   trainer = make_trainer(config)
   task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
                        eval_batch_size=config.eval_batch_size, max_length=config.max_length,
-                       seed=config.seed, shard=grain.sharding.ShardByJaxProcess(),
+                       truncate=config.truncate, seed=config.seed,
+                       shard=grain.sharding.ShardByJaxProcess(),
                        **config.task_options)
   return task, trainer
 

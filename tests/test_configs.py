@@ -14,7 +14,7 @@ _FIELDS = {
     'task', 'task_options', 'data_dir', 'seed', 'batch_size', 'eval_batch_size', 'max_length',
     'num_train_steps', 'eval_frequency', 'num_eval_steps', 'checkpoint_every', 'keep_checkpoints',
     'log_every', 'learning_rate', 'schedule', 'warmup_steps', 'weight_decay', 'grad_clip_norm',
-    'model', 'attention', 'ffn', 'profile_steps'}
+    'model', 'attention', 'ffn', 'profile_steps', 'truncate'}
 _MODULES = {'listops': listops, 'text': text, 'retrieval': retrieval, 'image': image,
             'pathfinder': pathfinder, 'pathx': pathx}
 
@@ -154,6 +154,7 @@ def test_bad_pathfinder_arg_raises():
     (None, 'batch_size', 0, r'config\.batch_size=0'),
     (None, 'num_eval_steps', 0, r'config\.num_eval_steps=0'),
     (None, 'profile_steps', -1, r'config\.profile_steps=-1'),
+    (None, 'truncate', None, r'config\.truncate=None'),
     (None, 'task', 'lisptops', r"Unknown task 'lisptops'"),
     (None, 'schedule', 'linear', r"schedule must be one of .*'linear'"),
     (None, 'learning_rate', 0.0, r'learning_rate \(base\) must be > 0'),

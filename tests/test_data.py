@@ -101,6 +101,24 @@ def test_listops_without_header_and_truncation(tmp_path):
   assert inputs.shape == (5, 3)
 
 
+def test_listops_cuts_are_logged_once_per_split_or_refused(tmp_path, caplog):
+  root = listops_dir(tmp_path)  # rows of 5, 4, 7, 1 and 5 tokens; train is them 4 times
+  with caplog.at_level(logging.WARNING):
+    get_task('listops', root, batch_size=2, max_length=4)
+  cuts = [r.getMessage() for r in caplog.records if 'max_length=4' in r.getMessage()]
+  assert [m.split(':')[0] for m in cuts] == ['listops train', 'listops validation', 'listops test']
+  assert ('12 of 20 input sequences are longer than max_length=4 and are cut to it (longest 7 '
+          'tokens, 1.7 tokens dropped on average)') in cuts[0]
+  assert '2 of 3 input sequences' in cuts[2] and '2.0 tokens dropped' in cuts[2]
+  with pytest.raises(ValueError, match=r'listops train: example 0 \(0-based, in the split\'s '
+                                       r'order\) has 5 tokens, more than max_length=4.*to 7'):
+    get_task('listops', root, batch_size=2, max_length=4, truncate=False)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    get_task('listops', root, batch_size=2, max_length=7, truncate=False)
+  assert not caplog.records
+
+
 def test_listops_accepts_folder_containing_lra_release(tmp_path):
   listops_dir(tmp_path / 'lra_release')
   task = get_task('listops', str(tmp_path), batch_size=2)
@@ -152,7 +170,7 @@ def counting_task(decoded, num_records, **kwargs):
     decoded.append(record)
     return {'inputs': np.full(4, record, np.int32), 'targets': np.int32(record % 2)}
 
-  split = Split(range(num_records), decode)
+  split = Split(range(num_records), decode, None)
   return Task(task_info('listops', max_length=4),
               dict.fromkeys(('train', 'validation', 'test'), split), **kwargs)
 
@@ -336,6 +354,17 @@ def test_retrieval_batches(tmp_path):
   assert sum(len(b['targets']) for b in batches(task.test())) == 1
 
 
+def test_retrieval_cuts_are_counted_per_document(tmp_path, caplog):
+  root = retrieval_dir(tmp_path, ['1\ta\tb\tx\ty'] * 5)
+  with caplog.at_level(logging.WARNING):
+    get_task('retrieval', root, batch_size=2, max_length=5)
+  # Only validation has a document longer than 5 bytes: 'document two' (12).
+  assert [r.getMessage().split(':')[0] for r in caplog.records] == ['retrieval validation']
+  assert '1 of 4 input sequences' in caplog.text and '7.0 tokens dropped' in caplog.text
+  with pytest.raises(ValueError, match='retrieval validation: example 1 .* has 12 tokens'):
+    get_task('retrieval', root, batch_size=2, max_length=5, truncate=False)
+
+
 @pytest.mark.parametrize('row, match', [
     ('1\ta\tb\tx', 'line 2: expected 5 tab-separated columns'),
     ('2\ta\tb\tx\ty', "line 2: label must be 0 or 1, got b'2'"),
@@ -380,6 +409,8 @@ def test_pathfinder_splits_pixels_and_skipped_images(tmp_path, caplog):
     task = get_task('pathfinder32', str(tmp_path), batch_size=4, eval_batch_size=3,
                     max_length=16)
   assert 'skipped 1 missing or empty image files' in caplog.text
+  assert ('pathfinder32 train: 16 of 16 input sequences are longer than max_length=16 and are cut '
+          'to it (longest 1024 tokens, 1008.0 tokens dropped on average)') in caplog.text
   values = {name: [int(x) for b in batches(getattr(task, name)()) for x in b['inputs'][:, 0]]
             for name in ('validation', 'test')}
   # 20 readable images (sample_3 empty) in metadata order 0..20: 16 train, 2 val, 2 test.
@@ -432,12 +463,20 @@ def test_pathfinder_malformed_metadata(tmp_path):
 
 # ---------------------------------------------------------------- TFDS tasks
 
-def test_text_from_mock_tfds(tmp_path):
-  with tfds.testing.mock_data(num_examples=6):
+def test_text_from_mock_tfds(tmp_path, caplog):
+  with tfds.testing.mock_data(num_examples=6), caplog.at_level(logging.WARNING):
     task = get_task('text', str(tmp_path), batch_size=4, eval_batch_size=4, max_length=64)
     train = batches(task.train(), 2)
     validation = batches(task.validation())
     texts = [x['text'].encode() for x in tfds.data_source('imdb_reviews', split='test')]
+    get_task('text', str(tmp_path), batch_size=4, max_length=12)
+    with pytest.raises(ValueError, match=r'text train: example \d+ .* more than max_length=12'):
+      get_task('text', str(tmp_path), batch_size=4, max_length=12, truncate=False)
+  # Validation's cuts, counted when the task is built, are its reviews over 12 bytes.
+  cut = [len(text) - 12 for text in texts if len(text) > 12]
+  assert (f'text validation: {len(cut)} of 6 input sequences are longer than max_length=12 and '
+          f'are cut to it (longest {max(map(len, texts))} tokens, {np.mean(cut):.1f} tokens '
+          'dropped') in caplog.text
   assert task.info == task_info('text', max_length=64)
   expected = np.zeros(64, np.int32)
   expected[:len(texts[0][:64])] = np.frombuffer(texts[0][:64], np.uint8) + 1

@@ -40,5 +40,9 @@ def build_splits(data_dir: str, max_length: int) -> dict[str, Split]:
     return {'inputs': fit_length(grayscale(example['image']).ravel(), max_length),
             'targets': np.int32(example['label'])}
 
-  return {name: Split(tfds_source.load(TFDS_NAME, split, data_dir), decode)
-          for name, split in TFDS_SPLITS.items()}
+  splits = {}
+  for name, split in TFDS_SPLITS.items():
+    source = tfds_source.load(TFDS_NAME, split, data_dir)
+    height, width, _ = source.dataset_info.features['image'].shape
+    splits[name] = Split(source, decode, np.full(len(source), height * width))
+  return splits

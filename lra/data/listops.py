@@ -80,13 +80,13 @@ def _unknown_token(source: str) -> str:
   return f'unknown token {unknown!r}; the tokens are {" ".join(TOKENS)} and parentheses'
 
 
-def read_tsv(path: str, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Reads one ListOps TSV file.
+def read_tsv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Reads one ListOps TSV file, keeping every expression whole (`fit_length` cuts when an example
+  is decoded, after `check_lengths` has counted the cuts).
 
   Args:
     path: UTF-8 TSV file with `Source` and `Target` columns and an optional header line; a
       leading byte order mark is skipped.
-    max_length: sequences are truncated to this many tokens.
 
   Returns:
     (tokens uint8 [total], offsets int64 [n + 1], targets int32 [n]); example i has token ids
@@ -122,7 +122,7 @@ def read_tsv(path: str, max_length: int) -> tuple[np.ndarray, np.ndarray, np.nda
         ids = encode(columns[0])
       except ValueError as e:
         raise ValueError(f'{path}, line {line_number}: malformed Source: {e}') from None
-      sequences.append(ids[:max_length])
+      sequences.append(ids)
       targets.append(target)
   if not targets:
     raise ValueError(f'{path} contains no examples')
@@ -151,7 +151,7 @@ def build_splits(root: str, max_length: int) -> dict[str, Split]:
       raise missing_release_file(
           'ListOps file', path,
           f', or generate a data set with `python -m lra.data.listops_gen --output_dir={root}`')
-    splits[name] = _split(*read_tsv(path, max_length), max_length)
+    splits[name] = _split(*read_tsv(path), max_length)
   return splits
 
 
@@ -162,4 +162,4 @@ def _split(tokens: np.ndarray, offsets: np.ndarray, targets: np.ndarray,
     return {'inputs': fit_length(tokens[offsets[index]:offsets[index + 1]], max_length),
             'targets': targets[index]}
 
-  return Split(range(len(targets)), decode)
+  return Split(range(len(targets)), decode, np.diff(offsets))

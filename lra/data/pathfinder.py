@@ -93,5 +93,6 @@ def build_splits(root: str, size: int, difficulty: str, max_length: int) -> dict
   for name, (start, stop) in bounds.items():
     if start == stop:
       raise ValueError(f'Pathfinder {name} split is empty: {len(paths)} images are too few')
-    splits[name] = Split(list(zip(paths[start:stop], labels[start:stop], strict=True)), decode)
+    splits[name] = Split(list(zip(paths[start:stop], labels[start:stop], strict=True)), decode,
+                         np.full(stop - start, size * size))
   return splits

@@ -14,6 +14,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 
 from lra.data.info import TaskInfo
 
@@ -33,10 +34,15 @@ class Split:
     records: random-access records in a fixed order (`len` and `[i]`).
     decode: maps one record to an example dict: 'inputs' (or 'inputs1'/'inputs2') int32 [L] and
       'targets' int32 [] (language models: 'targets' and 'target_weights' int32 [L]).
+    lengths: tokens of each record's input sequence before `fit_length`, int [n] ([n, 2] for the
+      two inputs of a dual task), known when the split is built so that `check_lengths` reports
+      or refuses cuts before any batch is read; None when `decode` builds every input at exactly
+      max_length tokens (language-model windows), so nothing is ever cut.
   """
 
   records: Sequence[Any]
   decode: Callable[[Any], Example]
+  lengths: np.ndarray | None
 
 
 def missing_release_file(what: str, path: str, hint: str = '') -> FileNotFoundError:
@@ -47,8 +53,47 @@ def missing_release_file(what: str, path: str, hint: str = '') -> FileNotFoundEr
       f'lra_release folder as data_dir{hint}.')
 
 
+def check_lengths(task: str, split: str, lengths: np.ndarray, max_length: int,
+                  truncate: bool) -> None:
+  """Logs how many input sequences of a split `fit_length` will cut, and by how much (one line).
+
+  A cut ListOps row is an expression cut mid-tree and a cut review loses its end, so training on
+  them is a different task; the log says so once per split, and `truncate=False` refuses instead.
+
+  Args:
+    task: the task's name, for the messages.
+    split: the split's name, for the messages.
+    lengths: `Split.lengths`, int [n] or [n, inputs].
+    max_length: tokens per input sequence after `fit_length`.
+    truncate: whether sequences longer than `max_length` may be cut (else an error).
+
+  Raises:
+    ValueError: `truncate` is False and a sequence is longer than `max_length`, naming the split,
+      its first such example (0-based, in the split's order) and that example's length.
+  """
+  lengths = np.asarray(lengths)
+  cut = lengths > max_length
+  if not cut.any():
+    return
+  num_cut, longest = np.count_nonzero(cut), int(lengths.max())
+  if not truncate:
+    example = int(np.argmax(cut.reshape(len(cut), -1).any(axis=1)))
+    raise ValueError(
+        f'{task} {split}: example {example} (0-based, in the split\'s order) has '
+        f'{int(lengths[example].max())} tokens, more than max_length={max_length} ({num_cut} of '
+        f'the split\'s {lengths.size} input sequences are longer, the longest {longest} tokens); '
+        f'raise max_length to {longest} to keep them whole, or set truncate=True '
+        '(--config.truncate=True) to cut them')
+  logging.warning(
+      '%s %s: %d of %d input sequences are longer than max_length=%d and are cut to it (longest '
+      '%d tokens, %.1f tokens dropped on average); truncate=False (--config.truncate=False) makes '
+      'this an error', task, split, num_cut, lengths.size, max_length, longest,
+      (lengths[cut] - max_length).mean())
+
+
 def fit_length(tokens: np.ndarray, max_length: int) -> np.ndarray:
-  """Truncates or zero-pads a token vector [n] to int32 [max_length] (0 = padding)."""
+  """Truncates or zero-pads a token vector [n] to int32 [max_length] (0 = padding); the cuts of a
+  split are reported by `check_lengths` when it is built."""
   fitted = np.zeros(max_length, np.int32)
   tokens = tokens[:max_length]
   fitted[:len(tokens)] = tokens

@@ -14,7 +14,7 @@ import grain
 
 from lra.data import image, listops, pathfinder, retrieval, text, text_folder
 from lra.data.info import task_info
-from lra.data.pipeline import NO_SHARDING, Split, Task
+from lra.data.pipeline import NO_SHARDING, Split, Task, check_lengths
 
 # (data_dir, max_length, **task_options) -> {'train': Split, 'validation': ..., 'test': ...}
 SplitBuilder = Callable[..., dict[str, Split]]
@@ -53,7 +53,7 @@ BUILDERS: dict[str, SplitBuilder] = {
 
 
 def get_task(name: str, data_dir: str, *, batch_size: int, eval_batch_size: int | None = None,
-             max_length: int | None = None, seed: int = 0,
+             max_length: int | None = None, truncate: bool = True, seed: int = 0,
              shard: grain.sharding.ShardOptions = NO_SHARDING, **task_options: Any) -> Task:
   """Builds the input pipelines of task `name`.
 
@@ -62,7 +62,10 @@ def get_task(name: str, data_dir: str, *, batch_size: int, eval_batch_size: int 
     data_dir: the unpacked `lra_release` folder (or its parent); see module docstring.
     batch_size: train batch size.
     eval_batch_size: validation/test batch size; default `batch_size`.
-    max_length: tokens per sequence (longer ones truncated, shorter zero-padded).
+    max_length: tokens per sequence (shorter ones zero-padded, longer ones see `truncate`).
+    truncate: whether sequences longer than `max_length` are cut to it, with one warning per
+      split saying how many and by how much; if False, a longer sequence is an error
+      (`pipeline.check_lengths`). Either way this is known before any batch is read.
     seed: train shuffling seed.
     shard: which share of every batch this process reads (`grain.sharding.ShardByJaxProcess()`
       in a multi-process run); default all of it.
@@ -72,10 +75,14 @@ def get_task(name: str, data_dir: str, *, batch_size: int, eval_batch_size: int 
     A `Task` whose grain datasets yield dicts of int32 numpy arrays.
 
   Raises:
-    ValueError: unknown name/option, malformed data or empty splits.
+    ValueError: unknown name/option, malformed data, empty splits, or a sequence longer than
+      `max_length` when `truncate` is False.
     FileNotFoundError: missing data, with the expected path and how to get it.
   """
   info = task_info(name, max_length=max_length, **task_options)
   splits = BUILDERS[name](data_dir, info.max_length, **task_options)
+  for split_name, split in splits.items():
+    if split.lengths is not None:
+      check_lengths(name, split_name, split.lengths, info.max_length, truncate)
   return Task(info, splits, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
               shard=shard)

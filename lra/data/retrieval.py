@@ -3,7 +3,8 @@
 Rows have no header and 5 tab-separated columns: label (0/1, may be written as a float), id1, id2,
 text1, text2. Texts are byte-encoded as in `lra.data.text`. The files (GBs) stay on disk: they are
 validated once in Python at construction, so bad rows fail early with their line number, and the
-byte offset of every row is kept so that a row is read with one seek.
+byte offset of every row is kept so that a row is read with one seek, and the length of both
+texts so that cuts are counted up front.
 """
 import os
 
@@ -18,24 +19,27 @@ FILES = {'train': 'new_aan_pairs.train.tsv', 'validation': 'new_aan_pairs.eval.t
 NUM_COLUMNS = 5
 
 
-def check_tsv(path: str) -> np.ndarray:
-  """Validates a pairs TSV file and returns the byte offsets of its rows, int64 [rows + 1] (the
-  last is the file size).
+def check_tsv(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Validates a pairs TSV file.
+
+  Returns:
+    (offsets int64 [rows + 1], the byte offset of each row and then the file size; lengths int64
+    [rows, 2], the bytes, and so tokens, of text1 and text2 in each row).
 
   Raises:
     ValueError: naming file and line of a row without 5 columns or with a label not 0/1, or
       if the file has no rows.
   """
-  offsets = [0]
+  offsets, lengths = [0], []
   with open(path, 'rb') as f:
     for line_number, line in enumerate(f, start=1):
       offsets.append(offsets[-1] + len(line))
-      line = line.rstrip(b'\r\n')
-      num_columns = line.count(b'\t') + 1
-      if num_columns != NUM_COLUMNS:
+      columns = line.rstrip(b'\r\n').split(b'\t')
+      if len(columns) != NUM_COLUMNS:
         raise ValueError(f'{path}, line {line_number}: expected {NUM_COLUMNS} tab-separated '
-                         f'columns (label, id1, id2, text1, text2), got {num_columns}')
-      label = line[:line.index(b'\t')]
+                         f'columns (label, id1, id2, text1, text2), got {len(columns)}')
+      lengths.append((len(columns[3]), len(columns[4])))
+      label = columns[0]
       try:
         valid = float(label) in (0.0, 1.0)
       except ValueError:
@@ -44,7 +48,7 @@ def check_tsv(path: str) -> np.ndarray:
         raise ValueError(f'{path}, line {line_number}: label must be 0 or 1, got {label!r}')
   if len(offsets) == 1:
     raise ValueError(f'{path} contains no examples')
-  return np.asarray(offsets, np.int64)
+  return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
 
 class Rows:
@@ -77,5 +81,6 @@ def build_splits(root: str, max_length: int) -> dict[str, Split]:
     path = os.path.join(root, DIRNAME, filename)
     if not os.path.isfile(path):
       raise missing_release_file('AAN retrieval file', path)
-    splits[name] = Split(Rows(path, check_tsv(path)), decode)
+    offsets, lengths = check_tsv(path)
+    splits[name] = Split(Rows(path, offsets), decode, lengths)
   return splits

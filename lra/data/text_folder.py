@@ -91,11 +91,11 @@ def build_splits(data_dir: str, max_length: int, objective: str = 'causal_lm',
   ids = corpus.astype(np.int32) + 1
   decode = _decoder(ids, max_length, objective)
   start, stop = bounds['train']
-  splits = {'train': Split(range(start, stop - max_length), decode)}
+  splits = {'train': Split(range(start, stop - max_length), decode, None)}
   for name in ('validation', 'test'):
     start, stop = bounds[name]
     windows = (stop - start - 1) // max_length
-    splits[name] = Split(range(start, start + windows * max_length, max_length), decode)
+    splits[name] = Split(range(start, start + windows * max_length, max_length), decode, None)
   return splits
 
 

@@ -102,7 +102,7 @@ def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
   def real_batches() -> Iterator[Batch]:
     task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
                          eval_batch_size=config.eval_batch_size, max_length=config.max_length,
-                         seed=config.seed, **config.task_options)
+                         truncate=config.truncate, seed=config.seed, **config.task_options)
     return _limited(task.validation(), num_batches)
 
   batches = synthetic_batches if synthetic else real_batches
