@@ -3,12 +3,12 @@
 #
 #   OUT=results_h100 bash benchmarks/gpu.sh
 #
-# Writes fused.{csv,log}, fused_options.json, attention.{csv,png,log} and model_step.{csv,log} to
+# Writes fused.{csv,log}, fused_options.json, filter.{csv,log}, attention.{csv,png,log} and model_step.{csv,log} to
 # $OUT (default benchmarks/out/gpu).
 # Needs jax with CUDA, flax, optax, orbax-checkpoint, and for model_step ml-collections (its
 # configs), grain and tensorboardX (the trainer's imports), and this repository; torch and
 # matplotlib are optional, TensorFlow is not used. $PYTHON picks the
-# interpreter; FUSED_ARGS, ATTENTION_ARGS and MODEL_STEP_ARGS append flags (later flags win),
+# interpreter; FUSED_ARGS, FILTER_ARGS, ATTENTION_ARGS and MODEL_STEP_ARGS append flags (later flags win),
 # e.g. to shrink them for a check on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,13 @@ status=0
 "$python" -m benchmarks.fused --out "$out" ${FUSED_ARGS:-} 2>&1 | tee "$out/fused.log"
 status=$((status | PIPESTATUS[0]))
 options="$out/fused_options.json"
+
+# The experimental one-pass filter kernel (topk.filter, off by default): checked on the device at
+# 2K (bfloat16, float32, causal and not), then timed alone against the present kernel at 16K and
+# 64K for its block shapes, with candidates per row and redo fraction; filter.csv after each row.
+# shellcheck disable=SC2086
+"$python" -m benchmarks.filter --out "$out" ${FILTER_ARGS:-} 2>&1 | tee "$out/filter.log"
+status=$((status | PIPESTATUS[0]))
 [ -f "$options" ] || echo '{}' >"$options"
 
 # Attention forms versus length; its own time budget (220 s) keeps it within about 4 minutes.

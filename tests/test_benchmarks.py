@@ -245,13 +245,16 @@ def test_fused_checks_selections_and_tuning_on_cpu(tmp_path):
 def test_gpu_script_writes_every_benchmark_to_out(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
              FUSED_ARGS=' '.join([*FUSED_TINY, '--parts', 'tune', '--variants', '16:16:4:2']),
+             FILTER_ARGS='--parts time --lengths 64 --causal false --heads 1 --head_dim 16 '
+                         '--k 4 --dtypes float32 --repeats 1 --variants 16:16:4:2 '
+                         '--small groups=16',
              ATTENTION_ARGS=' '.join([*TINY, '--forms', 'chunked', '--budget_s', '0']),
              MODEL_STEP_ARGS='--tasks listops --kinds topk --preset smoke --budget_s 0')
   result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh')], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  for name in ('fused.csv', 'fused.log', 'fused_options.json', 'attention.csv', 'attention.log',
-               'model_step.csv', 'model_step.log'):
+  for name in ('fused.csv', 'fused.log', 'fused_options.json', 'filter.csv', 'attention.csv',
+               'attention.log', 'model_step.csv', 'model_step.log'):
     assert (tmp_path / name).stat().st_size > 0, name
   # The tuned options reach the attention benchmark.
   assert "fused kernel options {'block_q': 16, 'key_tile': 16" in (

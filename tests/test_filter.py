@@ -1,0 +1,189 @@
+"""Tests for the one-pass filter kernel (topk.filter) in Pallas' interpreter on CPU, and its
+Triton IR lowered for CUDA (operation count per score, int32 offsets).
+
+Small shapes (the interpreter is slow): tiles of 16 keys, a sample of every 2nd key in 16
+groups, so rows span several tiles, the last one partial, and both filter loops run (plain
+blocks, and blocks with a row whose threshold is the masked score: causal starts, padding).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from topk import filter as filt
+from topk import fused, inputs, select_gpu
+
+SMALL = dict(block_q=16, key_tile=16, stride=2, groups=16)
+
+
+def _case(dtype, q_len=40, kv_len=200, heads=2, depth=16, integer=False, seed=0):
+  """`(q, k)` `[2, L, heads, depth]` and masks of every kind: a full mask, causal, key padding
+  (5 valid keys in the second sequence: fewer than k), query padding, and a bias that is -inf
+  on one (query, key) pair."""
+  rng = np.random.default_rng(seed)
+  draw = lambda *shape: rng.integers(-1, 2, shape) if integer else rng.standard_normal(shape)
+  q = jnp.asarray(draw(2, q_len, heads, depth), dtype)
+  k = jnp.asarray(draw(2, kv_len, heads, depth), dtype)
+  bias = rng.standard_normal((1, heads, q_len, kv_len)).astype(np.float32)
+  bias[0, 0, 30, 3] = -np.inf
+  masks = dict(
+      is_causal=True,
+      mask=jnp.asarray(rng.uniform(size=(1, 1, q_len, kv_len)) < 0.9),
+      bias=jnp.asarray(np.round(bias) if integer else bias),
+      key_padding_mask=jnp.arange(kv_len) < jnp.array([[kv_len], [5]]),
+      query_padding_mask=jnp.arange(q_len) < jnp.array([[q_len], [33]]))
+  return (q, k), masks
+
+
+def _both(q, key, masks, k, **options):
+  """The kernel's `(kept, indices, redo)` and `lax.top_k` of the dense masked scores."""
+  def run(q, key, masks):
+    can = inputs.canonicalize(q, key, key, **masks)
+    dense = inputs.chunk_scores(can, 0, can.query, can.key, can.bias, None)
+    return filt.kept_top_k(can, k, interpret=True, **options), jax.lax.top_k(dense, k)
+
+  statics = {n: v for n, v in masks.items() if n == 'is_causal'}
+  arrays = {n: v for n, v in masks.items() if n != 'is_causal'}
+  (kept, idx, redo), want = jax.jit(lambda q, key, m: run(q, key, m | statics))(q, key, arrays)
+  return (np.asarray(kept), np.asarray(idx), np.asarray(redo)), tuple(map(np.asarray, want))
+
+
+def _assert_exact_rows(got, want, tolerance):
+  (kept, idx, redo), (want_kept, want_idx) = got, want
+  np.testing.assert_array_equal(idx[~redo], want_idx[~redo])
+  np.testing.assert_allclose(kept[~redo], want_kept[~redo], rtol=tolerance, atol=tolerance)
+  assert kept.dtype == np.float32 and idx.dtype == np.int32
+
+
+@pytest.mark.parametrize('dtype, integer, k', [
+    (jnp.float32, True, 8),  # integer scores: exact in both products, many ties
+    (jnp.bfloat16, False, 8),
+    (jnp.float16, False, 5),
+])
+def test_masks_causal_padding_bias_equal_lax_top_k(dtype, integer, k):
+  (q, key), masks = _case(dtype, integer=integer)
+  got, want = _both(q, key, masks, k, **SMALL)
+  _assert_exact_rows(got, want, 0 if integer else 1e-6)
+  redo = got[2]
+  # Only the row with a -inf bias (it broadcasts over the batch) is left over: causal starts,
+  # the sequence with 5 valid keys and padded queries come out of the kernel.
+  want_redo = np.zeros(redo.shape, bool)
+  want_redo[:, 0, 30] = True
+  np.testing.assert_array_equal(redo, want_redo)
+
+
+def test_duplicate_top_keys_overflow_and_are_flagged():
+  # 60 copies of the same key score highest for every query: more entries >= t than the 32
+  # slots, so every row is flagged; with room enough, none is, and ties go to lower keys.
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(np.abs(rng.standard_normal((1, 24, 1, 16))), jnp.float32)
+  key = rng.standard_normal((1, 150, 1, 16))
+  key[0, 40:100] = 3.0
+  key = jnp.asarray(key, jnp.float32)
+  for buffer, all_redone in ((32, True), (128, False)):
+    got, want = _both(q, key, {}, 8, **SMALL, buffer=buffer)
+    assert got[2].all() == all_redone and (got[2].any() == all_redone)
+    _assert_exact_rows(got, want, 1e-6)
+    if not all_redone:
+      np.testing.assert_array_equal(got[1][0, 0, :, :], np.arange(40, 48)[None].repeat(24, 0))
+
+
+def test_all_masked_rows_k_equal_kv_len_and_nan():
+  # Rows 3 and 17 see no key; k = kv_len = 37 (not a multiple of the tile); row 5 meets a NaN.
+  rng = np.random.default_rng(3)
+  q = rng.standard_normal((1, 20, 1, 16)).astype(np.float32)
+  key = jnp.asarray(rng.standard_normal((1, 37, 1, 16)), jnp.float32)
+  mask = np.ones((1, 1, 20, 37), bool)
+  mask[..., [3, 17], :] = False
+  q[0, 5, 0, 0] = np.nan
+  got, want = _both(jnp.asarray(q), key, dict(mask=jnp.asarray(mask)), 37, **SMALL)
+  want_redo = np.zeros(got[2].shape, bool)
+  want_redo[0, 0, 5] = True
+  np.testing.assert_array_equal(got[2], want_redo)
+  _assert_exact_rows(got, want, 1e-6)
+  np.testing.assert_array_equal(got[1][0, 0, 3], np.arange(37))
+
+
+def test_clustered_scores_and_lengths_off_the_block():
+  # A causal, unmasked case whose top keys cluster near the diagonal (keys drift with their
+  # position): the sampled threshold is loose for some rows, which are flagged, the rest exact.
+  rng = np.random.default_rng(4)
+  length = 70  # not a multiple of block_q or key_tile
+  drift = np.linspace(0, 3, length)[None, :, None, None]
+  q = jnp.asarray(rng.standard_normal((1, length, 1, 16)) + drift, jnp.float32)
+  key = jnp.asarray(rng.standard_normal((1, length, 1, 16)) + drift, jnp.float32)
+  got, want = _both(q, key, dict(is_causal=True), 6, **SMALL, buffer=12)
+  _assert_exact_rows(got, want, 1e-5)
+  assert 0 < got[2].mean() < 0.9
+
+
+def test_options_are_checked():
+  spec = jax.ShapeDtypeStruct((1, 32, 1, 16), jnp.float32)
+  for k, options, message in ((4, dict(block_q=24), 'block_q must be a power of two'),
+                              (4, dict(groups=8), 'groups must be a power of two'),
+                              (4, dict(rank=5), r'rank must be in \[1, min\(k, groups\)\]'),
+                              (33, {}, r'k must be in \[1, kv_len = 32\]')):
+    with pytest.raises(ValueError, match=message):
+      jax.eval_shape(lambda x, k=k, options=options: filt.kept_top_k(
+          inputs.canonicalize(x, x, x), k, interpret=True, **options), spec)
+  opt = filt.Options().resolve(64, 65536)
+  assert (opt.rank, opt.groups, opt.buffer) == (32, 128, 768)
+  assert filt.Options().resolve(8, 100).buffer == 256  # 3 * 8 * 8 rounded up to 128
+
+
+def test_arrays_past_int32_offsets_are_refused():
+  # At 1M tokens and 8 heads the candidate buffers [8 * 2**20 rows, 769 slots] are past 2**31
+  # entries: refused (at abstract shapes); 256K tokens fit.
+  def reason(length, heads=8):
+    spec = jax.ShapeDtypeStruct((1, length, heads, 64), jnp.bfloat16)
+    out = []
+    jax.eval_shape(lambda x: out.append(filt.unsupported(inputs.canonicalize(x, x, x), 64)),
+                   spec)
+    return out[0]
+
+  assert reason(2**18) is None
+  assert "Triton's int32 offsets" in reason(2**20)
+  assert 8 * 2**20 * 769 > select_gpu.MAX_ENTRIES >= 8 * 2**18 * 769
+  spec = jax.ShapeDtypeStruct((1, 2**20, 8, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match='does not take an array of'):
+    jax.eval_shape(lambda x: filt.candidates(inputs.canonicalize(x, x, x), 64), spec)
+
+
+# Ceiling on the filter loop's operations per score (Triton IR; 19 when written), against the
+# present kernel's compaction loop (51 by the same count).
+OPS_CEILING = 24
+
+
+def test_lowers_for_cuda_and_counts_operations_per_score():
+  spec = jax.ShapeDtypeStruct((1, 1024, 1, 64), jnp.bfloat16)
+  plain = lambda q, key: filt.candidates(inputs.canonicalize(q, key, key), 64, block_q=64,
+                                         key_tile=128, plain_only=True)
+  (text,) = filt.triton_modules(plain, spec, spec)
+  ops = filt.ops_per_score(text, 64, 128)
+  (present,) = filt.triton_modules(
+      lambda q, key: fused.candidates(inputs.canonicalize(q, key, key), 64), spec, spec)
+  present_ops = filt.ops_per_score(present, 32, 128)
+  print(f'ops per score: filter {ops:.2f}, present kernel {present_ops:.2f}')
+  assert 10 < ops <= OPS_CEILING < present_ops
+  # The full kernel (both loops, masks, causal) lowers for CUDA and is found by name.
+  masks = dict(mask=jax.ShapeDtypeStruct((1, 1, 1024, 1024), bool),
+               bias=jax.ShapeDtypeStruct((1, 1, 1024, 1024), jnp.float32),
+               key_padding_mask=jax.ShapeDtypeStruct((1, 1024), bool))
+  full = lambda q, key, m: filt.kept_top_k(
+      inputs.canonicalize(q, key, key, is_causal=True, **m), 64)
+  lowered = jax.jit(full).trace(spec, spec, masks).lower(lowering_platforms=('cuda',))
+  assert filt.runs_kernel(lowered) and not fused.runs_kernel(lowered)
+
+
+def test_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
+  from benchmarks import filter as bench  # noqa: PLC0415
+  rows = bench.main(['--check_length', '48', '--lengths', '64', '--causal', 'true',
+                     '--heads', '1', '--head_dim', '16', '--k', '4', '--dtypes', 'float32',
+                     '--repeats', '1', '--variants', '16:16:4:2', '--small', 'groups=16',
+                     '--out', str(tmp_path)])
+  checks = [r for r in rows if r['part'] == 'check']
+  assert len(checks) == 2 and all(r['detail'].startswith('PASS') for r in checks)
+  timed = [r for r in rows if r['part'] == 'time']
+  assert [r['name'][:6] for r in timed] == ['presen', 'filter']
+  assert all(r['ms'] > 0 for r in timed) and timed[1]['candidates'] >= 4
+  assert (tmp_path / 'filter.csv').read_text().count('\n') == len(rows) + 1
