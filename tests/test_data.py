@@ -290,17 +290,17 @@ def test_listops_names_line_and_byte_that_are_not_utf8(tmp_path):
 
 def test_listops_skips_a_byte_order_mark(tmp_path):
   path = os.path.join(listops_dir(tmp_path), 'listops-1000', 'basic_train.tsv')
-  plain = listops.read_tsv(path, 100)
+  plain = listops.read_tsv(path)
   with open(path, 'rb') as f:
     text = f.read()
   with open(path, 'wb') as f:
     f.write('\ufeff'.encode() + text)
-  for got, expected in zip(listops.read_tsv(path, 100), plain, strict=True):
+  for got, expected in zip(listops.read_tsv(path), plain, strict=True):
     np.testing.assert_array_equal(got, expected)
   with open(path, 'wb') as f:
     f.write('\ufeff'.encode() + text + b'( [MAX \xff ] )\t2\n')
   with pytest.raises(ValueError, match=f'line 22: .* at byte {3 + len(text) + 7} of the file'):
-    listops.read_tsv(path, 100)
+    listops.read_tsv(path)
 
 
 def test_listops_empty_split_is_an_error(tmp_path):
