@@ -31,7 +31,7 @@ NUM_STEPS = 6
 BATCH_SIZE = 8  # the smoke configs' batch_size and eval_batch_size
 
 _TRAIN_PY = """
-import json, os, runpy, sys, time
+import dataclasses, json, os, runpy, sys, time
 import grain
 from lra.data import pipeline
 
@@ -59,7 +59,7 @@ init, stack = pipeline.Task.__init__, pipeline.Task._stack
 
 
 def recording_init(self, info, splits, **kwargs):
-  splits = {name: pipeline.Split(Records(name, split.records), split.decode)
+  splits = {name: dataclasses.replace(split, records=Records(name, split.records))
             for name, split in splits.items()}
   init(self, info, splits, **kwargs)
 
