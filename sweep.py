@@ -21,7 +21,8 @@ import shlex
 
 from absl import app, flags
 
-from lra import config_loader, sweeps
+import config_cli
+import sweeps
 
 _TRAIN_PY = str(pathlib.Path(__file__).resolve().parent / 'train.py')
 _LOCAL_FLAGS = ('parallel',)
@@ -124,4 +125,4 @@ if __name__ == '__main__':
       sweeps.submit_slurm(_TRAIN_PY, spec, shared, points, root, options, _GPUS.value)
       print(f'follow it with: python sweep.py --status --workdir_root={root}')
 
-  config_loader.run(main)
+  config_cli.run(main)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import config_cli
 import topk
-from lra import config_loader
 from studies.value_aware import analysis, capture, report
 from studies.value_aware import solvers as va
 from studies.value_aware.__main__ import main
@@ -217,7 +217,7 @@ def test_bad_inputs_raise():
 @pytest.fixture(scope='module')
 def smoke():
   """A random-init relu smoke model on synthetic tokens, and the inputs of its first batch."""
-  config = config_loader.get_config('configs/listops.py:vanilla,smoke')
+  config = config_cli.get_config('configs/listops.py:vanilla,smoke')
   run = capture.random_run(config, 'relu', num_batches=1, synthetic=True)
   batch = next(run.batches())
   return run, {name: value for name, value in batch.items() if name != 'targets'}

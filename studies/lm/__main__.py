@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from lra import config_loader
+import config_cli
 from lra.data import text_folder
 from studies.lm import analysis, report, runs
 from studies.value_aware import capture
@@ -96,7 +96,7 @@ def _final(workdir: str) -> str:
 
 def main(argv: list[str] | None = None) -> str:
   """Runs the study; returns the markdown it prints and writes."""
-  argv, overrides = config_loader.split_overrides(sys.argv[1:] if argv is None else argv)
+  argv, overrides = config_cli.split_overrides(sys.argv[1:] if argv is None else argv)
   parser = _parser()
   args = parser.parse_args(argv)
   for name, least in (('num_batches', 1), ('max_queries', 1), ('query_chunk_size', 1),
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> str:
   try:
     workdirs = [runs.ensure_trained(args.runs, args.objective, kernel, overrides)
                 for kernel in args.kernels.split(',')]
-  except config_loader.ConfigError as error:
+  except config_cli.ConfigError as error:
     parser.error(str(error))
   header = (f'{corpus}\nModels: `configs/lm.py:{args.objective}` '
             f'per kernel ({", ".join(args.kernels.split(","))}); overrides: '

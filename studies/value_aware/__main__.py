@@ -27,7 +27,7 @@ import argparse
 import functools
 import os
 
-from lra import config_loader
+import config_cli
 from studies.value_aware import analysis, capture, report
 
 
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> str:
     if not args.config:
       parser.error('--random_init needs --config, e.g. configs/listops.py:vanilla,smoke.')
     try:
-      config = config_loader.get_config(args.config)
-    except config_loader.ConfigError as error:
+      config = config_cli.get_config(args.config)
+    except config_cli.ConfigError as error:
       parser.error(str(error))
     runs = [functools.partial(capture.random_run, config, kernel, args.num_batches,
                               args.synthetic) for kernel in args.kernels.split(',')]
