@@ -19,10 +19,9 @@ import config_cli
 from lra import build, data, evaluate, models, progress, steps, train
 from lra.data import text_folder
 from lra.data.info import LM_MASK_ID
+from studies import approximations, capture
 from studies.lm import analysis, runs
 from studies.lm.__main__ import main
-from studies.value_aware import analysis as va_analysis
-from studies.value_aware import capture
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A real corpus present wherever Python is: the standard library's json package (5 files).
@@ -286,11 +285,11 @@ def test_replacement_with_every_key_is_the_unmodified_model(kernel):
   logits = model.apply({'params': params}, {'inputs': inputs}, train=False)
   for method in analysis.METHODS:
     replaced = capture.apply_replaced(model, params, {'inputs': inputs},
-                                      va_analysis.replacement(kernel, method, 8, 'all'))
+                                      approximations.replacement(kernel, method, 8, 'all'))
     np.testing.assert_allclose(replaced, logits, atol=2e-4)
   # And a small budget does change the model.
   replaced = capture.apply_replaced(model, params, {'inputs': inputs},
-                                    va_analysis.replacement(kernel, 'oblivious', 1, 'all'))
+                                    approximations.replacement(kernel, 'oblivious', 1, 'all'))
   assert not np.allclose(replaced, logits, atol=2e-4)
 
 

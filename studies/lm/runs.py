@@ -13,7 +13,7 @@ import numpy as np
 import config_cli
 from lra import train
 from lra.steps import target_terms
-from studies.value_aware import capture
+from studies import capture
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), 'configs', 'lm.py')

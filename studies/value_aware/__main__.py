@@ -28,7 +28,9 @@ import functools
 import os
 
 import config_cli
-from studies.value_aware import analysis, capture, report
+from studies import capture
+from studies.tables import write_csv
+from studies.value_aware import analysis, report
 
 
 def _budgets(parser: argparse.ArgumentParser, name: str, text: str) -> list[int]:
@@ -89,8 +91,8 @@ def main(argv: list[str] | None = None) -> str:
     errors += run_errors
     accuracies += run_accuracies
   os.makedirs(args.out, exist_ok=True)
-  report.write_csv(os.path.join(args.out, 'errors.csv'), errors)
-  report.write_csv(os.path.join(args.out, 'accuracy.csv'), accuracies)
+  write_csv(os.path.join(args.out, 'errors.csv'), errors)
+  write_csv(os.path.join(args.out, 'accuracy.csv'), accuracies)
   report.plot(errors, accuracies, args.out)
   table = report.markdown(errors, accuracies)
   print(table)
