@@ -1,6 +1,6 @@
 """Runs the value-aware study on trained runs and reports it.
 
-For each trained run (a `lra/train.py` workdir) this collects every attention layer's per-head
+For each trained run (a `train.py` workdir) this collects every attention layer's per-head
 queries, keys and values on validation batches and reports, per layer and per r:
 - the relative output error `||o - o~|| / ||o||` of top-r attention (value-oblivious, renormalised
   and not) and of the greedy value-aware approximation, plus the mass of the top-r weights
