@@ -20,7 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from configs import listops as listops_config
-from lra import train
+from lra import evaluate, train
 from lra.data import get_task, listops, listops_gen
 
 _ROOT = flags.DEFINE_string('root', 'demo_runs', 'Folder for the data and the run workdirs.')
@@ -88,7 +88,7 @@ def main(argv: Sequence[str]) -> None:
     if attention == 'vanilla':
       vanilla_params = results['num_params']
       swapped = demo_config('topk', data_dir, _STEPS.value)
-      evaluated = train.evaluate(swapped, workdir)
+      evaluated = evaluate.evaluate(swapped, workdir)
       rows.append((f'vanilla checkpoint, top-k (k={DEMO_K}) zero-shot', vanilla_params,
                    evaluated))
   majority, num_test = majority_rate(data_dir)

@@ -13,7 +13,7 @@ of a swept field pins that axis. Every point's full config is checked before any
 Each point trains in `<workdir_root>/<point>` (resuming from it, as train.py does), as a submitit
 job: `local` runs --parallel points at once on this machine, `slurm` submits one job per point.
 The local launcher waits for its points; `--status` reports a running sweep. Both write
-`summary.csv`, `summary.md` and `accuracy_vs_k.png` in --workdir_root (see `lra.sweeps`).
+`summary.csv`, `summary.md` and `accuracy_vs_k.png` in --workdir_root (see `sweeps`).
 """
 import os
 import pathlib
@@ -21,7 +21,8 @@ import shlex
 
 from absl import app, flags
 
-from lra import config_loader, sweeps
+import config_cli
+import sweeps
 
 _TRAIN_PY = str(pathlib.Path(__file__).resolve().parent / 'train.py')
 _LOCAL_FLAGS = ('parallel',)
@@ -124,4 +125,4 @@ if __name__ == '__main__':
       sweeps.submit_slurm(_TRAIN_PY, spec, shared, points, root, options, _GPUS.value)
       print(f'follow it with: python sweep.py --status --workdir_root={root}')
 
-  config_loader.run(main)
+  config_cli.run(main)

@@ -1,4 +1,5 @@
-r"""Trains or evaluates an LRA model. The loop itself lives in `lra.train`.
+r"""Trains or evaluates an LRA model. The loop lives in `lra.train`, evaluation in
+`lra.evaluate`.
 
 Train (resumes automatically from the workdir's latest checkpoint):
   python train.py --config=configs/listops.py:topk,k=64 --workdir=runs/listops_topk
@@ -16,7 +17,7 @@ collective with it).
 import jax
 from absl import app, flags, logging
 
-from lra import config_loader
+import config_cli
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file and its arg, e.g. '
                               'configs/listops.py:topk,k=64; override any field with '
@@ -42,8 +43,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = config_loader.get_config(_CONFIG.value, overrides)
-  from lra import train  # imported here so that a config mistake is reported fast
+  config = config_cli.get_config(_CONFIG.value, overrides)
+  from lra import evaluate, train  # imported here so that a config mistake is reported fast
   if _MULTIPROCESS.value:
     jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                                heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
@@ -52,9 +53,9 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
   if _MODE.value == 'train':
     train.train_and_evaluate(config, _WORKDIR.value)
   else:
-    train.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+    evaluate.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
 
 
 if __name__ == '__main__':
   jax.config.config_with_absl()  # JAX's options as absl flags, as big_vision's trainers do
-  config_loader.run(main)
+  config_cli.run(main)

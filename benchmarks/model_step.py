@@ -1,7 +1,7 @@
 """Device memory and time of one full-size training step of a task config, without any data.
 
 Builds the config's model, optimizer and jitted train step exactly as training does
-(`lra.train.make_trainer`: `lra.optim`'s optimizer, `lra.train.train_step`), compiles the step
+(`lra.build.make_trainer`: `lra.optim`'s optimizer, `lra.steps.train_step`), compiles the step
 for a batch of synthetic tokens of the task's shape and vocabulary (`lra.data.task_info`, no
 I/O, no TensorFlow), and reports the compiled memory (`memory_analysis()`: temp, arguments =
 train state + batch, and the total the step holds), whether that fits the device, and, when it
@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+import config_cli
 import topk
 from benchmarks.attention import (
   GIB,
@@ -37,7 +38,9 @@ from benchmarks.attention import (
   size,
   write_csv,
 )
-from lra import config_loader, data, models, train
+from lra import data, models
+from lra.build import build, make_trainer
+from lra.steps import shard_batch
 from topk import fused
 
 # Every task config, in the order --all measures them (ListOps carries the step-time target).
@@ -61,8 +64,8 @@ def measure(config: ml_collections.ConfigDict, repeats: int, limit: int,
   """Compiled memory and (when it fits within `limit` bytes) median time of one train step;
   `fused` says whether the step runs the fused top-k kernel, and `require_fused` skips the
   timing where it does not."""
-  trainer = train.make_trainer(config)  # checks every value of the config
-  info = data.task_info(config.task, max_length=config.max_length, **config.task_options)
+  parts = build(config)  # checks every value of the config
+  trainer, info = make_trainer(parts), parts.info
   batch = synthetic_batch(info, config.batch_size)
   abstract_state = jax.eval_shape(trainer.init_state)
   start = time.perf_counter()
@@ -89,7 +92,7 @@ def measure(config: ml_collections.ConfigDict, repeats: int, limit: int,
                       'takes the inputs and compiles; the log says which)')
     return row
   state = trainer.init_state()
-  device_batch = train.shard_batch(batch, trainer.mesh)
+  device_batch = shard_batch(batch, trainer.mesh)
   times = []
   for _ in range(repeats + 1):  # the first call is the warm-up
     begin = time.perf_counter()
@@ -103,7 +106,7 @@ def measure(config: ml_collections.ConfigDict, repeats: int, limit: int,
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
   """The arguments; `overrides` holds the `--config.<field>=<value>` pairs, in order."""
-  argv, overrides = config_loader.split_overrides(sys.argv[1:] if argv is None else argv)
+  argv, overrides = config_cli.split_overrides(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   which = parser.add_mutually_exclusive_group(required=True)
   which.add_argument('--config', action='append',
@@ -150,7 +153,7 @@ def _runs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
   # With both, the fused step first: its target is the one a time budget should not cut.
   switches = {None: (None,), 'on': ('on',), 'off': ('off',), 'both': ('on', 'off')}[args.fused]
   return [(spec, switch) for spec in args.config for switch in (
-      switches if config_loader.get_config(spec, args.overrides).attention.kind == 'topk'
+      switches if config_cli.get_config(spec, args.overrides).attention.kind == 'topk'
       else (None,))]
 
 
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   fused.OPTIONS.update(args.fused_options)
   rows = []
   for spec, switch in _runs(args):
-    config = config_loader.get_config(spec, args.overrides)
+    config = config_cli.get_config(spec, args.overrides)
     label = ' '.join([spec, *(f'--config.{field}={value}' for field, value in args.overrides)])
     if args.dtype:
       config.model.dtype = args.dtype

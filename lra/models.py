@@ -264,7 +264,6 @@ def _build(cls: type, group: ml_collections.ConfigDict, where: str, **fields: An
     raise ValueError(f'{where}: {error}') from None
 
 
-# ---- Edge: the only place this package reads a ConfigDict. ----
 def build_model(config: ml_collections.ConfigDict, info: TaskInfo) -> nn.Module:
   """Builds the classifier for `info` from `config.model`, `config.attention` and `config.ffn`.
 

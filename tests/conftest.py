@@ -1,11 +1,18 @@
 """Fixtures and helpers shared by several test modules (helpers: `from conftest import ...`)."""
+import glob
+import importlib
 import json
 import os
+import struct
 
 import jax
+import ml_collections
 import pytest
+from tensorboardX.proto import event_pb2
 
 from lra.data import listops_gen
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -43,3 +50,72 @@ def listops_data(tmp_path_factory) -> str:
   listops_gen.write_splits(root, seed=0, num_train=64, num_valid=21, num_test=13, min_length=3,
                            max_length=40)
   return root
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory) -> dict[str, str]:
+  """Shares compiled steps between the runs of one test module and its subprocesses (returns
+  their environment variables): most runs compile the same smoke model, and compiling dominates."""
+  options = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
+             'jax_persistent_cache_min_compile_time_secs': 0.0}
+  previous = {name: getattr(jax.config, name) for name in options}
+  for name, value in options.items():
+    jax.config.update(name, value)
+  yield {name.upper(): str(value) for name, value in options.items()}
+  for name, value in previous.items():
+    jax.config.update(name, value)
+
+
+def smoke_config(module: str, data_dir: str, arg: str = 'smoke', **overrides
+                 ) -> ml_collections.ConfigDict:
+  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  config.data_dir = data_dir
+  for name, value in overrides.items():
+    parent = config
+    *path, leaf = name.split('.')
+    for part in path:
+      parent = parent[part]
+    parent[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def listops_run(listops_data, tmp_path_factory, compilation_cache):
+  """4 uninterrupted steps; validation after steps 2 and 4 on the whole split."""
+  from lra import train
+  config = smoke_config('listops', listops_data, num_eval_steps=-1)
+  workdir = str(tmp_path_factory.mktemp('listops_run'))
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope='module')
+def profiled_run(listops_data, tmp_path_factory, compilation_cache):
+  """The listops_run config checkpointed every step (checkpoints 3 and 4 kept), steps 2-3
+  profiled."""
+  from lra import train
+  config = smoke_config('listops', listops_data, num_eval_steps=-1, checkpoint_every=1,
+                        profile_steps=2)
+  workdir = str(tmp_path_factory.mktemp('profiled_run'))
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def read_scalars(log_dir: str) -> dict[tuple[int, str], float]:
+  """The scalars of the TensorBoard event files in `log_dir` (TFRecord framing: length, its CRC,
+  the Event proto, its CRC), by (step, tag), as TensorBoard shows them: files are read oldest
+  first and a `SessionLog.START` event of step s hides the earlier events of steps >= s. Asserts
+  that no (step, tag) is shown twice."""
+  scalars = {}
+  for path in sorted(glob.glob(os.path.join(log_dir, 'events.out.tfevents.*'))):
+    with open(path, 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        scalars = {key: value for key, value in scalars.items() if key[0] < event.step}
+      for value in event.summary.value:
+        assert (event.step, value.tag) not in scalars, f'{value.tag} shown twice at {event.step}'
+        scalars[(event.step, value.tag)] = value.simple_value
+  return scalars

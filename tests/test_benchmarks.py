@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
+import config_cli
 from benchmarks import attention, model_step
 from benchmarks import fused as fused_bench
-from lra import config_loader
 from topk import fused as fused_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +174,7 @@ def test_model_step_smoke_without_tensorflow(tmp_path):
 
 
 def test_model_step_reports_memory_of_a_step_that_does_not_fit():
-  config = config_loader.get_config('configs/retrieval.py:vanilla,smoke')
+  config = config_cli.get_config('configs/retrieval.py:vanilla,smoke')
   config.model.num_layers = 1
   row = model_step.measure(config, repeats=1, limit=1024)
   assert (row['task'], row['fits'], row['length']) == ('retrieval', False, 64)
@@ -183,7 +183,7 @@ def test_model_step_reports_memory_of_a_step_that_does_not_fit():
 
 
 def test_model_step_fused_column_says_whether_the_step_runs_the_kernel(monkeypatch):
-  config = config_loader.get_config('configs/listops.py:topk,smoke')
+  config = config_cli.get_config('configs/listops.py:topk,smoke')
   config.model.num_layers = 1
   # On CPU the kernel is not in the step: asked for, the row is not timed as if it were.
   row = model_step.measure(config, repeats=1, limit=2**40, require_fused=True)
@@ -201,7 +201,7 @@ def test_model_step_takes_config_overrides(tmp_path):
                            '--repeats', '1', '--out', str(tmp_path)])
   assert (row['batch'], row['length'], row['skipped']) == (2, 32, '')
   assert row['config'] == ' '.join(['configs/listops.py:vanilla,smoke', *overrides])
-  with pytest.raises(config_loader.ConfigError, match='--config.model.depth: no such field'):
+  with pytest.raises(config_cli.ConfigError, match='--config.model.depth: no such field'):
     model_step.main(['--config=configs/listops.py:vanilla,smoke', '--config.model.depth=1'])
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from configs import common, image, listops, pathfinder, pathx, retrieval, text
-from lra import train
+from lra import build
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +83,7 @@ def test_builds_locked_with_every_field(name, preset):
   assert config.is_locked
   with pytest.raises(AttributeError):
     config.not_a_field = 1
-  train.build(config)  # every value is valid
+  build.build(config)  # every value is valid
   if preset:
     assert config.max_length <= 64
     assert (config.batch_size, config.num_eval_steps) == (8, 2)
@@ -114,7 +114,7 @@ def test_arg_k_zero_is_an_error_not_the_default():
   config = listops.get_config('topk,k=0,smoke')
   assert config.attention.k == 0
   with pytest.raises(ValueError, match='config.attention: k must be an integer >= 1, got 0'):
-    train.build(config)
+    build.build(config)
 
 
 @pytest.mark.parametrize('arg, message', [
@@ -170,7 +170,7 @@ def test_bad_value_fails_before_any_data_is_read(group, field, value, message, t
   config.data_dir = str(tmp_path / 'no_data_here')  # reading data would raise FileNotFoundError
   (config[group] if group else config)[field] = value
   with pytest.raises(ValueError, match=message):
-    train.setup(config)
+    build.setup(config)
 
 
 @pytest.mark.parametrize('name', _MODULES)
@@ -184,7 +184,7 @@ def test_sweep_points_are_valid_overrides(name):
     for key, value in point.items():
       group, field = key.split('.')
       config[group][field] = value
-    train.build(config)
+    build.build(config)
 
 
 def test_sweep_kinds():

@@ -15,13 +15,13 @@ import optax
 import pytest
 from flax.training import train_state
 
-from lra import config_loader, data, models, train
+import config_cli
+from lra import build, data, evaluate, models, progress, steps, train
 from lra.data import text_folder
 from lra.data.info import LM_MASK_ID
+from studies import approximations, capture
 from studies.lm import analysis, runs
 from studies.lm.__main__ import main
-from studies.value_aware import analysis as va_analysis
-from studies.value_aware import capture
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A real corpus present wherever Python is: the standard library's json package (5 files).
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures('fast_compilation')
 def _config(arg: str = 'causal,smoke', **overrides) -> ml_collections.ConfigDict:
   pairs = [('data_dir', _CORPUS), ('task_options.pattern', '*.py'),
            *((key, str(value)) for key, value in overrides.items())]
-  return config_loader.get_config(os.path.join(_REPO, 'configs', 'lm.py') + ':' + arg, pairs)
+  return config_cli.get_config(os.path.join(_REPO, 'configs', 'lm.py') + ':' + arg, pairs)
 
 
 def _write(folder, files: dict[str, bytes]) -> str:
@@ -154,11 +154,11 @@ def test_lm_config_is_plain_data_and_every_value_is_checked():
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True, cwd=_REPO)
   assert result.stdout.split() == ['masked_lm', 'relu', '4', '[]']
-  assert isinstance(train.build(_config('causal')).model, models.LanguageModel)
+  assert isinstance(build.build(_config('causal')).model, models.LanguageModel)
   with pytest.raises(ValueError, match="config.attention: Unknown attention kernel 'nope'"):
-    train.build(_config('causal,kernel=nope'))
+    build.build(_config('causal,kernel=nope'))
   with pytest.raises(ValueError, match='objective must be one of'):
-    train.build(_config('causal', **{'task_options.objective': 'classification'}))
+    build.build(_config('causal', **{'task_options.objective': 'classification'}))
 
 
 
@@ -193,7 +193,7 @@ def test_masked_lm_sees_both_sides():
 @pytest.mark.parametrize('objective', ['causal', 'masked'])
 def test_lm_loss_decreases_on_a_small_real_corpus(objective):
   config = _config(f'{objective},smoke', num_train_steps=40)
-  task, trainer = train.setup(config)
+  task, trainer = build.setup(config)
   state = trainer.init_state()
   losses = []
   batches = iter(task.train())
@@ -210,7 +210,7 @@ def test_eval_step_counts_scored_tokens_of_real_examples():
   logits = jnp.zeros((3, 4, 5)).at[..., 2].set(1.0)
   batch = {'targets': jnp.full((3, 4), 2), 'target_weights': jnp.array(
       [[1, 0, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]), 'weights': jnp.array([1.0, 1.0, 0.0])}
-  sums = train.eval_step(None, batch, apply_fn=lambda *args, **kwargs: logits)
+  sums = steps.eval_step(None, batch, apply_fn=lambda *args, **kwargs: logits)
   assert (float(sums['count']), float(sums['correct'])) == (6.0, 6.0)
 
 
@@ -222,9 +222,9 @@ def test_logged_train_metrics_are_means_over_scored_tokens():
       apply_fn=lambda variables, batch, **kwargs: jnp.broadcast_to(
           logits, batch['targets'].shape + (3,)),
       params={'unused': jnp.zeros(())}, tx=optax.sgd(0.0))
-  step_fn = jax.jit(lambda state, batch: train.train_step(
+  step_fn = jax.jit(lambda state, batch: steps.train_step(
       state, batch, dropout_key=jax.random.key(0), schedule=optax.constant_schedule(0.5)))
-  metrics = train._TrainMetrics({})
+  metrics = progress.TrainMetrics({})
   batches = [([[1, 1]], [[1, 0]]), ([[0, 0]], [[1, 1]]), ([[1, 0]], [[1, 0]])]
   for step, (targets, weights) in enumerate(batches, 1):
     state, step_metrics = step_fn(
@@ -252,8 +252,8 @@ def test_evaluate_with_every_hidden_unit_and_key_kept_equals_the_dense_model(lm_
   # top-k over all 64 hidden units and all 64 keys is the dense model.
   swapped = _config('causal,topk,smoke,k=64', num_train_steps=6, **{'ffn.kind': 'topk',
                                                                      'ffn.k': 64})
-  evaluated = train.evaluate(swapped, workdir)
-  assert evaluated['tag'] == 'topk_k64_ffntopk_k64'
+  evaluated = evaluate.evaluate(swapped, workdir)
+  assert evaluated['tag'].startswith('topk_k64_ffntopk_k64_')
   for split in ('validation', 'test'):
     assert evaluated[split]['loss'] == pytest.approx(results['best'][split]['loss'], rel=1e-5)
     assert evaluated[split]['accuracy'] == pytest.approx(results['best'][split]['accuracy'],
@@ -285,11 +285,11 @@ def test_replacement_with_every_key_is_the_unmodified_model(kernel):
   logits = model.apply({'params': params}, {'inputs': inputs}, train=False)
   for method in analysis.METHODS:
     replaced = capture.apply_replaced(model, params, {'inputs': inputs},
-                                      va_analysis.replacement(kernel, method, 8, 'all'))
+                                      approximations.replacement(kernel, method, 8, 'all'))
     np.testing.assert_allclose(replaced, logits, atol=2e-4)
   # And a small budget does change the model.
   replaced = capture.apply_replaced(model, params, {'inputs': inputs},
-                                    va_analysis.replacement(kernel, 'oblivious', 1, 'all'))
+                                    approximations.replacement(kernel, 'oblivious', 1, 'all'))
   assert not np.allclose(replaced, logits, atol=2e-4)
 
 

@@ -1,11 +1,11 @@
-"""Tests of the command-line layer: lra.config_loader and train.py's flags."""
+"""Tests of the command-line layer: config_cli and train.py's flags."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from lra import config_loader
+import config_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,11 +15,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                         timeout=300)
 
 
-# ----------------------------------------------------------------------------- config_loader
+# ----------------------------------------------------------------------------- config_cli
 
 
 def test_get_config_applies_typed_overrides():
-  config = config_loader.get_config('configs/listops.py:topk', [
+  config = config_cli.get_config('configs/listops.py:topk', [
       ('attention.k', '32'), ('model.num_layers', '2'), ('learning_rate', '1e-3'),
       ('model.learned_pos', 'true'), ('data_dir', '/data')])
   assert (config.attention.kind, config.attention.k, config.model.num_layers) == ('topk', 32, 2)
@@ -42,18 +42,18 @@ def test_get_config_applies_typed_overrides():
     ('configs/listops.py', [('model', '3')], 'cannot override a field of type ConfigDict'),
 ])
 def test_get_config_errors_name_the_mistake(spec, overrides, message):
-  with pytest.raises(config_loader.ConfigError, match=message):
-    config_loader.get_config(spec, overrides)
+  with pytest.raises(config_cli.ConfigError, match=message):
+    config_cli.get_config(spec, overrides)
 
 
 def test_split_overrides():
-  rest, overrides = config_loader.split_overrides(
+  rest, overrides = config_cli.split_overrides(
       ['train.py', '--config=c.py:topk', '--config.attention.k=32', '--workdir', 'w',
        '--config.data_dir', '/d', '--jax_log_compiles'])
   assert rest == ['train.py', '--config=c.py:topk', '--workdir', 'w', '--jax_log_compiles']
   assert overrides == [('attention.k', '32'), ('data_dir', '/d')]
-  with pytest.raises(config_loader.ConfigError, match='--config.data_dir has no value'):
-    config_loader.split_overrides(['--config.data_dir', '--workdir=w'])
+  with pytest.raises(config_cli.ConfigError, match='--config.data_dir has no value'):
+    config_cli.split_overrides(['--config.data_dir', '--workdir=w'])
 
 
 # ----------------------------------------------------------------------------- train.py

@@ -1,4 +1,4 @@
-"""Tests of sweeps: lra.sweeps and sweep.py (points, launchers, status, summary).
+"""Tests of sweeps: sweeps and sweep.py (points, launchers, status, summary).
 
 The local launcher runs end to end on the ListOps smoke config; the SLURM launcher runs against
 submitit's own mocked sbatch, so no cluster is needed.
@@ -17,8 +17,9 @@ import pytest
 from submitit.core.test_core import MockedSubprocess
 from submitit.core.utils import DelayedSubmission, FailedJobError
 
+import config_cli
+import sweeps
 from configs import image, listops, pathfinder, pathx, retrieval, text
-from lra import config_loader, sweeps
 from lra.data import listops_gen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def test_sweep_point_names_are_unique():
 
 
 def test_sweep_flags():
-  points = config_loader.get_sweep(_SMOKE)
+  points = config_cli.get_sweep(_SMOKE)
   assert points == listops.get_sweep('topk,smoke')
   assert sweeps.point_name(points[1]) == 'topk_k4_c16'
   overrides = sweeps.point_overrides([('data_dir', 'DATA')], points[1])
@@ -59,7 +60,7 @@ def test_shared_override_of_a_swept_field_pins_its_axis():
 
 
 def test_every_point_is_checked_before_anything_runs():
-  with pytest.raises(config_loader.ConfigError, match=r'^sweep point vanilla: '
+  with pytest.raises(config_cli.ConfigError, match=r'^sweep point vanilla: '
                      r'config\.batch_size=-1; expected an int >= 1\.$'):
     sweeps.expand(_SMOKE, [('batch_size', '-1')])
 

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import config_cli
 import topk
-from lra import config_loader
-from studies.value_aware import analysis, capture, report
-from studies.value_aware import solvers as va
+from studies import approximations, capture
+from studies import solvers as va
+from studies.value_aware import report
 from studies.value_aware.__main__ import main
 from topk import kernels
 
@@ -217,7 +218,7 @@ def test_bad_inputs_raise():
 @pytest.fixture(scope='module')
 def smoke():
   """A random-init relu smoke model on synthetic tokens, and the inputs of its first batch."""
-  config = config_loader.get_config('configs/listops.py:vanilla,smoke')
+  config = config_cli.get_config('configs/listops.py:vanilla,smoke')
   run = capture.random_run(config, 'relu', num_batches=1, synthetic=True)
   batch = next(run.batches())
   return run, {name: value for name, value in batch.items() if name != 'targets'}
@@ -228,7 +229,7 @@ def test_capture_sees_each_layer_and_exact_recomputes_the_model(smoke):
   recomputed = []
 
   def check(call, x):
-    exact = jnp.swapaxes(analysis.approximate(call, 'relu', 'exact', 0), -3, -2)
+    exact = jnp.swapaxes(approximations.approximate(call, 'relu', 'exact', 0), -3, -2)
     recomputed.append((call.layer, call.query.shape, call.mask.shape,
                        float(jnp.max(jnp.abs(exact - x)))))
     return x
@@ -247,7 +248,7 @@ def test_capture_sees_each_layer_and_exact_recomputes_the_model(smoke):
 def test_layer_errors_rank_value_aware_first(smoke):
   run, inputs = smoke
   calls = capture.capture_attention(run.model, run.params, inputs)
-  rows = analysis.layer_errors(calls[1], 'relu', [2], max_queries=64)
+  rows = approximations.layer_errors(calls[1], 'relu', [2], max_queries=64)
   table = {row['method']: row for row in rows}
   assert set(table) == {'oblivious', 'oblivious_raw', 'value_aware'}
   assert table['value_aware']['queries'] == 64
@@ -260,7 +261,8 @@ def test_replacing_a_layer_by_a_lossless_approximation_keeps_predictions(smoke):
   model, targets = capture.predictions(run, None)
   assert model.shape == targets.shape
   # r >= n keeps every key, so the replaced layer computes exactly what the model did.
-  big_r = analysis.replacement('relu', 'oblivious', 10_000, 'encoder/encoderblock_0/attention')
+  big_r = approximations.replacement('relu', 'oblivious', 10_000,
+                                     'encoder/encoderblock_0/attention')
   np.testing.assert_array_equal(capture.predictions(run, big_r)[0], model)
 
 

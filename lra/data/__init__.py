@@ -2,7 +2,7 @@
 
 `TaskInfo`, `task_info` and `TASK_NAMES` are static and import no data libraries; `Task` and
 `get_task` load the pipelines (grain, Pillow, TFDS) on first use, so code that only sizes a task
-(`lra.train`'s step, `benchmarks.model_step`) runs where those are not installed.
+(`lra.build`'s trainer, `benchmarks.model_step`) runs where those are not installed.
 """
 import importlib
 from typing import Any

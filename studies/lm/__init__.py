@@ -2,9 +2,9 @@
 
 - `runs`: training the models (one per attention kernel, through `lra.train`) and their
   per-window token errors and losses, optionally with attention outputs replaced;
-- `analysis`: the value-aware study (Gupta & Berant) on language models, reusing
-  `studies.value_aware`'s solvers and capture, and the zero-shot top-k swaps of attention and
-  feed-forward layers (Gupta et al.);
-- `report`: CSV files, plots and markdown tables;
+- `analysis`: the value-aware study (Gupta & Berant) on language models, on the shared study
+  modules (`studies.capture`, `studies.approximations`), and the zero-shot top-k swaps of
+  attention and feed-forward layers (Gupta et al.);
+- `report`: plots and markdown tables;
 - `python -m studies.lm {value_aware,zero_shot} ...`: the command line (see `__main__`).
 """

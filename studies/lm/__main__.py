@@ -27,11 +27,11 @@ import json
 import os
 import sys
 
-from lra import config_loader
+import config_cli
 from lra.data import text_folder
+from studies import capture
 from studies.lm import analysis, report, runs
-from studies.value_aware import capture
-from studies.value_aware import report as va_report
+from studies.tables import write_csv
 
 OBJECTIVES = ('causal', 'masked')
 
@@ -96,7 +96,7 @@ def _final(workdir: str) -> str:
 
 def main(argv: list[str] | None = None) -> str:
   """Runs the study; returns the markdown it prints and writes."""
-  argv, overrides = config_loader.split_overrides(sys.argv[1:] if argv is None else argv)
+  argv, overrides = config_cli.split_overrides(sys.argv[1:] if argv is None else argv)
   parser = _parser()
   args = parser.parse_args(argv)
   for name, least in (('num_batches', 1), ('max_queries', 1), ('query_chunk_size', 1),
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> str:
   try:
     workdirs = [runs.ensure_trained(args.runs, args.objective, kernel, overrides)
                 for kernel in args.kernels.split(',')]
-  except config_loader.ConfigError as error:
+  except config_cli.ConfigError as error:
     parser.error(str(error))
   header = (f'{corpus}\nModels: `configs/lm.py:{args.objective}` '
             f'per kernel ({", ".join(args.kernels.split(","))}); overrides: '
@@ -138,15 +138,15 @@ def main(argv: list[str] | None = None) -> str:
       run_rows, run_outputs = analysis.value_aware_study(run, rs, args.max_queries, solver)
       rows += run_rows
       outputs += run_outputs
-    va_report.write_csv(os.path.join(args.out, 'value_aware.csv'), rows)
-    va_report.write_csv(os.path.join(args.out, 'value_aware_outputs.csv'), outputs)
+    write_csv(os.path.join(args.out, 'value_aware.csv'), rows)
+    write_csv(os.path.join(args.out, 'value_aware_outputs.csv'), outputs)
     report.plot_value_aware(rows, outputs, args.out)
     table = report.value_aware_markdown(rows, outputs)
   else:
     rows = []
     for run in loaded:
       rows += analysis.zero_shot_study(run, attention_ks, ffn_ks)
-    va_report.write_csv(os.path.join(args.out, 'zero_shot.csv'), rows)
+    write_csv(os.path.join(args.out, 'zero_shot.csv'), rows)
     report.plot_zero_shot(rows, args.out)
     table = report.zero_shot_markdown(rows)
   header += (f'\nEvaluated per model: {rows[0]["tokens"]:,} tokens in {rows[0]["windows"]} '

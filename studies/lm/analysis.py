@@ -2,7 +2,7 @@
 
 - `value_aware_study`: each attention layer's output (and every layer's at once) replaced by its
   value-oblivious (top-r renormalised) or value-aware r-sparse approximation
-  (`studies.value_aware`), for r in a grid; plus the top-r weight mass (the kernel's skewness)
+  (`studies.approximations`), for r in a grid; plus the top-r weight mass (the kernel's skewness)
   and the relative output error of each approximation on sampled queries.
 - `zero_shot_study`: the trained model evaluated with top-k attention (k grid) or top-k
   feed-forward layers (k grid) in place of the dense ones, no retraining.
@@ -16,10 +16,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lra import data, models
+from lra import build
+from studies.approximations import error_rows, replacement
+from studies.capture import Run
 from studies.lm.runs import window_totals
-from studies.value_aware import analysis as va_analysis
-from studies.value_aware.capture import Run
 
 METHODS = ('oblivious', 'value_aware')
 
@@ -60,22 +60,22 @@ def _counts(run: Run, totals: dict[str, np.ndarray]) -> dict[str, object]:
 def value_aware_study(run: Run, rs: Sequence[int], max_queries: int,
                       solver: Mapping[str, Any] | None = None) -> tuple[list[dict], list[dict]]:
   """The value-aware study of one run on its evaluation batches; `solver` holds keyword options
-  of the value-aware solver (`studies.value_aware.solvers.value_aware_greedy`).
+  of the value-aware solver (`studies.solvers.value_aware_greedy`).
 
   Returns:
     (replacement rows, one per layer ('all' = every layer) and r: the unmodified model's error
     and loss (`model_*`), each method's (`oblivious_*`, `value_aware_*`) and the gap
-    oblivious - value-aware (`gap_*`, paired); output rows of `va_analysis.error_rows`: relative
+    oblivious - value-aware (`gap_*`, paired); output rows of `error_rows`: relative
     output error and top-r mass per layer, r and method on `max_queries` sampled queries).
   """
   batches = list(run.batches())
   sampled = Run(run.name, run.kernel, run.model, run.params, lambda: iter(batches), run.config)
-  outputs, layers = va_analysis.error_rows(sampled, list(rs), max_queries, solver)
+  outputs, layers = error_rows(sampled, list(rs), max_queries, solver)
   model = window_totals(run.model, run.params, batches)
   rows = []
   for layer in layers + ['all']:
     for r in rs:
-      totals = {method: window_totals(run.model, run.params, batches, va_analysis.replacement(
+      totals = {method: window_totals(run.model, run.params, batches, replacement(
           run.kernel, method, r, layer, solver)) for method in METHODS}
       rows.append({**_counts(run, model), 'layer': layer, 'r': r, **summary(model, 'model_'),
                    **{key: value for method in METHODS
@@ -97,14 +97,12 @@ def zero_shot_study(run: Run, attention_ks: Sequence[int], ffn_ks: Sequence[int]
   """Rows of the run's error and loss with top-k attention ('attention') or top-k feed-forward
   layers ('ffn') for each k, and their increase over the unmodified model ('none', k = 0)."""
   batches = list(run.batches())
-  info = data.task_info(run.config.task, max_length=run.config.max_length,
-                        **run.config.task_options)
   model = window_totals(run.model, run.params, batches)
   rows = [{**_counts(run, model), 'swap': 'none', 'k': 0, **summary(model),
            **difference(model, model, 'increase_')}]
   for group, ks in (('attention', attention_ks), ('ffn', ffn_ks)):
     for k in ks:
-      swapped = models.build_model(_swapped(run.config, group, k), info)
+      swapped = build.build(_swapped(run.config, group, k)).model
       totals = window_totals(swapped, run.params, batches)
       rows.append({**_counts(run, model), 'swap': group, 'k': k, **summary(totals),
                    **difference(totals, model, 'increase_')})

@@ -1,5 +1,5 @@
 """Reporting of the language-model studies: plots and markdown tables of the analysis rows (CSV
-files with `studies.value_aware.report.write_csv`)."""
+files with `studies.tables.write_csv`)."""
 import os
 
 import numpy as np

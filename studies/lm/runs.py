@@ -10,8 +10,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lra import config_loader, train
-from studies.value_aware import capture
+import config_cli
+from lra import train
+from lra.steps import target_terms
+from studies import capture
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), 'configs', 'lm.py')
@@ -35,7 +37,7 @@ def ensure_trained(root: str, objective: str, kernel: str, overrides: Sequence[t
   """
   path = workdir(root, objective, kernel)
   if not os.path.isfile(os.path.join(path, 'results.json')):
-    config = config_loader.get_config(f'{CONFIG}:{objective},kernel={kernel}', overrides)
+    config = config_cli.get_config(f'{CONFIG}:{objective},kernel={kernel}', overrides)
     train.train_and_evaluate(config, path)
   return path
 
@@ -49,7 +51,7 @@ def window_totals(model: nn.Module, params: Any, batches: Iterable[capture.Batch
   @jax.jit
   def totals(params, batch):
     logits = capture.apply_replaced(model, params, batch, replace)
-    loss, correct, weights = train.target_terms(logits, batch)
+    loss, correct, weights = target_terms(logits, batch)
     axes = tuple(range(1, weights.ndim))
     return {'loss': (loss * weights).sum(axes), 'errors': ((1.0 - correct) * weights).sum(axes),
             'tokens': weights.sum(axes)}

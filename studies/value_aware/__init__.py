@@ -1,11 +1,8 @@
 """Value-aware study (Gupta & Berant, "Value-aware Approximate Attention").
 
-How well r-sparse approximations reproduce attention outputs of trained models:
-- `solvers`: the approximations themselves (value-oblivious top-r, exact and greedy value-aware)
-  and their metrics, on per-head arrays;
-- `capture`: runs (trained workdirs or random-init models) and the capture of each attention
-  layer's queries, keys, values and mask;
+How well r-sparse approximations reproduce attention outputs of trained LRA models, built on the
+shared study modules (`studies.solvers`, `studies.capture`, `studies.approximations`):
 - `analysis`: per-layer errors and the accuracy of models whose attention outputs are replaced;
-- `report`: CSV files, plots and markdown tables;
+- `report`: plots and markdown tables;
 - `python -m studies.value_aware ...`: the command line (see `__main__`).
 """

@@ -1,6 +1,6 @@
 """Runs the value-aware study on trained runs and reports it.
 
-For each trained run (a `lra/train.py` workdir) this collects every attention layer's per-head
+For each trained run (a `train.py` workdir) this collects every attention layer's per-head
 queries, keys and values on validation batches and reports, per layer and per r:
 - the relative output error `||o - o~|| / ||o||` of top-r attention (value-oblivious, renormalised
   and not) and of the greedy value-aware approximation, plus the mass of the top-r weights
@@ -27,8 +27,10 @@ import argparse
 import functools
 import os
 
-from lra import config_loader
-from studies.value_aware import analysis, capture, report
+import config_cli
+from studies import capture
+from studies.tables import write_csv
+from studies.value_aware import analysis, report
 
 
 def _budgets(parser: argparse.ArgumentParser, name: str, text: str) -> list[int]:
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> str:
     if not args.config:
       parser.error('--random_init needs --config, e.g. configs/listops.py:vanilla,smoke.')
     try:
-      config = config_loader.get_config(args.config)
-    except config_loader.ConfigError as error:
+      config = config_cli.get_config(args.config)
+    except config_cli.ConfigError as error:
       parser.error(str(error))
     runs = [functools.partial(capture.random_run, config, kernel, args.num_batches,
                               args.synthetic) for kernel in args.kernels.split(',')]
@@ -89,8 +91,8 @@ def main(argv: list[str] | None = None) -> str:
     errors += run_errors
     accuracies += run_accuracies
   os.makedirs(args.out, exist_ok=True)
-  report.write_csv(os.path.join(args.out, 'errors.csv'), errors)
-  report.write_csv(os.path.join(args.out, 'accuracy.csv'), accuracies)
+  write_csv(os.path.join(args.out, 'errors.csv'), errors)
+  write_csv(os.path.join(args.out, 'accuracy.csv'), accuracies)
   report.plot(errors, accuracies, args.out)
   table = report.markdown(errors, accuracies)
   print(table)

@@ -1,18 +1,10 @@
 """Reporting of the study: CSV files, plots and markdown tables of the analysis rows."""
-import csv
 import os
 from typing import Any
 
 import numpy as np
 
 from studies.value_aware.analysis import REPLACED_METHODS
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
 
 
 def _r_axis(ax: Any, rs: list[int]) -> None:

@@ -1,9 +1,11 @@
 """Run configs from the command line: `path.py[:arg]` files, `--config.<field>=<value>` overrides.
 
-Shared by train.py, sweep.py and the value-aware study. Each mistake (a missing file, a file
-without `get_config`, a bad arg, an unknown field, a value of the wrong type) raises
-`ConfigError` with one message naming it, which the scripts print as one line (`run`). Overrides are
-typed by the field they replace, as `ml_collections.config_flags` types them. Importing this
+The command-line layer of the scripts (train.py, sweep.py) and of the studies' and benchmarks'
+command lines, so it lives beside the scripts rather than in the `lra` library; it is installed as
+a top-level module so that installed studies and benchmarks find it. Each mistake (a missing
+file, a file without `get_config`, a bad arg, an unknown field, a value of the wrong type) raises
+`ConfigError` with one message naming it, which the scripts print as one line (`run`). Overrides
+are typed by the field they replace, as `ml_collections.config_flags` types them. Importing this
 module imports neither JAX nor TensorFlow.
 """
 import importlib.util

@@ -28,14 +28,14 @@ from typing import Any, NamedTuple
 import submitit
 from submitit.core.utils import JobPaths
 
-from lra import config_loader
+import config_cli
 
 SUBMITIT_DIR = 'submitit'
 SWEEP_FILE = 'sweep.json'
 LAUNCHERS = ('local', 'slurm')
 _SPLITS = ('validation', 'test')
 _METRICS = ('accuracy', 'loss')
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.abspath(__file__))
 # A local "job" has no time limit of its own: submitit's default (minutes) would stop long runs.
 _LOCAL_TIMEOUT_MIN = 60 * 24 * 365
 # Options that have their own sweep.py flag, so that each fact is given in one place.
@@ -45,7 +45,7 @@ _DEDICATED_SBATCH_OPTIONS = {'partition': '--slurm_partition', 'time': '--slurm_
                              'output': None, 'error': None, 'signal': None, 'open-mode': None}
 
 
-class SweepError(config_loader.ConfigError):
+class SweepError(config_cli.ConfigError):
   """A sweep cannot start or be read; the message names the flag, point or file and why."""
 
 
@@ -65,19 +65,19 @@ def point_name(overrides: dict[str, Any]) -> str:
   return '_'.join(parts)
 
 
-def point_overrides(shared: config_loader.Overrides, point: dict[str, Any]
+def point_overrides(shared: config_cli.Overrides, point: dict[str, Any]
                     ) -> list[tuple[str, str]]:
   """The (field, value text) overrides of one point: the shared ones, then the point's own."""
   return list(shared) + [(key, str(value)) for key, value in point.items()]
 
 
-def train_flags(config_spec: str, overrides: config_loader.Overrides, workdir: str) -> list[str]:
+def train_flags(config_spec: str, overrides: config_cli.Overrides, workdir: str) -> list[str]:
   """The train.py flags of one sweep point with `overrides` (see `point_overrides`)."""
   return ([f'--config={config_spec}', f'--workdir={workdir}']
           + [f'--config.{key}={value}' for key, value in overrides])
 
 
-def expand(config_spec: str, shared: config_loader.Overrides = ()) -> list[Point]:
+def expand(config_spec: str, shared: config_cli.Overrides = ()) -> list[Point]:
   """The points of `config_spec`'s `get_sweep`, each checked as the full config it trains.
 
   A shared override of a swept field pins that axis, as a `k=` in the config arg does: every point
@@ -85,25 +85,25 @@ def expand(config_spec: str, shared: config_loader.Overrides = ()) -> list[Point
   would otherwise win over it and the shared value would never run.
 
   Raises:
-    config_loader.ConfigError: the config or an override does not load, or a point's config has a
-      bad value (checked by `lra.train.build`, which reads no data); the message names the point.
+    config_cli.ConfigError: the config or an override does not load, or a point's config has a
+      bad value (checked by `lra.build.build`, which reads no data); the message names the point.
   """
-  base = config_loader.get_config(config_spec, shared)
-  from lra import train  # imports JAX, which a config mistake found above need not wait for
+  base = config_cli.get_config(config_spec, shared)
+  from lra.build import build  # imports JAX, which a config mistake found above need not wait for
   shared_fields = {field for field, _ in shared}
   points = []
-  for own in config_loader.get_sweep(config_spec):
+  for own in config_cli.get_sweep(config_spec):
     pinned = {key: _field(base, key) if key in shared_fields else value
               for key, value in own.items()}
     if pinned not in points:
       points.append(pinned)
   named = [Point(point_name(point), point) for point in points]
   for name, point in named:
-    config = config_loader.get_config(config_spec, point_overrides(shared, point))
+    config = config_cli.get_config(config_spec, point_overrides(shared, point))
     try:
-      train.build(config)
+      build(config)
     except ValueError as error:
-      raise config_loader.ConfigError(f'sweep point {name}: {error}') from None
+      raise config_cli.ConfigError(f'sweep point {name}: {error}') from None
   return named
 
 
@@ -235,7 +235,7 @@ def slot_gpus(gpus: Sequence[str], slot: int, per_point: int) -> list[str]:
   return [gpus[(slot * per_point + i) % len(gpus)] for i in range(per_point)] if gpus else []
 
 
-def _write_sweep_file(root: str, config_spec: str, shared: config_loader.Overrides,
+def _write_sweep_file(root: str, config_spec: str, shared: config_cli.Overrides,
                       points: Sequence[Point], launcher: str) -> None:
   """Records the sweep in `root`, refusing a root that holds a sweep of other settings (a rerun
   skips finished points, whose results would then belong to other settings)."""
@@ -255,7 +255,7 @@ def _write_sweep_file(root: str, config_spec: str, shared: config_loader.Overrid
     f.write('\n')
 
 
-def _command(train_py: str, config_spec: str, shared: config_loader.Overrides, point: Point,
+def _command(train_py: str, config_spec: str, shared: config_cli.Overrides, point: Point,
              root: str, multiprocess: bool = False) -> list[str]:
   flags = train_flags(config_spec, point_overrides(shared, point.overrides),
                       os.path.join(root, point.name))
@@ -271,7 +271,7 @@ def _is_done(root: str, name: str) -> bool:
   return os.path.isfile(os.path.join(root, name, 'results.json'))
 
 
-def run_local(train_py: str, config_spec: str, shared: config_loader.Overrides,
+def run_local(train_py: str, config_spec: str, shared: config_cli.Overrides,
               points: Sequence[Point], root: str, parallel: int = 1,
               gpus_per_point: int = 1, poll_s: float = 1.0) -> dict[str, str]:
   """Trains the points on this machine, `parallel` at a time, each a submitit local job.
@@ -323,7 +323,7 @@ def run_local(train_py: str, config_spec: str, shared: config_loader.Overrides,
   return failed
 
 
-def submit_slurm(train_py: str, config_spec: str, shared: config_loader.Overrides,
+def submit_slurm(train_py: str, config_spec: str, shared: config_cli.Overrides,
                  points: Sequence[Point], root: str, options: SlurmOptions,
                  gpus_per_point: int = 1) -> dict[str, str]:
   """Submits one SLURM job per point that is not done; returns point name -> job id.

@@ -1,6 +1,6 @@
 """Capture of attention inputs from trained (or random-init) LRA models, without model changes.
 
-A `Run` is a model, its parameters and validation batches (`load_run` restores a `lra/train.py`
+A `Run` is a model, its parameters and validation batches (`load_run` restores a training
 workdir, `random_run` initialises a config's model at random). `capture_attention` returns each
 attention layer's per-head queries, keys, values and mask (`nn.intercept_methods` on
 `MultiHeadDotProductAttention`); `apply_replaced` and `predictions` run a model with each layer's
@@ -9,7 +9,6 @@ attention output optionally rewritten.
 import dataclasses
 import functools
 import itertools
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lra import data, models
+from lra import build
 
 Batch = Mapping[str, np.ndarray]
 
@@ -55,27 +54,12 @@ def _limited(batches: Iterable[Batch], num_batches: int) -> Iterator[Batch]:
 
 
 def load_run(workdir: str, num_batches: int, checkpoint: str = 'best') -> Run:
-  """Restores a trained workdir (its config.json and best checkpoint) and its validation data.
-
-  The one place that knows how `lra/train.py` lays out a workdir.
-  """
-  from lra import train  # Heavy (optax, orbax); only trained runs need it.
-  from lra.checkpointing import RunCheckpoints
-
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'--workdir {workdir!r} has no config.json.')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  task, trainer = train.setup(config)
-  checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
-  try:
-    _, state = checkpoints.restore(checkpoint, trainer.init_state())
-  finally:
-    checkpoints.close()
-  return Run(os.path.basename(os.path.normpath(workdir)), config.attention.kernel,
-             models.build_model(config, task.info), state.params,
-             lambda: _limited(task.validation(), num_batches), config)
+  """A trained workdir's checkpoint (`lra.build.restore`: its config.json, read-only) and its
+  validation data."""
+  restored = build.restore(workdir, checkpoint=checkpoint)
+  return Run(os.path.basename(os.path.normpath(workdir)), restored.config.attention.kernel,
+             restored.trainer.model, restored.state.params,
+             lambda: _limited(restored.task.validation(), num_batches), restored.config)
 
 
 def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
@@ -83,8 +67,8 @@ def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
   """A randomly initialised model for `config` with `kernel`; random tokens if `synthetic`."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.attention.kernel = kernel
-  info = data.task_info(config.task, max_length=config.max_length, **config.task_options)
-  model = models.build_model(config, info)
+  parts = build.build(config)
+  info, model = parts.info, parts.model
 
   def synthetic_batches() -> Iterator[Batch]:
     rng = np.random.default_rng(seed)  # Every pass sees the same batches.
@@ -100,10 +84,7 @@ def random_run(config: ml_collections.ConfigDict, kernel: str, num_batches: int,
       yield {**inputs, 'targets': rng.integers(0, info.num_classes, shape[0]).astype(np.int32)}
 
   def real_batches() -> Iterator[Batch]:
-    task = data.get_task(config.task, config.data_dir, batch_size=config.batch_size,
-                         eval_batch_size=config.eval_batch_size, max_length=config.max_length,
-                         truncate=config.truncate, seed=config.seed, **config.task_options)
-    return _limited(task.validation(), num_batches)
+    return _limited(build.make_task(parts).validation(), num_batches)
 
   batches = synthetic_batches if synthetic else real_batches
   example = next(iter(synthetic_batches()))
