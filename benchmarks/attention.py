@@ -28,6 +28,7 @@ installed) under --out, then the targets as PASS/FAIL lines.
 """
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -486,7 +487,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}); batch {args.batch}, '
         f'heads {args.heads}, head_dim {args.head_dim}, k {args.k}, chunk {args.chunk}; memory '
         f'limit {size(limit)}; time budget {args.budget_s} s; fused kernel options '
-        f'{fused_options(args)}', flush=True)
+        f'{dataclasses.asdict(args.fused_options)} on {",".join(args.fused_platforms)}',
+        flush=True)
 
   # The given lengths first (the speed targets are theirs), then the longest lengths that
   # compile within the limit (fused top-k first: the memory target is its) with half the time
