@@ -29,14 +29,18 @@ small copy of the inputs), so a Triton failure costs speed, not the program.
 Memory: besides the outputs, the kernel writes the candidate buffers (float32 and int32):
 O(Lq * k), never `[Lq, kv_len]`.
 
-Speed: on one H100 (bfloat16, 8 heads, head_dim 64, k 64) a first version of this kernel, whose
-bound and final selection took k rounds of max-and-remove each, checked equal to `lax.top_k` on
-the device and made top-k attention's forward 4.9x faster than the unfused path at 16K tokens
-(20 ms against 100 ms; cuDNN flash: 1.6 ms); README "GPU and TPU" has the figures. The present
-version does less work per tile (one `cumsum` and two stores instead of two and four, a
-20-step bisection instead of k rounds, no in-kernel selection); it is tested in Pallas'
-interpreter and lowered for CUDA on CPU, and its own GPU time is still to be measured
-(`benchmarks.fused`).
+Variants: `VARIANTS` maps a name to the functions `topk_attention` calls for a fused kernel
+(`Variant`); this module's kernel is 'compact'. `FusedOptions` (a field of
+`topk.AttentionSpec`) names the variant, the platforms it runs on and its `Tiling`, so another
+kernel is one more entry in `VARIANTS`.
+
+Speed: on one H100 (bfloat16, 8 heads, head_dim 64, k 64), a kernel of this design whose bound
+and final selection took k rounds of max-and-remove each checked equal to `lax.top_k` on the
+device and made top-k attention's forward 4.9x faster than the unfused path at 16K tokens
+(20 ms against 100 ms; cuDNN flash: 1.6 ms); README "GPU and TPU" has the figures. This kernel
+does less work per tile (one `cumsum` and two stores instead of two and four, a 20-step
+bisection instead of k rounds, no in-kernel selection); it is tested in Pallas' interpreter and
+lowered for CUDA on CPU, and its own GPU time is still to be measured (`benchmarks.fused`).
 """
 import dataclasses
 import functools
@@ -263,7 +267,7 @@ def largest_array(can: inputs.Canonical, k: int, tiling: Tiling = Tiling()) -> i
 
 
 def _untaken(can: inputs.Canonical, k: int) -> str | None:
-  """Why the kernel does not take inputs of this kind (dtype, head_dim, no keys), or None."""
+  """Why the kernel does not take such inputs (their dtype, head_dim, no keys), or None."""
   d = can.query.shape[3]
   if can.dtype not in DTYPES:
     return f'computation dtype {can.dtype} (the kernel takes {DTYPES})'
