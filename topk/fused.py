@@ -531,3 +531,10 @@ class FusedOptions:
     if not isinstance(self.tiling, Tiling):
       raise ValueError(f'topk.fused.FusedOptions: tiling must be a Tiling, got {self.tiling!r}.')
     inputs.check_positive_int(self.redo_rows, 'topk.fused.FusedOptions: redo_rows')
+
+
+def check_options(options: Any) -> None:
+  """Raises ValueError unless `options` is a `FusedOptions` (whose fields it checked when it
+  was built)."""
+  if not isinstance(options, FusedOptions):
+    raise ValueError(f'fused_options must be a topk.fused.FusedOptions, got {options!r}.')

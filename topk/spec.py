@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 
-from topk import inputs, kernels, select
+from topk import fused, inputs, kernels, select
 from topk.chunked import chunked_attention
 from topk.dense import dot_product_attention
 from topk.feedforward import FEED_FORWARDS
@@ -90,9 +90,7 @@ class AttentionSpec:
     kernels.get_kernel(self.kernel)
     select.check_selection(self.selection, self.recall_target, self.method)
     inputs.check_bool(self.fused, 'fused')
-    if not isinstance(self.fused_options, FusedOptions):
-      raise ValueError(f'fused_options must be a topk.fused.FusedOptions, got '
-                       f'{self.fused_options!r}.')
+    fused.check_options(self.fused_options)
 
   def options(self) -> dict[str, Any]:
     """The fields the kind's function takes, as its keyword arguments."""

@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from topk import fused, inputs, select
+
+# `topk_attention`'s argument `fused` (a bool) hides the module there.
 from topk.fused import FusedOptions
+from topk.fused import check_options as check_fused_options
 
 _DEFAULT_FUSED = FusedOptions()
 
@@ -304,6 +307,7 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   k = inputs.check_positive_int(k, 'k')
   select.check_selection(selection, recall_target, method)
   inputs.check_bool(fused, 'fused')
+  check_fused_options(fused_options)
   can, kernel_fn, dropout = inputs.prepare(
       query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
       dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
