@@ -28,6 +28,7 @@ installed) under --out, then the targets as PASS/FAIL lines.
 """
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -128,7 +129,8 @@ def _jax_form(form: str, dtype: str, args: argparse.Namespace) -> Callable[..., 
     return _cudnn
   if form in ('topk', 'topk_fused'):
     fn = topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk,
-                                fused=form == 'topk_fused')
+                                fused=form == 'topk_fused',
+                                fused_options=fused_options(args))
     if form == 'topk_fused':
       _check_fused(fn, dtype, args)
     return fn
@@ -396,12 +398,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def add_fused_options(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--fused_options', type=_fused_options, default={},
-                      help="the fused kernel's options (`topk.fused.OPTIONS`): a JSON object or "
-                           'a JSON file, e.g. the fused_options.json of benchmarks.fused')
+  parser.add_argument('--fused_options', type=_fused_options, default=fused.Tiling(),
+                      help="the fused kernel's tiling (`topk.fused.Tiling`'s fields): a JSON "
+                           'object or a JSON file, e.g. the fused_options.json of benchmarks.fused')
+  parser.add_argument('--fused_platforms', type=lambda text: tuple(text.split(',')),
+                      default=fused.FusedOptions().platforms,
+                      help="where the fused kernel runs (`topk.fused.FusedOptions.platforms`): "
+                           "comma-separated; 'cpu' runs it in Pallas' interpreter")
 
 
-def _fused_options(text: str) -> dict:
+def fused_options(args: argparse.Namespace) -> fused.FusedOptions:
+  """The fused kernel's options `add_fused_options`' flags give."""
+  return fused.FusedOptions(platforms=args.fused_platforms, tiling=args.fused_options)
+
+
+def _fused_options(text: str) -> fused.Tiling:
   if os.path.exists(text):
     with open(text) as f:
       text = f.read()
@@ -411,7 +422,10 @@ def _fused_options(text: str) -> dict:
     raise argparse.ArgumentTypeError(f'not a JSON object or a JSON file: {e}') from None
   if not isinstance(options, dict):
     raise argparse.ArgumentTypeError(f'expected a JSON object, got {options!r}')
-  return options
+  try:
+    return fused.Tiling(**options)
+  except (TypeError, ValueError) as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _choice(name: str, valid: object) -> str:
@@ -469,12 +483,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
   """Runs the benchmark; returns the CSV's rows (dicts keyed by `COLUMNS`)."""
   start = time.perf_counter()
   args = _parse(argv)
-  fused.OPTIONS.update(args.fused_options)
   device, limit = machine(), memory_limit(args.memory_limit_mib)
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}); batch {args.batch}, '
         f'heads {args.heads}, head_dim {args.head_dim}, k {args.k}, chunk {args.chunk}; memory '
         f'limit {size(limit)}; time budget {args.budget_s} s; fused kernel options '
-        f'{fused.OPTIONS or "default"}', flush=True)
+        f'{dataclasses.asdict(args.fused_options)} on {",".join(args.fused_platforms)}',
+        flush=True)
 
   # The given lengths first (the speed targets are theirs), then the longest lengths that
   # compile within the limit (fused top-k first: the memory target is its) with half the time

@@ -52,14 +52,14 @@ def _kernel_fn(k: int, is_causal: bool, interpret: bool, **options: Any) -> Call
   """`(q, key)` `[1, L, H, D]` -> the kernel's `(kept, indices, redo)` `[1, H, L, k]`."""
   def run(q, key):
     can = inputs.canonicalize(q, key, key, is_causal=is_causal)
-    return fused.kept_top_k(can, k, interpret=interpret, **options)
+    return fused.kept_top_k(can, k, interpret=interpret, tiling=fused.Tiling(**options))
   return jax.jit(run)
 
 
 def _dense_top_k(k: int, is_causal: bool) -> Callable[..., Any]:
   def run(q, key):
     can = inputs.canonicalize(q, key, key, is_causal=is_causal)
-    return jax.lax.top_k(inputs.chunk_scores(can, 0, can.query, can.key, can.bias, None), k)
+    return jax.lax.top_k(inputs.chunk_scores(can, 0, can.query, None), k)
   return jax.jit(run)
 
 
@@ -129,9 +129,9 @@ def _unfused_scores_and_select(args: argparse.Namespace) -> Callable[..., Any]:
   """The unfused forward's selection part: per query chunk, scores then `select.top_k`."""
   def run(q, key):
     can = inputs.canonicalize(q, key, key, query_chunk_size=args.chunk)
-    chunks = inputs.to_chunks(can.query, can.chunk)
-    return jax.lax.map(lambda a: select.top_k(inputs.chunk_scores(
-        can, a[0], a[1], can.key, can.bias, None), args.k), (jnp.arange(can.num_chunks), chunks))
+    chunks = inputs.to_chunks(can.query, can.chunk_size)
+    return jax.lax.map(lambda a: select.top_k(inputs.chunk_scores(can, a[0], a[1], None), args.k),
+                       (jnp.arange(can.num_chunks), chunks))
   return jax.jit(run)
 
 
@@ -149,7 +149,7 @@ def tuning_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
         jax.nn.dot_product_attention, implementation='cudnn')), (q, key, v))
   for name, (fn, operands) in baselines.items():
     rows.append(dict(part='tune', name=name, dtype=dtype, length=args.length,
-                     ms=time_ms(fn, *operands), detail=f'BACKEND {select.BACKEND}'))
+                     ms=time_ms(fn, *operands), detail=f'methods {dict(select.DEFAULT_METHODS)}'))
   best, best_ms = None, math.inf
   interpret = jax.default_backend() != 'gpu'
   for variant in args.variants:

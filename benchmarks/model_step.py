@@ -32,6 +32,7 @@ import topk
 from benchmarks.attention import (
   GIB,
   add_fused_options,
+  fused_options,
   machine,
   memory_limit,
   ratio_line,
@@ -130,8 +131,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--out', default='benchmarks/out', help='directory for model_step.csv')
   parser.add_argument('--fused', choices=('on', 'off', 'both'), default=None,
                       help='top-k kinds with config.attention.fused on, off, or both (default: '
-                           "the config's); the kernel runs where `topk.fused.PLATFORMS` says "
-                           '(NVIDIA GPUs)')
+                           "the config's); the kernel runs on --fused_platforms (NVIDIA GPUs)")
   add_fused_options(parser)
   args = parser.parse_args(argv)
   args.overrides = overrides
@@ -164,7 +164,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   device, limit = machine(), memory_limit(args.memory_limit_mib)
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} '
         f'devices); memory limit {size(limit)}', flush=True)
-  fused.OPTIONS.update(args.fused_options)
   rows = []
   for spec, switch in _runs(args):
     config = config_cli.get_config(spec, args.overrides)
@@ -173,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       config.model.dtype = args.dtype
     if switch is not None:
       config.attention.fused = switch == 'on'
+    with config.unlocked():
+      config.attention.fused_options = fused_options(args)
     spent = time.perf_counter() - start
     if spent > args.budget_s:
       row = dict.fromkeys(COLUMNS, math.nan)

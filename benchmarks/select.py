@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
   selections = {
       'q@k^T': None,
       'q@k^T + lax.top_k': lambda s: jax.lax.top_k(s, k),
-      f'q@k^T + select.top_k ({select.BACKEND})': lambda s: select.top_k(s, k),
+      f'q@k^T + select.top_k ({dict(select.DEFAULT_METHODS)})': lambda s: select.top_k(s, k),
   }
   cases: dict[str, Case] = {
       name: (jax.jit(lambda q, kk, fn=fn: _chunked(q, kk, chunk, fn)), (query, key))
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     cases['torch sdpa fwd+bwd'] = torch_case
 
   print(f'L={args.length} heads={args.heads} head_dim={args.head_dim} chunk={chunk} k={k} '
-        f'backend={jax.default_backend()} selection={select.BACKEND} ({select.ISA})')
+        f'backend={jax.default_backend()} selection={dict(select.DEFAULT_METHODS)} ({select.ISA})')
   times = _time(cases, args.repeats)
   bare, exact_bwd = times['q@k^T'], times['chunked_attention fwd+bwd']
   print(f'{"":>36}  {"wall s":>7}  {"CPU s":>7}  ratio (wall / CPU)')

@@ -102,10 +102,12 @@ def base_config(attention: str) -> ml_collections.ConfigDict:
       dropout_rate=0.1, attention_dropout_rate=0.1, mask_padding=True, dtype='float32'))
   # topk.AttentionSpec fields. k = 128 as in the top-k paper's LRA runs; queries are processed in
   # chunks of 1024. selection='approximate' (with recall_target) trades exactness for speed on TPU.
-  # fused=False keeps top-k off the fused score-and-select kernel it uses on NVIDIA GPUs.
+  # method=None selects exactly with each platform's default (topk.select.DEFAULT_METHODS); a
+  # name (e.g. 'two_stage') runs that method everywhere. fused=False keeps top-k off the fused
+  # score-and-select kernel it uses on NVIDIA GPUs.
   config.attention = ml_collections.ConfigDict(dict(
       kind=attention, k=128, query_chunk_size=1024, kernel='softmax', selection='exact',
-      recall_target=0.95, fused=True))
+      recall_target=0.95, method=None, fused=True))
   # topk.FeedForwardSpec fields.
   config.ffn = ml_collections.ConfigDict(dict(kind='dense', k=128, query_chunk_size=1024))
   return config

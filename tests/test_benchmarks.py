@@ -102,10 +102,9 @@ def test_attention_defaults_follow_the_backend(monkeypatch):
   assert attention._parse(['--lengths', '64', '--no-time_longest']).time_longest is False
 
 
-def _kernel_interpreted(monkeypatch):
-  """The fused kernel runs on this CPU, in Pallas' interpreter, with tiles for tiny shapes."""
-  monkeypatch.setattr(fused_module, 'PLATFORMS', {'cpu', 'cuda'})
-  monkeypatch.setattr(fused_module, 'OPTIONS', dict(block_q=16, key_tile=16))
+# The fused kernel runs on this CPU, in Pallas' interpreter, with tiles for tiny shapes.
+INTERPRETED = ['--fused_platforms', 'cpu,cuda',
+               '--fused_options', '{"block_q": 16, "key_tile": 16}']
 
 
 def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypatch, tmp_path):
@@ -120,8 +119,7 @@ def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypat
   monkeypatch.setattr(fused_module, 'compiles', lambda *args, **kwargs: True)
   row, = attention.main(argv)  # it compiles, but on a CPU platform the unfused path runs
   assert 'fused kernel does not run here' in row['skipped']
-  _kernel_interpreted(monkeypatch)
-  row, = attention.main(argv)
+  row, = attention.main([*argv, *INTERPRETED])
   assert row['skipped'] == '' and row['fwd_bwd_ms'] > 0
 
 
@@ -132,23 +130,23 @@ def test_attention_1m_target_is_not_failed_by_a_search_stopped_short(monkeypatch
   # A GPU where the kernel compiles.
   monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
   monkeypatch.setattr(fused_module, 'compiles', lambda *args, **kwargs: True)
-  _kernel_interpreted(monkeypatch)
   for flags, why in ((['--max_search_length', '1024'], 'by the time budget'),
                      (['--budget_s', '1e9', '--no-time_longest'], 'at --max_search_length')):
     attention.main([*TINY, '--lengths', '128', '--forms', 'topk_fused', '--budget_s', '0',
-                    '--memory_limit_mib', '81920', *flags, '--out', str(tmp_path)])
+                    '--memory_limit_mib', '81920', *flags, *INTERPRETED, '--out', str(tmp_path)])
     assert ('compiles within 80.0 GiB: no (target: within 80 GiB: not checked: search stopped '
             f'{why})') in capsys.readouterr().out
   # A search that ended on a length over the limit fails the target.
   monkeypatch.setattr(attention, '_longest_fitting', lambda form, *args: (524288, ''))
   attention.main([*TINY, '--forms', 'topk_fused', '--budget_s', '0', '--memory_limit_mib',
-                  '81920', '--out', str(tmp_path)])
+                  '81920', *INTERPRETED, '--out', str(tmp_path)])
   assert 'no (target: within 80 GiB: FAIL)' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('flag', [['--forms', 'flash'], ['--dtypes', 'float64'],
                                   ['--baseline', 'dense'], ['--repeats', '0'],
-                                  ['--fused_options', '[16]'], ['--fused_options', '{bad']])
+                                  ['--fused_options', '[16]'], ['--fused_options', '{bad'],
+                                  ['--fused_options', '{"block_q": 24}']])
 def test_attention_rejects_bad_flags(flag, tmp_path):
   with pytest.raises((SystemExit, ValueError)):
     attention.main([*TINY, *flag, '--out', str(tmp_path)])
@@ -182,7 +180,7 @@ def test_model_step_reports_memory_of_a_step_that_does_not_fit():
   assert math.isnan(row['step_ms'])
 
 
-def test_model_step_fused_column_says_whether_the_step_runs_the_kernel(monkeypatch):
+def test_model_step_fused_column_says_whether_the_step_runs_the_kernel():
   config = config_cli.get_config('configs/listops.py:topk,smoke')
   config.model.num_layers = 1
   # On CPU the kernel is not in the step: asked for, the row is not timed as if it were.
@@ -190,7 +188,9 @@ def test_model_step_fused_column_says_whether_the_step_runs_the_kernel(monkeypat
   assert row['fused'] is False and 'fused kernel is not in the step' in row['skipped']
   assert math.isnan(row['step_ms'])
   # Run in the interpreter, it is (and its step is timed).
-  _kernel_interpreted(monkeypatch)
+  with config.unlocked():
+    config.attention.fused_options = fused_module.FusedOptions(
+        platforms=('cpu', 'cuda'), tiling=fused_module.Tiling(block_q=16, key_tile=16))
   row = model_step.measure(config, repeats=1, limit=2**40, require_fused=True)
   assert row['fused'] is True and row['skipped'] == '' and row['step_ms'] > 0
 

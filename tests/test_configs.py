@@ -71,7 +71,7 @@ def test_full_config_matches_reference(name, arg):
   assert config.model.mask_padding  # the original masks token id 0 everywhere
   assert dict(config.attention) == {'kind': 'vanilla', 'k': 128, 'query_chunk_size': 1024,
                                     'kernel': 'softmax', 'selection': 'exact',
-                                    'recall_target': 0.95, 'fused': True}
+                                    'recall_target': 0.95, 'method': None, 'fused': True}
   assert config.ffn.kind == 'dense'
 
 

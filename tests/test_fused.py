@@ -15,13 +15,11 @@ from topk import fused, inputs, select_gpu
 SMALL = dict(block_q=16, key_tile=16)  # and groups max(16, 2k)
 
 
-@pytest.fixture
-def kernel_on_cpu(monkeypatch):
+def on_cpu(**tiling) -> fused.FusedOptions:
   """`topk_attention` selects with the kernel on CPU (interpreted), with small tiles; rows it
   leaves are redone in two sub-chunks of 8 queries per chunk of 16."""
-  monkeypatch.setattr(fused, 'PLATFORMS', {'cpu', 'cuda'})
-  monkeypatch.setattr(fused, 'OPTIONS', dict(SMALL))
-  monkeypatch.setattr(fused, 'REDO_ROWS', 8)
+  return fused.FusedOptions(platforms=('cpu', 'cuda'), tiling=fused.Tiling(**SMALL | tiling),
+                            redo_rows=8)
 
 
 def _case(dtype, q_len=40, kv_len=200, heads=2, depth=16, integer=False):
@@ -47,8 +45,9 @@ def _kernel_and_dense(args, masks, k, **options):
   """The kernel's `(kept, indices, redo)` and `lax.top_k` of the dense masked scores."""
   def both(args):
     can = inputs.canonicalize(*args, **masks)
-    dense = inputs.chunk_scores(can, 0, can.query, can.key, can.bias, None)
-    return fused.kept_top_k(can, k, interpret=True, **options), jax.lax.top_k(dense, k)
+    dense = inputs.chunk_scores(can, 0, can.query, None)
+    return (fused.kept_top_k(can, k, interpret=True, tiling=fused.Tiling(**options)),
+            jax.lax.top_k(dense, k))
 
   (kept, idx, redo), want = jax.jit(both)(args)
   return (kept, idx, np.asarray(redo)), want
@@ -98,8 +97,9 @@ def test_groups_without_valid_keys_do_not_loosen_the_bound(kv_len, masked_groups
 
   def both(q, k):
     can = inputs.canonicalize(q, k, k, mask=mask)
-    dense = inputs.chunk_scores(can, 0, can.query, can.key, can.bias, None)
-    return fused.kept_top_k(can, 8, interpret=True, **options), jax.lax.top_k(dense, 8)
+    dense = inputs.chunk_scores(can, 0, can.query, None)
+    return (fused.kept_top_k(can, 8, interpret=True, tiling=fused.Tiling(**options)),
+            jax.lax.top_k(dense, 8))
 
   (kept, idx, redo), (want_kept, want_idx) = jax.jit(both)(q, k)
   assert not np.asarray(redo).any()
@@ -119,13 +119,11 @@ def _value_and_grads(fn, args):
     # Most rows overflow (as in the test above) and are redone by the unfused path.
     (jnp.bfloat16, 15, dict(groups=16, buffer=32), 0.0, 2e-2),
 ])
-def test_topk_attention_equals_unfused(dtype, k, options, dropout, tolerance, kernel_on_cpu,
-                                       monkeypatch):
+def test_topk_attention_equals_unfused(dtype, k, options, dropout, tolerance):
   args, masks = _case(dtype)  # query chunks of 16 do not divide 40 queries
-  monkeypatch.setattr(fused, 'OPTIONS', SMALL | options)
   fn = lambda *a, fused=True: topk.topk_attention(
       *a, k=k, query_chunk_size=16, dropout_rate=dropout, dropout_rng=jax.random.key(1),
-      fused=fused, **masks)
+      fused=fused, fused_options=on_cpu(**options), **masks)
   got = _value_and_grads(fn, args)
   want = _value_and_grads(lambda *a: fn(*a, fused=False), args)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
@@ -133,14 +131,14 @@ def test_topk_attention_equals_unfused(dtype, k, options, dropout, tolerance, ke
       got, want)
 
 
-def test_k_at_least_kv_len_equals_dense(kernel_on_cpu):
+def test_k_at_least_kv_len_equals_dense():
   args, masks = _case(jnp.float32, kv_len=40)
   mask = (masks.pop('mask') & jnp.tril(jnp.ones((40, 40), bool))
           & masks.pop('key_padding_mask')[:, None, None, :]
           & masks.pop('query_padding_mask')[:, None, :, None])
   del masks['is_causal']
   got = _value_and_grads(lambda *a: topk.topk_attention(
-      *a, k=64, query_chunk_size=16, mask=mask, **masks), args)
+      *a, k=64, query_chunk_size=16, mask=mask, fused_options=on_cpu(), **masks), args)
   want = _value_and_grads(lambda *a: topk.dot_product_attention(*a, mask=mask, **masks), args)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
@@ -151,21 +149,20 @@ def _traced(fn, depth=16):
   return jax.eval_shape(lambda x: fn(inputs.canonicalize(x, x, x)), x)
 
 
-def test_fused_false_keeps_the_unfused_path(kernel_on_cpu):
+def test_fused_false_keeps_the_unfused_path():
   x = jax.ShapeDtypeStruct((1, 32, 1, 16), jnp.float32)
   jaxpr = lambda **option: str(jax.make_jaxpr(
-      lambda x: topk.topk_attention(x, x, x, k=4, **option))(x))
+      lambda x: topk.topk_attention(x, x, x, k=4, fused_options=on_cpu(), **option))(x))
   assert 'pallas_call' in jaxpr() and 'pallas_call' not in jaxpr(fused=False)
   with pytest.raises(ValueError, match='fused must be True or False'):
     topk.topk_attention(jnp.ones((1, 4, 1, 16)), *(jnp.ones((1, 4, 1, 16)),) * 2, k=2,
                         fused='off')
 
 
-def test_switch_and_unsupported_inputs(monkeypatch):
-  monkeypatch.setattr(fused, 'PLATFORMS', {'cpu', 'cuda'})
+def test_switch_and_unsupported_inputs():
   chosen = []
-  _traced(lambda can: chosen.append(fused.platforms(can, 4)), depth=8)
-  _traced(lambda can: chosen.append(fused.platforms(can, 4)))
+  _traced(lambda can: chosen.append(fused.platforms(can, 4, None, on_cpu())), depth=8)
+  _traced(lambda can: chosen.append(fused.platforms(can, 4, None, on_cpu())))
   assert chosen == [(), ('cpu', 'cuda')]  # head_dim 8: Triton's dot needs 16
   for k, options, message in ((4, dict(depth=8), 'head_dim 8'),
                               (4, dict(block_q=24), 'block_q must be a power of two'),
@@ -174,11 +171,12 @@ def test_switch_and_unsupported_inputs(monkeypatch):
                               (33, {}, r'k must be in \[1, kv_len = 32\]')):
     depth = options.pop('depth', 16)
     with pytest.raises(ValueError, match=message):
-      _traced(lambda can, k=k, options=options: fused.kept_top_k(can, k, interpret=True,
-                                                                 **options), depth)
-  monkeypatch.setattr(fused, 'PLATFORMS', {'tpu'})
+      _traced(lambda can, k=k, options=options: fused.kept_top_k(
+          can, k, interpret=True, tiling=fused.Tiling(**options)), depth)
   with pytest.raises(ValueError, match='unknown platforms'):
-    _traced(lambda can: fused.platforms(can, 4))
+    fused.FusedOptions(platforms=('tpu',))
+  with pytest.raises(ValueError, match="Unknown fused kernel 'radix'"):
+    fused.FusedOptions(variant='radix')
 
 
 def test_compiles_answers_once_per_configuration(monkeypatch):
@@ -188,7 +186,7 @@ def test_compiles_answers_once_per_configuration(monkeypatch):
 
   def trace(x, mask):  # asked while tracing, as `platforms` is
     can = inputs.canonicalize(x, x, x, mask=mask, is_causal=True)
-    answers.append(fused.compiles(can, 4, options=SMALL, interpret=True))
+    answers.append(fused.compiles(can, 4, options=on_cpu(), interpret=True))
     return x
 
   for length in (48, 80, 112):  # the length is not part of the configuration
@@ -201,12 +199,11 @@ def test_kernel_that_does_not_compile_falls_back(monkeypatch, caplog):
   # On a GPU backend `platforms` compiles the kernel first; where that fails (here: Triton on a
   # CPU backend) the GPU platforms are dropped with a warning and the unfused path runs.
   monkeypatch.setattr(fused, '_COMPILES', {})
-  monkeypatch.setattr(fused, 'PLATFORMS', {'cpu', 'cuda'})
   monkeypatch.setattr(fused.jax, 'default_backend', lambda: 'gpu')
   fused._say.cache_clear()  # a message is logged once per process: maybe by another test
   chosen = []
   with caplog.at_level('WARNING', logger='topk.fused'):
-    _traced(lambda can: chosen.append(fused.platforms(can, 4, options=SMALL)))
+    _traced(lambda can: chosen.append(fused.platforms(can, 4, None, on_cpu())))
   assert chosen == [('cpu',)]
   assert 'the fused kernel does not compile here' in caplog.text
   assert list(fused._COMPILES.values()) == [False]
@@ -220,7 +217,7 @@ def _lowered_for_cuda(fn, *args):
 def test_lowers_for_cuda_and_stays_off_cpu():
   # On for CUDA by default: the kernel in the CUDA lowering of forward and backward, not on CPU.
   # `runs_kernel` looks for the kernel's own name, whatever custom call jaxlib wraps it in.
-  assert fused.PLATFORMS == {'cuda'}
+  assert fused.FusedOptions().platforms == ('cuda',)
   spec, length = jax.ShapeDtypeStruct, 1000
   args = (spec((1, length, 2, 64), jnp.bfloat16),) * 3
   masks = dict(bias=spec((1, 2, length, length), jnp.float32),

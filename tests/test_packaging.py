@@ -115,7 +115,7 @@ scores = np.random.default_rng(0).standard_normal((4, 256), np.float32)
 program = jax.jit(lambda s: select.top_k(s, 8)).lower(scores).as_text()
 equal = all(np.array_equal(a, b) for a, b in zip(select.top_k(scores, 8), jax.lax.top_k(scores, 8)))
 print(json.dumps({'library': str(select.LIBRARY), 'exists': select.LIBRARY.exists(),
-                  'cpu': select.BACKEND['cpu'], 'isa': select.ISA,
+                  'cpu': select.DEFAULT_METHODS['cpu'], 'isa': select.ISA,
                   'custom_call': 'topk_select' in program, 'equal': bool(equal)}))
 """
   result = subprocess.run([python, '-c', check], cwd=tmp_path, env=env, capture_output=True,

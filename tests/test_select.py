@@ -45,7 +45,7 @@ def _random_bits(seed: int, shape: tuple[int, ...], dtype) -> jax.Array:
 @requires_kernel
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_kernel_is_active_and_compiled_in(dtype):
-  assert select.BACKEND['cpu'] == 'ffi'
+  assert select.DEFAULT_METHODS['cpu'] == 'ffi'
   scores = jnp.zeros((2, 8), dtype)
   hlo = jax.jit(lambda s: select.top_k(s, 3)).lower(scores).compile().as_text()
   assert 'custom_call_target="topk_select"' in hlo
@@ -206,7 +206,7 @@ def test_non_real_scores_raise(scores):
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    ({'selection': 'fast'}, 'selection must be one of'),
+    ({'selection': 'fast'}, 'Unknown selection'),
     ({'method': 'radix'}, 'method must be one of'),
     ({'selection': 'approximate', 'method': 'lax'}, 'exact selection only'),
     ({'selection': 'approximate', 'recall_target': 0.0}, 'recall_target'),
@@ -217,12 +217,15 @@ def test_bad_options_raise(kwargs, match):
     select.top_k(jnp.zeros((2, 10)), 3, **kwargs)
 
 
-@pytest.mark.parametrize('platform, name, match', [
-    ('cuda', 'radix', 'unknown methods'), ('cuda', 'ffi', 'CPU only')])
-def test_bad_backend_entry_raises(platform, name, match, monkeypatch):
-  monkeypatch.setitem(select.BACKEND, platform, name)
-  with pytest.raises(ValueError, match=match):
-    select.top_k(jnp.zeros((2, 10)), 3)
+def test_ffi_without_the_library_raises(monkeypatch):
+  monkeypatch.setattr(select, '_CPU_METHOD', 'lax')
+  with pytest.raises(ValueError, match='CPU only'):
+    select.top_k(jnp.zeros((2, 10)), 3, method='ffi')
+
+
+def test_default_methods_are_read_only():
+  with pytest.raises(TypeError):
+    select.DEFAULT_METHODS['cpu'] = 'lax'
 
 
 def test_scalar_raises():

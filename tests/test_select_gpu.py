@@ -122,10 +122,9 @@ def test_gradient_matches_lax(method):
   np.testing.assert_array_equal(got, jax.grad(loss(jax.lax.top_k))(scores))
 
 
-def test_backend_entry_selects_the_cpu_method(monkeypatch):
+def test_method_selects_the_cpu_method():
   scores = jnp.zeros((2, 64))
-  monkeypatch.setitem(select.BACKEND, 'cpu', 'two_stage')
-  hlo = jax.jit(lambda s: select.top_k(s, 3)).lower(scores).as_text()
+  hlo = jax.jit(lambda s: select.top_k(s, 3, method='two_stage')).lower(scores).as_text()
   assert 'topk_select' not in hlo and 'tensor<2x4x16xf32>' in hlo  # blocks of 16
 
 
@@ -143,22 +142,21 @@ def attention_case():
   q, k, v = (jax.random.normal(key, (2, length, 2, 8)) for key in jax.random.split(
       jax.random.key(6), 3))
   padding = jnp.arange(length) < jnp.array([[length], [50]])
-  top = lambda kept: lambda *a: topk.topk_attention(
-      *a, k=kept, query_chunk_size=24, is_causal=True, key_padding_mask=padding)
+  top = lambda kept, method=None: lambda *a: topk.topk_attention(
+      *a, k=kept, query_chunk_size=24, is_causal=True, key_padding_mask=padding, method=method)
   mask = jnp.tril(jnp.ones((length, length), bool)) & padding[:, None, None, :]
   dense = lambda *a: topk.dot_product_attention(*a, mask=mask)
   return (q, k, v), top, _value_and_grads(top(4), q, k, v), _value_and_grads(dense, q, k, v)
 
 
 @pytest.mark.parametrize('method', GPU_METHODS)
-def test_topk_attention_with_each_method(method, attention_case, monkeypatch):
+def test_topk_attention_with_each_method(method, attention_case):
   args, top, default, dense = attention_case
-  monkeypatch.setitem(select.BACKEND, 'cpu', method)
   # k < kv_len: the same keys as the default (CPU kernel) path, so the same values and grads.
-  jax.tree.map(np.testing.assert_array_equal, _value_and_grads(top(4), *args), default)
+  jax.tree.map(np.testing.assert_array_equal, _value_and_grads(top(4, method), *args), default)
   # k >= kv_len: the dense reference.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               _value_and_grads(top(200), *args), dense)
+               _value_and_grads(top(200, method), *args), dense)
 
 
 def _cuda_text(fn, *args):
@@ -178,8 +176,8 @@ def test_pallas_kernel_lowers_for_cuda():
 ])
 def test_top_k_lowers_the_gpu_branch_for_cuda(method, marker, monkeypatch):
   monkeypatch.setattr(select_gpu, 'TWO_STAGE_WIDTH', 512)
-  monkeypatch.setitem(select.BACKEND, 'cuda', method)
-  text = _cuda_text(lambda s: select.top_k(s, 64), jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16))
+  text = _cuda_text(lambda s: select.top_k(s, 64, method=method),
+                    jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16))
   assert marker in text and 'topk_select' not in text
 
 @pytest.mark.parametrize('rows, kernel', [(2048, True), (2049, False)])

@@ -33,6 +33,9 @@ def _qkv(seed=0, shape=(2, 9, 2, 4)):
     (dict(recall_target=True), 'recall_target'),
     (dict(fused='no'), 'fused must be True or False'),
     (dict(fused=1), 'fused must be True or False'),
+    (dict(method='radix'), 'method must be one of'),
+    (dict(selection='approximate', method='lax'), 'exact selection only'),
+    (dict(fused_options={'platforms': ('cpu',)}), 'fused_options must be a'),
 ])
 def test_attention_spec_rejects(fields, message):
   with pytest.raises(ValueError, match=message):
@@ -59,13 +62,15 @@ def test_config_attention_kinds_are_the_registry_keys():
     ('vanilla', {'kernel': 'relu'}),
     ('chunked', {'query_chunk_size': 3, 'kernel': 'relu'}),
     ('topk', {'k': 5, 'query_chunk_size': 3, 'kernel': 'relu', 'selection': 'approximate',
-              'recall_target': 0.9, 'fused': False}),
+              'recall_target': 0.9, 'method': None, 'fused': False,
+              'fused_options': topk.FusedOptions(platforms=())}),
 ])
 def test_make_attention_fn_binds_the_fields_its_kind_takes(kind, bound):
   spec = topk.AttentionSpec(kind, k=5, query_chunk_size=3, kernel='relu',
-                            selection='approximate', recall_target=0.9, fused=False)
+                            selection='approximate', recall_target=0.9, fused=False,
+                            fused_options=topk.FusedOptions(platforms=()))
   fn = topk.make_attention_fn(spec)
-  assert fn.func is topk.ATTENTION_FNS[kind]
+  assert fn.func is topk.ATTENTION_FNS[kind].fn
   assert fn.keywords == bound
 
 
@@ -94,11 +99,11 @@ def test_selection_reaches_the_selector(selection, primitive_present):
 def test_config_selection_reaches_select_top_k(monkeypatch):
   calls = []
 
-  def spy(scores, k, **options):
+  def spy(scores, k, *options):
     calls.append(options)
     return jax.lax.top_k(scores, k)
 
-  monkeypatch.setattr(select, 'top_k', spy)
+  monkeypatch.setattr(select, 'unchecked_top_k', spy)
   config = listops.get_config('topk,smoke')
   config.attention.selection = 'approximate'
   config.attention.recall_target = 0.8
@@ -106,7 +111,7 @@ def test_config_selection_reaches_select_top_k(monkeypatch):
   model = build_model(config, info)
   jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                  {'inputs': jnp.ones((1, info.max_length), jnp.int32)})
-  assert calls and all(c == {'selection': 'approximate', 'recall_target': 0.8} for c in calls)
+  assert calls and all(c == ('approximate', 0.8, None) for c in calls)
 
 
 @pytest.mark.parametrize('spec, module', [

@@ -2,6 +2,7 @@
 from topk.chunked import chunked_attention
 from topk.dense import dot_product_attention
 from topk.feedforward import FEED_FORWARDS, DenseFeedForward, TopKFeedForward
+from topk.fused import FusedOptions
 from topk.spec import (
     ATTENTION_FNS,
     AttentionSpec,
@@ -17,6 +18,7 @@ __all__ = [
     'AttentionSpec',
     'DenseFeedForward',
     'FeedForwardSpec',
+    'FusedOptions',
     'TopKFeedForward',
     'chunked_attention',
     'dot_product_attention',

@@ -54,9 +54,9 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   @jax.checkpoint
   def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
     i, q_chunk = args
-    rng = None if dropout is None else jax.random.fold_in(dropout.rng, i)
+    rng = None if dropout is None else jax.random.fold_in(dropout_rng, i)
     return attend_block(can, i, q_chunk, kernel_fn, dropout, rng, precision)
 
   out = jax.lax.map(one_chunk, (jnp.arange(can.num_chunks),
-                                inputs.to_chunks(can.query, can.chunk)))
+                                inputs.to_chunks(can.query, can.chunk_size)))
   return inputs.to_output(can, inputs.from_chunks(out))

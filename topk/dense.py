@@ -16,17 +16,11 @@ def attend_block(can: inputs.Canonical, i: jax.Array, q_chunk: jax.Array,
   The weights `[B, H, C, Lk]` are mixed in `can.weights_dtype`: float32 weights promote the
   values to float32, as in flax.
   """
-  weights = kernel(chunk_scores_of(can, i, q_chunk, precision))
+  weights = kernel(inputs.chunk_scores(can, i, q_chunk, precision))
   if dropout is not None:
     weights = weights * dropout.multiplier(dropout_rng, weights.shape)
   return jnp.einsum('bhqk,bhkd->bhqd', weights.astype(can.weights_dtype), can.value,
                     precision=precision, preferred_element_type=jnp.float32)
-
-
-def chunk_scores_of(can: inputs.Canonical, i: jax.Array, q_chunk: jax.Array,
-                    precision: Any) -> jax.Array:
-  """Masked float32 scores `[B, H, C, Lk]` of query chunk `i`."""
-  return inputs.chunk_scores(can, i, q_chunk, can.key, can.bias, precision)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -81,9 +75,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       dtype=dtype, kernel=kernel, is_causal=is_causal, key_padding_mask=key_padding_mask,
       query_padding_mask=query_padding_mask, force_fp32_for_softmax=force_fp32_for_softmax)
   if module is not None:
-    weights = kernel_fn(chunk_scores_of(can, 0, can.query, precision))
+    weights = kernel_fn(inputs.chunk_scores(can, 0, can.query, precision))
     module.sow('intermediates', 'attention_weights',
                weights.reshape(can.batch_shape + weights.shape[1:]).astype(can.weights_dtype))
-  out = attend_block(can, 0, can.query, kernel_fn, dropout,
-                     None if dropout is None else dropout.rng, precision)
+  out = attend_block(can, 0, can.query, kernel_fn, dropout, dropout_rng, precision)
   return inputs.to_output(can, out)

@@ -91,7 +91,7 @@ class Options:
     if not 1 <= k <= kv_len:
       raise ValueError(f'topk.filter: k must be in [1, kv_len = {kv_len}], got {k}.')
     rank = self.rank or (k if k <= 32 else -(-k // 2))
-    groups = self.groups or select_gpu._next_power_of_2(max(128, 2 * rank))
+    groups = self.groups or select_gpu.next_power_of_2(max(128, 2 * rank))
     rank = self.rank or min(rank, groups)  # groups given: the rule's rank, at most groups
     buffer = self.buffer or -(-3 * self.stride * rank // 128) * 128
     buffer = max(buffer, 2 * k)

@@ -29,6 +29,11 @@ small copy of the inputs), so a Triton failure costs speed, not the program.
 Memory: besides the outputs, the kernel writes the candidate buffers (float32 and int32):
 O(Lq * k), never `[Lq, kv_len]`.
 
+Variants: `VARIANTS` maps a name to the functions `topk_attention` calls for a fused kernel
+(`Variant`); this module's kernel is 'compact'. `FusedOptions` (a field of
+`topk.AttentionSpec`) names the variant, the platforms it runs on and its `Tiling`, so another
+kernel is one more entry in `VARIANTS`.
+
 Speed: the kernel is tested in Pallas' interpreter and lowered for CUDA on CPU; its GPU time is
 measured by `benchmarks.fused` (benchmarks/README.md has the figures and the code they measured).
 """
@@ -36,6 +41,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -49,19 +55,8 @@ from topk import inputs, select_gpu
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Platforms where the kernel compiles with Triton; on 'cpu' it runs in Pallas' interpreter.
 GPU_PLATFORMS = ('cuda',)
-# Read when `topk_attention(..., fused=True)` is traced: the platforms where its forward selects
-# with this kernel (for the inputs it takes; `unsupported` says which), the unfused path
-# elsewhere. NVIDIA GPUs; add 'cpu' to run the kernel in the interpreter (tests). One call turns
-# the kernel off with `fused=False`.
-PLATFORMS: set[str] = {'cuda'}
-# `candidates`' tuning keywords (block sizes, buffer, Triton's settings) `topk_attention` uses.
-OPTIONS: dict[str, Any] = {}
 # The kernel's name in lowered programs (`runs_kernel`).
 KERNEL_NAME = 'topk_fused_candidates'
-# Queries per sub-chunk (at most; a divisor of the query chunk) in which `topk_attention` redoes
-# the rows the kernel leaves: their dense scores would otherwise be the fused path's largest
-# temporary.
-REDO_ROWS = 128
 
 
 class Candidates(NamedTuple):
@@ -205,8 +200,51 @@ def _power_of_2(x: int) -> bool:
   return x >= 1 and x & (x - 1) == 0
 
 
-def largest_array(can: inputs.Canonical, k: int, options: dict[str, Any] | None = None) -> int:
-  """Entries of the largest array `candidates(can, k, **options)` hands the kernel: the query
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """The kernel's tuning options; the sizes are checked here, their relations to k by
+  `resolve` (where k is known).
+
+  block_q: queries per kernel instance (16 and 32 timed fastest on an H100 at 16K tokens;
+  larger blocks read the keys fewer times); key_tile: keys per compaction step; groups: strided
+  key groups of the bound (default: `max(key_tile, 2k)` rounded up to a power of two), also the
+  keys per bound step; buffer: candidate slots per row, at least `2k + 1` (default `max(4k, 64)`
+  rounded up to a power of two, less where kv_len needs less); all powers of two, the first
+  three at least 16 (Triton's dot). num_warps, num_stages: Triton's.
+  """
+  block_q: int = 32
+  key_tile: int = 128
+  groups: int | None = None
+  buffer: int | None = None
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    sizes = dict(block_q=self.block_q, key_tile=self.key_tile, groups=self.groups,
+                 buffer=self.buffer)
+    for name, size in sizes.items():
+      if size is None and name in ('groups', 'buffer'):
+        continue
+      if not (isinstance(size, int) and _power_of_2(size) and (name == 'buffer' or size >= 16)):
+        raise ValueError(f'topk.fused.Tiling: {name} must be a power of two (>= 16 but '
+                         f'buffer), got {size!r}.')
+    for name in ('num_warps', 'num_stages'):
+      inputs.check_positive_int(getattr(self, name), f'topk.fused.Tiling: {name}')
+
+  def resolve(self, k: int, kv_len: int) -> 'Tiling':
+    """These options for `k` of `kv_len` keys (`1 <= k <= kv_len`), defaults filled in; raises
+    ValueError unless groups >= k and buffer >= 2k + 1."""
+    groups = self.groups or max(self.key_tile, select_gpu.next_power_of_2(2 * k))
+    buffer = self.buffer or min(select_gpu.next_power_of_2(max(4 * k, 64)),
+                                select_gpu.next_power_of_2(kv_len + k + 1))
+    if groups < k or buffer < 2 * k + 1:
+      raise ValueError(f'topk.fused: needs groups >= k and buffer >= 2k + 1 (k = {k}), got '
+                       f'groups {groups}, buffer {buffer}.')
+    return dataclasses.replace(self, groups=groups, buffer=buffer)
+
+
+def largest_array(can: inputs.Canonical, k: int, tiling: Tiling = Tiling()) -> int:
+  """Entries of the largest array `candidates(can, k, tiling=tiling)` hands the kernel: the query
   `[B*H, Lq_b, D]` (Lq_pad rounded up to block_q), key `[B*H, Lk, D]`, mask, bias, padding masks,
   or the candidate buffers `[B*H*Lq_b, buffer]` and counts `[B*H*Lq_b]` it writes.
 
@@ -216,7 +254,7 @@ def largest_array(can: inputs.Canonical, k: int, options: dict[str, Any] | None 
   """
   b, h, lq, d = can.query.shape
   lk = can.key.shape[2]
-  tiling = Tiling(**(options or {})).resolve(k, lk)
+  tiling = tiling.resolve(k, lk)
   rows = b * h * pl.cdiv(lq, tiling.block_q) * tiling.block_q
   given = (can.mask, can.bias, can.key_padding_mask, can.query_padding_mask)
   return max(rows * max(d, tiling.buffer), b * h * lk * d,
@@ -224,7 +262,7 @@ def largest_array(can: inputs.Canonical, k: int, options: dict[str, Any] | None 
 
 
 def _untaken(can: inputs.Canonical, k: int) -> str | None:
-  """Why the kernel does not take inputs of this kind (dtype, head_dim, no keys), or None."""
+  """Why the kernel does not take such inputs (their dtype, head_dim, no keys), or None."""
   d = can.query.shape[3]
   if can.dtype not in DTYPES:
     return f'computation dtype {can.dtype} (the kernel takes {DTYPES})'
@@ -235,20 +273,19 @@ def _untaken(can: inputs.Canonical, k: int) -> str | None:
   return None
 
 
-def _too_large(can: inputs.Canonical, k: int, options: dict[str, Any] | None) -> str | None:
+def _too_large(can: inputs.Canonical, k: int, variant: 'Variant', tiling: Tiling) -> str | None:
   """Why inputs the kernel takes are too large for its int32 offsets, or None."""
-  entries = largest_array(can, k, options)
+  entries = variant.largest_array(can, k, tiling)
   if entries > select_gpu.MAX_ENTRIES:
     return (f'an array of {entries:,} entries: Triton\'s int32 offsets address at most '
             f'{select_gpu.MAX_ENTRIES:,}')
   return None
 
 
-def unsupported(can: inputs.Canonical, k: int,
-                options: dict[str, Any] | None = None) -> str | None:
-  """Why the kernel cannot serve these inputs with these `Tiling` options (the unfused path then
-  runs), or None."""
-  return _untaken(can, k) or _too_large(can, k, options)
+def unsupported(can: inputs.Canonical, k: int, tiling: Tiling = Tiling()) -> str | None:
+  """Why the kernel cannot serve these inputs with this `tiling` (the unfused path then runs),
+  or None."""
+  return _untaken(can, k) or _too_large(can, k, VARIANTS['compact'], tiling)
 
 
 def runs_kernel(lowered: jax.stages.Lowered) -> bool:
@@ -269,35 +306,33 @@ _COMPILES: dict[tuple, bool] = {}
 
 
 def compiles(can: inputs.Canonical, k: int, precision: Any = None,
-             options: dict[str, Any] | None = None, *, interpret: bool = False) -> bool:
-  """Whether the kernel compiles, on the default backend, for inputs like these (the same dtype,
-  head_dim, masks, bias and broadcasting, `k` and options, at `PROBE_LENGTH` tokens).
+             options: 'FusedOptions | None' = None, *, interpret: bool = False) -> bool:
+  """Whether `options`' kernel (default `FusedOptions()`) compiles, on the default backend, for
+  inputs like these (the same dtype, head_dim, masks, bias and broadcasting, `k` and options, at
+  `PROBE_LENGTH` tokens).
 
   The answer is kept per configuration, so a process compiles each one once (a second or two
   with Triton). A failure is logged as a warning with the compiler's message: the caller then
   runs the unfused path instead of failing the whole program.
   """
-  options = options or {}
+  options = options or FusedOptions()
   length = max(PROBE_LENGTH, k)
-
   def small(x, axes):  # x with its sequence axes (those not broadcast) at `length`
     if x is None:
       return None
     shape = [length if axis in axes and n != 1 else n for axis, n in enumerate(x.shape)]
     return jax.ShapeDtypeStruct(shape, x.dtype)
 
-  names = ('query', 'key', 'value', 'mask', 'bias', 'key_padding_mask', 'query_padding_mask')
-  axes = ((2,), (2,), (2,), (2, 3), (2, 3), (1,), (1,))
-  arrays = tuple(small(getattr(can, name), a) for name, a in zip(names, axes, strict=True))
-  signature = (arrays, can.is_causal, str(can.dtype), k, repr(precision),
-               tuple(sorted(options.items())), interpret, jax.default_backend())
+  axes = dict(query=(2,), key=(2,), value=(2,), mask=(2, 3), bias=(2, 3), key_padding_mask=(1,),
+              query_padding_mask=(1,))
+  probe = dataclasses.replace(can, q_len=length, chunk_size=length, **{
+      name: small(getattr(can, name), a) for name, a in axes.items()})
+  signature = (probe, k, repr(precision), options, interpret, jax.default_backend())
   if signature not in _COMPILES:
-    def run(*arrays):
-      probe = dataclasses.replace(can, **dict(zip(names, arrays, strict=True)), q_len=length,
-                                  chunk=length)
-      return candidates(probe, k, precision, interpret=interpret, **options)
+    variant = VARIANTS[options.variant]
     try:
-      jax.jit(run).lower(*arrays).compile()
+      jax.jit(lambda p: variant.candidates(p, k, precision, options.tiling, interpret)).lower(
+          probe).compile()
       _COMPILES[signature] = True
     except Exception as error:  # noqa: BLE001 (Triton's and XLA's errors have many types)
       first_line = (str(error).strip().splitlines() or [''])[0]
@@ -307,25 +342,22 @@ def compiles(can: inputs.Canonical, k: int, precision: Any = None,
   return _COMPILES[signature]
 
 
-def platforms(can: inputs.Canonical, k: int, precision: Any = None,
-              options: dict[str, Any] | None = None) -> tuple[str, ...]:
-  """The platforms in `PLATFORMS` where `topk_attention` runs the kernel on these inputs (none if
-  it does not take them, or, on a GPU, if it does not compile for them: `compiles`); logs the
-  choice once per distinct message.
+def platforms(can: inputs.Canonical, k: int, precision: Any,
+              options: 'FusedOptions') -> tuple[str, ...]:
+  """The platforms of `options.platforms` where `topk_attention` runs the kernel on these inputs
+  (none if it does not take them, or, on a GPU, if it does not compile for them: `compiles`);
+  logs the choice once per distinct message.
 
   Inputs past the kernel's int32 offsets (`largest_array`) go to the unfused path whole (the
   kernel is not launched per query chunk: the key, a full mask or bias can be past the limit
   alone), with a warning: the unfused path is slower and needs a query chunk's dense scores.
   """
-  unknown = set(PLATFORMS) - {'cpu', *GPU_PLATFORMS}
-  if unknown:
-    raise ValueError(f'topk.fused.PLATFORMS: unknown platforms {sorted(unknown)}; valid: '
-                     f"{sorted({'cpu', *GPU_PLATFORMS})}.")
   reason, level = _untaken(can, k), logging.INFO
-  too_large = None if reason or not PLATFORMS else _too_large(can, k, options)
+  too_large = None if reason or not options.platforms else _too_large(
+      can, k, VARIANTS[options.variant], options.tiling)
   if too_large:
     reason, level = too_large, logging.WARNING
-  chosen = () if reason else tuple(sorted(PLATFORMS))
+  chosen = () if reason else tuple(sorted(options.platforms))
   if (jax.default_backend() == 'gpu' and set(chosen) & set(GPU_PLATFORMS)
       and not compiles(can, k, precision, options)):
     chosen = tuple(p for p in chosen if p not in GPU_PLATFORMS)
@@ -333,79 +365,28 @@ def platforms(can: inputs.Canonical, k: int, precision: Any = None,
   if chosen:
     _say(f'top-k attention: fused kernel on {", ".join(chosen)}, unfused elsewhere')
   else:
-    _say(f'top-k attention: unfused ({reason or "topk.fused.PLATFORMS is empty"})', level)
+    _say(f'top-k attention: unfused ({reason or "FusedOptions.platforms is empty"})', level)
   return chosen
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-  """The kernel's tuning options (`OPTIONS`, `candidates`' keywords).
-
-  block_q: queries per kernel instance (16 and 32 timed fastest on an H100 at 16K tokens;
-  larger blocks read the keys fewer times); key_tile: keys per compaction step; groups: strided
-  key groups of the bound (default: `max(key_tile, 2k)` rounded up to a power of two), also the
-  keys per bound step; buffer: candidate slots per row, at least `2k + 1` (default `max(4k, 64)`
-  rounded up to a power of two, less where kv_len needs less); all powers of two, the first
-  three at least 16 (Triton's dot). num_warps, num_stages: Triton's.
-  """
-  block_q: int = 32
-  key_tile: int = 128
-  groups: int | None = None
-  buffer: int | None = None
-  num_warps: int = 4
-  num_stages: int = 2
-
-  def resolve(self, k: int, kv_len: int) -> 'Tiling':
-    """These options for `k` of `kv_len` keys, defaults filled in; raises ValueError unless
-    they are valid (and `1 <= k <= kv_len`)."""
-    if not 1 <= k <= kv_len:
-      raise ValueError(f'topk.fused.candidates: k must be in [1, kv_len = {kv_len}], got {k}.')
-    groups = self.groups or max(self.key_tile, select_gpu._next_power_of_2(2 * k))
-    buffer = self.buffer or min(select_gpu._next_power_of_2(max(4 * k, 64)),
-                                select_gpu._next_power_of_2(kv_len + k + 1))
-    sizes = dict(block_q=self.block_q, key_tile=self.key_tile, groups=groups)
-    for name, size in (*sizes.items(), ('buffer', buffer)):
-      if not (isinstance(size, int) and _power_of_2(size) and (name == 'buffer' or size >= 16)):
-        raise ValueError(f'topk.fused.candidates: {name} must be a power of two (>= 16 but '
-                         f'buffer), got {size!r}.')
-    if groups < k or buffer < 2 * k + 1:
-      raise ValueError(f'topk.fused.candidates: needs groups >= k and buffer >= 2k + 1 (k = '
-                       f'{k}), got groups {groups}, buffer {buffer}.')
-    return dataclasses.replace(self, groups=groups, buffer=buffer)
-
-
-def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
-               **options: Any) -> Candidates:
-  """Steps 1 and 2: the candidates for the top k of every query, without the dense scores.
-
-  Args:
-    can: canonical inputs (`unsupported(can, k, options)` must be None); their masks, bias and
-      `is_causal` apply as in `inputs.chunk_scores`.
-    k: keys kept per query, `1 <= k <= kv_len`.
-    precision: the score product's precision (`dot`'s).
-    interpret: run in Pallas' interpreter (any platform) instead of compiling with Triton.
-    **options: the fields of `Tiling`.
-
-  Returns:
-    `Candidates` with `values, slots [B, H, Lq_pad, buffer]` and counts `[B, H, Lq_pad]`.
-  """
-  reason = unsupported(can, k, options)
-  if reason is not None:
-    raise ValueError(f'topk.fused.candidates: the kernel does not take {reason}.')
+def _candidates(can: inputs.Canonical, k: int, precision: Any, tiling: Tiling,
+                interpret: bool) -> Candidates:
+  """`candidates` of inputs it takes (`unsupported(can, k, tiling)` None, `1 <= k <= kv_len`)."""
   b, h, lq, d = can.query.shape
   lk = can.key.shape[2]
-  tiling = Tiling(**options).resolve(k, lk)
+  tiling = tiling.resolve(k, lk)
   block_q, buffer = tiling.block_q, tiling.buffer
 
   lq_b = pl.cdiv(lq, block_q) * block_q
-  q = inputs.scale_query(can.query)  # as the unfused scores, rounding included
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, lq_b - lq), (0, 0))).reshape(b * h, lq_b, d)
+  q_BxHxLqxD = inputs.scale_query(can.query)  # as the unfused scores, rounding included
+  q_BHxLbxD = jnp.pad(q_BxHxLqxD, ((0, 0), (0, 0), (0, lq_b - lq), (0, 0))).reshape(
+      b * h, lq_b, d)
 
   def flat(x):  # [B|1, H|1, Lq|1, Lk|1] -> [(B|1) * (H|1), Lq|1, Lk|1], and its (B|1, H|1)
     return None if x is None else x.reshape(-1, *x.shape[2:])
 
   int8 = lambda x: None if x is None else x.astype(jnp.int8)
-  operands = (q, can.key.reshape(b * h, lk, d), flat(can.bias), int8(flat(can.mask)),
+  operands = (q_BHxLbxD, can.key.reshape(b * h, lk, d), flat(can.bias), int8(flat(can.mask)),
               None if can.key_padding_mask is None else int8(can.key_padding_mask[:, None, :]),
               None if can.query_padding_mask is None else int8(can.query_padding_mask[:, :, None]))
   present = [x is not None for x in operands]
@@ -432,6 +413,30 @@ def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
   return Candidates(*map(per_query, (values, slots, above, ties, bad)))
 
 
+def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
+               tiling: Tiling = Tiling()) -> Candidates:
+  """Steps 1 and 2: the candidates for the top k of every query, without the dense scores.
+
+  Args:
+    can: canonical inputs (`unsupported(can, k, tiling)` must be None); their masks, bias and
+      `is_causal` apply as in `inputs.chunk_scores`.
+    k: keys kept per query, `1 <= k <= kv_len`.
+    precision: the score product's precision (`dot`'s).
+    interpret: run in Pallas' interpreter (any platform) instead of compiling with Triton.
+    tiling: the kernel's tuning options.
+
+  Returns:
+    `Candidates` with `values, slots [B, H, Lq_pad, buffer]` and counts `[B, H, Lq_pad]`.
+  """
+  kv_len = can.key.shape[2]
+  if not 1 <= k <= kv_len:
+    raise ValueError(f'topk.fused.candidates: k must be in [1, kv_len = {kv_len}], got {k}.')
+  reason = unsupported(can, k, tiling)
+  if reason is not None:
+    raise ValueError(f'topk.fused.candidates: the kernel does not take {reason}.')
+  return _candidates(can, k, precision, tiling, interpret)
+
+
 def select(candidates: Candidates, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Step 3: the top k of each row's candidate buffer, `(kept, indices, redo)` `[..., k]`.
 
@@ -448,12 +453,13 @@ def select(candidates: Candidates, k: int) -> tuple[jax.Array, jax.Array, jax.Ar
   return kept, jnp.take_along_axis(slots, position, axis=-1), (above > room) | (bad > 0)
 
 
-def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None,
-               **options: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`select(candidates(can, k, precision, **options), k)`: `(kept float32 [B, H, Lq_pad, k],
+def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *,
+               interpret: bool = False,
+               tiling: Tiling = Tiling()) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`select(candidates(can, k, precision, ...), k)`: `(kept float32 [B, H, Lq_pad, k],
   indices int32 [B, H, Lq_pad, k], redo bool [B, H, Lq_pad])`, the kept scores in descending
   order and their keys, exact (as `lax.top_k` of the masked scores) where `redo` is False."""
-  return select(candidates(can, k, precision, **options), k)
+  return select(candidates(can, k, precision, interpret=interpret, tiling=tiling), k)
 
 
 def merge(fused: tuple[jax.Array, jax.Array, jax.Array],
@@ -467,3 +473,63 @@ def merge(fused: tuple[jax.Array, jax.Array, jax.Array],
     return (jnp.where(redo[..., None], again[0], kept), jnp.where(redo[..., None], again[1], idx))
 
   return jax.lax.cond(jnp.any(redo), redo_rows, lambda: (kept, idx))
+
+
+class Variant(NamedTuple):
+  """A fused score-and-select kernel `topk_attention` can run, as the functions it calls.
+
+  candidates: `(can, k, precision, tiling, interpret) -> state`, a pytree of per-query arrays
+    `[B, H, Lq_pad, ...]` for inputs the kernel takes (`1 <= k <= kv_len`), computed once for
+    all queries; select: `(state rows [B, H, C, ...], k) -> (kept [B, H, C, k],
+    indices [B, H, C, k], redo [B, H, C])`, exact where `redo` is False; largest_array:
+    `(can, k, tiling) -> entries` of the largest array the kernel addresses.
+  """
+  candidates: Callable[[inputs.Canonical, int, Any, Tiling, bool], Any]
+  select: Callable[[Any, int], tuple[jax.Array, jax.Array, jax.Array]]
+  largest_array: Callable[[inputs.Canonical, int, Tiling], int]
+
+
+# The fused kernels by name (`FusedOptions.variant`): 'compact', the bound-then-compaction
+# kernel of the module docstring.
+VARIANTS: dict[str, Variant] = {
+    'compact': Variant(_candidates, select, largest_array),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedOptions:
+  """Which fused kernel `topk_attention` runs, where and how (`topk.AttentionSpec.fused_options`).
+
+  Attributes:
+    variant: a key of `VARIANTS`.
+    platforms: where the kernel selects (for inputs it takes; `unsupported` says which), the
+      unfused path elsewhere: NVIDIA GPUs ('cuda'); 'cpu' runs the kernel in Pallas'
+      interpreter (tests).
+    tiling: the kernel's tuning options.
+    redo_rows: queries per sub-chunk (at most; a divisor of the query chunk) in which the rows
+      the kernel leaves are redone: their dense scores would otherwise be the fused path's
+      largest temporary.
+  """
+  variant: str = 'compact'
+  platforms: tuple[str, ...] = ('cuda',)
+  tiling: Tiling = Tiling()
+  redo_rows: int = 128
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f'Unknown fused kernel {self.variant!r}; valid variants: '
+                       f'{sorted(VARIANTS)}.')
+    valid = {'cpu', *GPU_PLATFORMS}
+    if not isinstance(self.platforms, tuple) or not set(self.platforms) <= valid:
+      raise ValueError(f'topk.fused.FusedOptions: platforms must be a tuple of {sorted(valid)}, '
+                       f'got {self.platforms!r} (unknown platforms).')
+    if not isinstance(self.tiling, Tiling):
+      raise ValueError(f'topk.fused.FusedOptions: tiling must be a Tiling, got {self.tiling!r}.')
+    inputs.check_positive_int(self.redo_rows, 'topk.fused.FusedOptions: redo_rows')
+
+
+def check_options(options: Any) -> None:
+  """Raises ValueError unless `options` is a `FusedOptions` (whose fields it checked when it
+  was built)."""
+  if not isinstance(options, FusedOptions):
+    raise ValueError(f'fused_options must be a topk.fused.FusedOptions, got {options!r}.')

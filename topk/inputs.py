@@ -39,8 +39,8 @@ def check_positive_int(value: Any, name: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Dropout:
-  """Attention-dropout settings; absent (None) when dropout is off."""
-  rng: jax.Array
+  """Attention-dropout settings; absent (None) when dropout is off. Static (hashable): the key
+  travels beside it, so that a traced function can take the settings as a static argument."""
   rate: float
   broadcast: bool  # one mask shared by all batch entries and heads (flax's broadcast_dropout)
 
@@ -61,12 +61,21 @@ def make_dropout(dropout_rng: jax.Array | None, dropout_rate: float, determinist
     return None
   if dropout_rng is None:
     raise ValueError('dropout_rng is required when deterministic=False and dropout_rate > 0.')
-  return Dropout(dropout_rng, float(dropout_rate), bool(broadcast_dropout))
+  return Dropout(float(dropout_rate), bool(broadcast_dropout))
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=('query', 'key', 'value', 'mask', 'bias', 'key_padding_mask',
+                                'query_padding_mask'),
+                   meta_fields=('is_causal', 'batch_shape', 'q_len', 'chunk_size', 'dtype',
+                                'weights_dtype'))
 @dataclasses.dataclass(frozen=True)
 class Canonical:
-  """Attention inputs in the internal layout (see module docstring)."""
+  """Attention inputs in the internal layout (see module docstring).
+
+  A pytree: its arrays are the leaves and the rest (static facts of the call) its structure,
+  so a `jax.custom_vjp` takes it whole and its cotangent is a `Canonical` of the gradients.
+  """
   query: jax.Array  # [B, H, Lq_pad, D]
   key: jax.Array  # [B, H, Lk, D]
   value: jax.Array  # [B, H, Lk, Dv]
@@ -77,7 +86,7 @@ class Canonical:
   is_causal: bool
   batch_shape: tuple[int, ...]
   q_len: int
-  chunk: int  # queries per chunk; Lq_pad = num_chunks * chunk
+  chunk_size: int  # queries per chunk (C); Lq_pad = num_chunks * chunk_size
   dtype: Any  # computation and output dtype
   # Dtype of the attention weights, sown and mixed with the values: the computation dtype, or
   # float32 with flax's force_fp32_for_softmax (mixed precision keeps the weights exact).
@@ -85,7 +94,7 @@ class Canonical:
 
   @property
   def num_chunks(self) -> int:
-    return self.query.shape[2] // self.chunk
+    return self.query.shape[2] // self.chunk_size
 
 
 def check_bool(value: Any, name: str) -> bool:
@@ -218,10 +227,9 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
   kv_len = key.shape[-3]
   full_shape = batch_shape + (heads, q_len, kv_len)
 
-  chunk = q_len if query_chunk_size is None else min(
-      check_positive_int(query_chunk_size, 'query_chunk_size'), max(q_len, 1))
-  chunk = max(chunk, 1)
-  q_pad = max(-(-q_len // chunk), 1) * chunk - q_len  # q_len 0: one chunk of padding
+  chunk_size = max(q_len if query_chunk_size is None else min(
+      check_positive_int(query_chunk_size, 'query_chunk_size'), max(q_len, 1)), 1)
+  q_pad = max(-(-q_len // chunk_size), 1) * chunk_size - q_len  # q_len 0: one chunk of padding
 
   dtype = computation_dtype(dtype, query, key, value)
 
@@ -247,7 +255,8 @@ def canonicalize(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: An
   return Canonical(
       query=to_bhld(query, q_pad), key=to_bhld(key), value=to_bhld(value), mask=mask, bias=bias,
       key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-      is_causal=is_causal, batch_shape=batch_shape, q_len=q_len, chunk=chunk, dtype=dtype,
+      is_causal=is_causal, batch_shape=batch_shape, q_len=q_len, chunk_size=chunk_size,
+      dtype=dtype,
       weights_dtype=jnp.dtype(jnp.float32) if force_fp32_for_softmax else dtype)
 
 
@@ -280,19 +289,19 @@ def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
 def chunk_validity(can: Canonical, i: jax.Array) -> jax.Array | None:
   """Returns which (query, key) pairs of query chunk `i` may attend, bool broadcastable to
   `[B, H, C, Lk]`, or None when nothing is masked. Never builds a q_len x kv_len array."""
-  size, start = can.chunk, i * can.chunk
-  parts = []
+  size, start = can.chunk_size, i * can.chunk_size
+  conditions = []
   if can.mask is not None:
-    parts.append(_rows(can.mask, start, size))
+    conditions.append(_rows(can.mask, start, size))
   if can.is_causal:
     q_pos = start + jnp.arange(size)
-    parts.append((jnp.arange(can.key.shape[2])[None, :] <= q_pos[:, None])[None, None])
+    conditions.append((jnp.arange(can.key.shape[2])[None, :] <= q_pos[:, None])[None, None])
   if can.key_padding_mask is not None:
-    parts.append(can.key_padding_mask[:, None, None, :])
+    conditions.append(can.key_padding_mask[:, None, None, :])
   if can.query_padding_mask is not None:
     q_valid = jax.lax.dynamic_slice_in_dim(can.query_padding_mask, start, size, axis=1)
-    parts.append(q_valid[:, None, :, None])
-  return functools.reduce(jnp.logical_and, parts) if parts else None
+    conditions.append(q_valid[:, None, :, None])
+  return functools.reduce(jnp.logical_and, conditions) if conditions else None
 
 
 def scale_query(query: jax.Array) -> jax.Array:
@@ -300,30 +309,28 @@ def scale_query(query: jax.Array) -> jax.Array:
   return query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
 
 
-def chunk_scores(can: Canonical, i: jax.Array, q_chunk: jax.Array, key: jax.Array,
-                 bias: jax.Array | None, precision: Any) -> jax.Array:
+def chunk_scores(can: Canonical, i: jax.Array, q_chunk: jax.Array, precision: Any) -> jax.Array:
   """Returns the scaled, biased, masked float32 scores `[B, H, C, Lk]` of query chunk `i`.
 
   Args:
-    can: the canonical inputs (masks).
+    can: the canonical inputs (key, bias, masks; C is `can.chunk_size`).
     i: chunk index.
-    q_chunk: `[B, H, C, D]`, rows `i*C ... i*C + C - 1` of the query.
-    key: `[B, H, Lk, D]`.
-    bias: `[B|1, H|1, Lq_pad|1, Lk|1]` float32 or None.
+    q_chunk: `[B, H, C, D]`, rows `i*C ... i*C + C - 1` of the query (passed apart from
+      `can.query` because callers hold it already sliced, chunk by chunk).
     precision: einsum precision.
   """
-  scores = jnp.einsum('bhqd,bhkd->bhqk', scale_query(q_chunk), key, precision=precision,
+  scores = jnp.einsum('bhqd,bhkd->bhqk', scale_query(q_chunk), can.key, precision=precision,
                       preferred_element_type=jnp.float32)
-  if bias is not None:
-    scores = scores + _rows(bias, i * can.chunk, can.chunk)
+  if can.bias is not None:
+    scores = scores + _rows(can.bias, i * can.chunk_size, can.chunk_size)
   valid = chunk_validity(can, i)
   return scores if valid is None else jnp.where(valid, scores, NEG)
 
 
-def to_chunks(x: jax.Array, chunk: int) -> jax.Array:
-  """`[B, H, L, ...]` -> `[L / chunk, B, H, chunk, ...]`."""
+def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+  """`[B, H, L, ...]` -> `[L / chunk_size, B, H, chunk_size, ...]`."""
   b, h, length = x.shape[:3]
-  return jnp.moveaxis(x.reshape((b, h, length // chunk, chunk) + x.shape[3:]), 2, 0)
+  return jnp.moveaxis(x.reshape((b, h, length // chunk_size, chunk_size) + x.shape[3:]), 2, 0)
 
 
 def from_chunks(x: jax.Array) -> jax.Array:

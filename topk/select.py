@@ -6,7 +6,7 @@ lower index first. Floats follow the IEEE total order, as XLA's TopK does on CPU
 compared as float32, so its NaNs tie with, and come back as, the quiet NaN of their sign).
 
 Exact selection runs one method per platform, chosen with `jax.lax.platform_dependent` from
-`BACKEND` (platform -> name in `METHODS`), every method equal to `lax.top_k`:
+`DEFAULT_METHODS` (platform -> name in `METHODS`), every method equal to `lax.top_k`:
 * 'ffi' (CPU): an exact C++ kernel (`csrc/topk_select.cc`, built into `LIBRARY` by
   `pip install .` or `make build`) registered through the XLA FFI; XLA's own CPU TopK is several
   times slower than the score product it follows. AVX2 where the processor has it (checked at run
@@ -15,16 +15,17 @@ Exact selection runs one method per platform, chosen with `jax.lax.platform_depe
   default on ROCm): see `topk.select_gpu`.
   XLA's GPU TopK sorts whole rows for k > 16.
 * 'lax': `jax.lax.top_k`, for other platforms and for dtypes a method does not take.
-`BACKEND` is the setting: assign an entry (e.g. `BACKEND['cuda'] = 'pallas'`) before tracing to
-change what runs there, or pass `method=` to `top_k` for one call. A method forced on a platform
-it does not target still runs there ('pallas' in Pallas' interpreter off GPU), which is how the
-tests run the GPU paths on CPU.
+A caller picks another method with `method=` (`top_k`'s argument, `topk.AttentionSpec.method`),
+which then runs on every platform ('ffi' on CPU only). A method forced on a platform it does not
+target still runs there ('pallas' in Pallas' interpreter off GPU), which is how the tests run the
+GPU paths on CPU.
 """
 import ctypes
 import functools
 import logging
 import pathlib
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -83,12 +84,22 @@ METHODS: dict[str, tuple[Callable[[jax.Array, int, str], tuple[jax.Array, jax.Ar
     'pallas': (lambda s, k, platform: select_gpu.pallas_top_k(
         s, k, interpret=platform not in _GPU_PLATFORMS), select_gpu.PALLAS_DTYPES),
 }
-# What exact selection runs per platform ('default': any other, e.g. TPU). On one H100 (jax
-# 0.11.2, [4096, 16384] scores, k 64) 'pallas' took 0.61 ms in bfloat16 and 0.79 ms in float32,
-# 'two_stage' 1.9 and 3.4 ms, `lax.top_k` 2.5 and 5.3 ms; ROCm keeps 'two_stage' (plain XLA:
-# the Triton kernel is untested there).
-BACKEND: dict[str, str] = {'cpu': _CPU_METHOD, 'cuda': 'pallas', 'rocm': 'two_stage',
-                           'default': 'lax'}
+# What exact selection runs per platform unless a method is given ('default': any other
+# platform, e.g. TPU). On one H100 (jax 0.11.2, [4096, 16384] scores, k 64) 'pallas' took
+# 0.61 ms in bfloat16 and 0.79 ms in float32, 'two_stage' 1.9 and 3.4 ms, `lax.top_k` 2.5 and
+# 5.3 ms; ROCm keeps 'two_stage' (plain XLA: the Triton kernel is untested there). Read-only: a
+# caller chooses with `method=`, so two models in one process can select differently.
+DEFAULT_METHODS: Mapping[str, str] = types.MappingProxyType(
+    {'cpu': _CPU_METHOD, 'cuda': 'pallas', 'rocm': 'two_stage', 'default': 'lax'})
+
+
+def check_method(method: str | None) -> None:
+  """Raises ValueError unless `method` is None (`DEFAULT_METHODS`) or a key of `METHODS` that
+  runs here ('ffi' needs the built library)."""
+  if method is not None and method not in METHODS:
+    raise ValueError(f'top_k: method must be one of {sorted(METHODS)} or None, got {method!r}')
+  if method == 'ffi' and _CPU_METHOD != 'ffi':
+    raise ValueError(f"top_k: 'ffi' runs on CPU only and needs {LIBRARY} (`make build`)")
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
@@ -110,19 +121,13 @@ def _exact_top_k_jvp(k, backend, primals, tangents):
 
 
 def _exact(scores: jax.Array, k: int, method: str | None) -> tuple[jax.Array, jax.Array]:
-  if method is not None and method not in METHODS:
-    raise ValueError(f'top_k: method must be one of {sorted(METHODS)}, got {method!r}')
-  backend = dict(BACKEND)
+  """Exact selection with `method` on every platform ('ffi': on CPU only), None:
+  `DEFAULT_METHODS`; a method that does not take the dtype gives way to 'lax'."""
+  backend = dict(DEFAULT_METHODS)
   if method == 'ffi':  # The kernel exists on CPU only.
     backend['cpu'] = method
   elif method is not None:
     backend = dict.fromkeys(backend, method)
-  unknown = {name for name in backend.values() if name not in METHODS}
-  if unknown:
-    raise ValueError(f'top_k: BACKEND names unknown methods {unknown}; valid: {sorted(METHODS)}')
-  if any(name == 'ffi' and (platform != 'cpu' or _CPU_METHOD != 'ffi')
-         for platform, name in backend.items()):
-    raise ValueError(f"top_k: 'ffi' runs on CPU only and needs {LIBRARY} (`make build`)")
   takes = lambda name: METHODS[name][1] is None or scores.dtype in METHODS[name][1]
   backend = tuple((platform, name if takes(name) else 'lax') for platform, name in backend.items())
   if all(name == 'lax' for _, name in backend):
@@ -130,17 +135,34 @@ def _exact(scores: jax.Array, k: int, method: str | None) -> tuple[jax.Array, ja
   return _exact_top_k(scores, k, backend)
 
 
-def _approximate(scores: jax.Array, k: int, recall_target: float) -> tuple[jax.Array, jax.Array]:
-  if not 0.0 < recall_target <= 1.0:
-    raise ValueError(f'top_k: recall_target must be in (0, 1], got {recall_target}')
-  return tuple(jax.lax.approx_max_k(scores, k, recall_target=recall_target))
-
-
 # Selections: name -> fn(scores, k, method, recall_target).
 SELECTIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     'exact': lambda s, k, method, recall_target: _exact(s, k, method),
-    'approximate': lambda s, k, method, recall_target: _approximate(s, k, recall_target),
+    'approximate': lambda s, k, method, recall_target: tuple(
+        jax.lax.approx_max_k(s, k, recall_target=recall_target)),
 }
+
+
+def check_selection(selection: str, recall_target: float, method: str | None) -> None:
+  """Raises ValueError unless `selection` is a key of `SELECTIONS`, 0 < recall_target <= 1
+  (checked for every selection: a bad value is bad) and `method` passes `check_method` (and is
+  None unless the selection is exact)."""
+  if selection not in SELECTIONS:
+    raise ValueError(f'Unknown selection {selection!r}; valid selections: '
+                     f'{sorted(SELECTIONS)}.')
+  if (isinstance(recall_target, bool) or not isinstance(recall_target, (int, float))
+      or not 0 < recall_target <= 1):
+    raise ValueError(f'recall_target must be a number in (0, 1], got {recall_target!r}.')
+  check_method(method)
+  if selection != 'exact' and method is not None:
+    raise ValueError(f'top_k: method applies to exact selection only, got {selection!r}')
+
+
+def unchecked_top_k(scores: jax.Array, k: int, selection: str, recall_target: float,
+                    method: str | None) -> tuple[jax.Array, jax.Array]:
+  """`top_k` of arguments already valid (`check_selection`, `0 <= k <= n`), for callers that
+  validated them where they were given: `(values [..., k], indices int32 [..., k])`."""
+  return SELECTIONS[selection](scores, k, method, recall_target)
 
 
 def top_k(scores: jax.Array, k: int, *, selection: str = 'exact', recall_target: float = 0.95,
@@ -154,7 +176,7 @@ def top_k(scores: jax.Array, k: int, *, selection: str = 'exact', recall_target:
       (`jax.lax.approx_max_k`: trades exactness for speed on TPU; exact on CPU and GPU).
     recall_target: expected fraction of the true top k found by 'approximate', in (0, 1].
     method: a key of `METHODS` forcing that exact method on every platform (only on CPU for
-      'ffi') instead of `BACKEND`'s choice; for tests and measurements.
+      'ffi'), or None: `DEFAULT_METHODS`' choice per platform.
 
   Returns:
     `(values [..., k], indices int32 [..., k])`, values in descending order.
@@ -170,8 +192,5 @@ def top_k(scores: jax.Array, k: int, *, selection: str = 'exact', recall_target:
   if not 0 <= k <= scores.shape[-1]:
     raise ValueError(
         f'top_k: k must be in [0, {scores.shape[-1]}] (the last axis of scores), got {k}')
-  if selection not in SELECTIONS:
-    raise ValueError(f'top_k: selection must be one of {sorted(SELECTIONS)}, got {selection!r}')
-  if selection != 'exact' and method is not None:
-    raise ValueError(f'top_k: method applies to exact selection only, got {selection!r}')
-  return SELECTIONS[selection](scores, int(k), method, recall_target)
+  check_selection(selection, recall_target, method)
+  return unchecked_top_k(scores, int(k), selection, recall_target, method)

@@ -43,7 +43,9 @@ BLOCK_ROWS = 4
 KERNEL_NAME = 'topk_compact_candidates'
 
 
-def _next_power_of_2(x: int) -> int:
+def next_power_of_2(x: int) -> int:
+  """The least power of two >= x (1 for x <= 1): block widths and buffer sizes of the kernels
+  here and in `topk.fused`."""
   return 1 << max(0, x - 1).bit_length()
 
 
@@ -56,7 +58,7 @@ def two_stage_top_k(scores: jax.Array, k: int,
   padded.
   """
   n = scores.shape[-1]
-  width = max(width or TWO_STAGE_WIDTH, _next_power_of_2(2 * k))
+  width = max(width or TWO_STAGE_WIDTH, next_power_of_2(2 * k))
   if n < 2 * width:
     return tuple(jax.lax.top_k(scores, k))
   blocks, full = n // width, n // width * width
@@ -180,7 +182,7 @@ def pallas_top_k(scores: jax.Array, k: int, *, buffer: int | None = None,
   n = scores.shape[-1]
   if not 0 < 16 * k <= n or scores.size == 0:  # Nothing to select, or too short to prune much.
     return two_stage_top_k(scores, k)
-  buffer = buffer or _next_power_of_2(4 * k)
+  buffer = buffer or next_power_of_2(4 * k)
   batch = scores.shape[:-1]
   block_rows = kernel_options.get('block_rows', BLOCK_ROWS)
   if _largest_array(math.prod(batch), n, buffer, block_rows) > MAX_ENTRIES:

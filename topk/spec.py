@@ -4,26 +4,39 @@ An `AttentionSpec` or `FeedForwardSpec` is a frozen dataclass checked when it is
 value fails before any model is traced. `make_attention_fn` and `make_feed_forward` turn a spec
 into what flax needs. The valid kinds are the keys of `ATTENTION_FNS` and `FEED_FORWARDS`; a
 field a kind does not use is ignored for that kind, so one config switches kinds with one field.
+Each kind names the fields it takes (`AttentionFn.fields`); they reach its function as
+keyword arguments.
 """
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 
-from topk import inputs, kernels
+from topk import fused, inputs, kernels, select
 from topk.chunked import chunked_attention
 from topk.dense import dot_product_attention
 from topk.feedforward import FEED_FORWARDS
-from topk.topk_attention import check_options, topk_attention
+from topk.fused import FusedOptions
+from topk.topk_attention import topk_attention
 
-ATTENTION_FNS: dict[str, Callable[..., Any]] = {
-    'vanilla': dot_product_attention,
-    'chunked': chunked_attention,
-    'topk': topk_attention,
+
+class AttentionFn(NamedTuple):
+  """An attention kind: its function and the `AttentionSpec` fields it takes (as keywords)."""
+  fn: Callable[..., Any]
+  fields: tuple[str, ...]
+
+
+ATTENTION_FNS: dict[str, AttentionFn] = {
+    'vanilla': AttentionFn(dot_product_attention, ('kernel',)),
+    'chunked': AttentionFn(chunked_attention, ('query_chunk_size', 'kernel')),
+    'topk': AttentionFn(topk_attention, ('k', 'query_chunk_size', 'kernel', 'selection',
+                                         'recall_target', 'method', 'fused', 'fused_options')),
 }
+# Keywords every attention function takes per call, beside the spec's fields (what a model
+# knows, not its config).
+CALL_OPTIONS = ('is_causal', 'key_padding_mask', 'query_padding_mask')
 
 
 def _check_kind(kind: str, registry: dict[str, Any], what: str) -> None:
@@ -40,7 +53,7 @@ def _check_k(kind: str, k: int | None, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-  """The attention of a model.
+  """The attention of a model: what runs, so two models in one process can differ.
 
   Attributes:
     kind: a key of `ATTENTION_FNS`: 'vanilla' (dense), 'chunked' (exact, query chunks) or
@@ -51,8 +64,13 @@ class AttentionSpec:
     selection: 'exact' or 'approximate' ('topk'); approximate selects with
       `jax.lax.approx_max_k`, fast on TPU, trading exactness for speed (it is exact on CPU/GPU).
     recall_target: expected fraction of the true top k that 'approximate' finds, in (0, 1].
-    fused: 'topk' selects with the fused kernel (`topk.fused`) where it applies (NVIDIA GPUs);
-      False keeps the unfused path everywhere.
+    method: the exact selection's method ('topk'): None for `topk.select.DEFAULT_METHODS`'
+      choice per platform (the CPU kernel 'ffi', 'pallas' on NVIDIA GPUs), or a key of
+      `topk.select.METHODS` on every platform.
+    fused: 'topk' selects with the fused kernel (`topk.fused`) where it applies
+      (`fused_options.platforms`); False keeps the unfused path everywhere.
+    fused_options: which fused kernel, on which platforms (NVIDIA GPUs by default) and with
+      which tiling (`topk.fused.FusedOptions`).
   """
 
   kind: str = 'vanilla'
@@ -61,25 +79,22 @@ class AttentionSpec:
   kernel: str = 'softmax'
   selection: str = 'exact'
   recall_target: float = 0.95
+  method: str | None = None
   fused: bool = True
+  fused_options: FusedOptions = FusedOptions()
 
   def __post_init__(self):
     _check_kind(self.kind, ATTENTION_FNS, 'attention')
     _check_k(self.kind, self.k, 'attention')
     inputs.check_positive_int(self.query_chunk_size, 'query_chunk_size')
     kernels.get_kernel(self.kernel)
-    check_options(self.selection, self.recall_target, self.fused)
+    select.check_selection(self.selection, self.recall_target, self.method)
+    inputs.check_bool(self.fused, 'fused')
+    fused.check_options(self.fused_options)
 
   def options(self) -> dict[str, Any]:
     """The fields the kind's function takes, as its keyword arguments."""
-    taken = _keyword_only(ATTENTION_FNS[self.kind])
-    return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
-            if field.name in taken}
-
-
-def _keyword_only(fn: Callable[..., Any]) -> set[str]:
-  return {name for name, p in inspect.signature(fn).parameters.items()
-          if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {name: getattr(self, name) for name in ATTENTION_FNS[self.kind].fields}
 
 
 def make_attention_fn(spec: AttentionSpec | str, **options: Any) -> Callable[..., Any]:
@@ -91,21 +106,20 @@ def make_attention_fn(spec: AttentionSpec | str, **options: Any) -> Callable[...
   Args:
     spec: an `AttentionSpec`, or a kind name: `make_attention_fn('topk', k=64)` builds
       `AttentionSpec(kind='topk', k=64)`. Anything else is a TypeError.
-    **options: with a kind name only: keyword-only options of that kind's function; the spec's
-      fields go into the spec, others (e.g. is_causal) are bound as given.
+    **options: with a kind name only: the spec fields that kind takes (they go into the spec)
+      and `CALL_OPTIONS` (bound as given).
 
   Returns:
     `fn(query, key, value, bias=None, mask=None, ...) -> [batch..., q_len, heads, d_v]`.
   """
   if isinstance(spec, str):
     _check_kind(spec, ATTENTION_FNS, 'attention')
-    allowed = _keyword_only(ATTENTION_FNS[spec])
-    unknown = sorted(set(options) - allowed)
+    fields = ATTENTION_FNS[spec].fields
+    unknown = sorted(set(options) - set(fields) - set(CALL_OPTIONS))
     if unknown:
       raise ValueError(f'Unknown options {unknown} for attention kind {spec!r}; valid options: '
-                       f'{sorted(allowed)}.')
-    fields = {field.name for field in dataclasses.fields(AttentionSpec)}
-    spec = AttentionSpec(spec, **{name: options.pop(name) for name in fields & set(options)})
+                       f'{sorted((*fields, *CALL_OPTIONS))}.')
+    spec = AttentionSpec(spec, **{name: options.pop(name) for name in fields if name in options})
   elif not isinstance(spec, AttentionSpec):
     raise TypeError(f'make_attention_fn takes an AttentionSpec or a kind name '
                     f'{sorted(ATTENTION_FNS)}, got {spec!r} ({type(spec).__name__}); for a dict '
@@ -113,7 +127,7 @@ def make_attention_fn(spec: AttentionSpec | str, **options: Any) -> Callable[...
   elif options:
     raise TypeError(f'make_attention_fn takes options {sorted(options)} only with a kind name; '
                     'set them in the AttentionSpec.')
-  return functools.partial(ATTENTION_FNS[spec.kind], **spec.options(), **options)
+  return functools.partial(ATTENTION_FNS[spec.kind].fn, **spec.options(), **options)
 
 
 @dataclasses.dataclass(frozen=True)

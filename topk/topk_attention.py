@@ -4,12 +4,13 @@ One pass over query chunks: a chunk's `[C, kv_len]` scores go to `topk.select.to
 returns the k largest scores with their key indices; the kernel is applied to those kept scores
 only (so the normaliser sums over kept keys), dropout to the kept weights, and the kept values
 are mixed. No key is gathered and no score recomputed in the forward. Where `topk.fused` applies
-(GPU by default, unless `fused=False`), a fused kernel yields each query's kept scores and key
-indices without writing the chunk's scores, and the rest is the same. A `jax.custom_vjp` keeps
-q, k, v, the bias, the kept indices, scores and validity flags (all O(q_len * k) besides the
-inputs) and, chunk by chunk, gathers the kept keys/values again and
-scatter-adds their gradients, never forming a `[C, kv_len]` array; the selection itself is not
-differentiated. The bias gradient is the exact transpose of gathering it at the kept keys.
+(`fused_options.platforms`: NVIDIA GPUs by default, unless `fused=False`), a fused kernel
+(`fused_options.variant`) yields each query's kept scores and key indices without writing the
+chunk's scores, and the rest is the same. A `jax.custom_vjp` keeps q, k, v, the bias, the kept
+indices, scores and validity flags (all O(q_len * k) besides the inputs) and, chunk by chunk,
+gathers the kept keys/values again and scatter-adds their gradients, never forming a
+`[C, kv_len]` array; the selection itself is not differentiated. The bias gradient is the
+exact transpose of gathering it at the kept keys.
 
 Masking: masked scores are float32's minimum before selection, so valid keys are kept first and
 kept-but-masked entries get zero weight (and zero gradient). A row with no valid key at all gets
@@ -27,17 +28,11 @@ import jax.numpy as jnp
 
 from topk import fused, inputs, select
 
+# `topk_attention`'s argument `fused` (a bool) hides the module there.
+from topk.fused import FusedOptions
+from topk.fused import check_options as check_fused_options
 
-def check_options(selection: str, recall_target: float, fused: bool) -> None:
-  """Raises ValueError unless `selection` is a key of `select.SELECTIONS`,
-  0 < recall_target <= 1 (checked for every selection: a bad value is bad) and `fused` a bool."""
-  inputs.check_bool(fused, 'fused')
-  if selection not in select.SELECTIONS:
-    raise ValueError(f'Unknown selection {selection!r}; valid selections: '
-                     f'{sorted(select.SELECTIONS)}.')
-  if (isinstance(recall_target, bool) or not isinstance(recall_target, (int, float))
-      or not 0 < recall_target <= 1):
-    raise ValueError(f'recall_target must be a number in (0, 1], got {recall_target!r}.')
+_DEFAULT_FUSED = FusedOptions()
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -65,7 +60,7 @@ def _gather_bias(bias: jax.Array, idx: jax.Array) -> jax.Array:
 
 def _mix_rows(weights: jax.Array, idx: jax.Array, value: jax.Array, dtype: Any) -> jax.Array:
   """`sum_j weights[..., j] * value[idx[..., j]]` in float32, the weights first rounded to
-  `dtype` (`can.weights_dtype`, as the backward's `mix`): `weights, idx [B, H, C, k]`,
+  `dtype` (`can.weights_dtype`, as the backward's `_mix`): `weights, idx [B, H, C, k]`,
   `value [B, H, Lk, Dv]` -> `[B, H, C, Dv]`.
 
   One kept rank at a time: XLA on CPU fuses each rank's row gather into the multiply-add, which
@@ -83,144 +78,184 @@ def _mix_rows(weights: jax.Array, idx: jax.Array, value: jax.Array, dtype: Any) 
   return jax.lax.fori_loop(0, idx.shape[-1], add_rank, zeros, unroll=8)
 
 
-def _attend(can: inputs.Canonical, k: int, kernel: Callable[[jax.Array], jax.Array],
-            dropout: inputs.Dropout | None, precision: Any, selection: str,
-            recall_target: float, use_fused: bool, with_kept: bool
-            ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
-  """Top-k attention of the canonical inputs; returns float32 `[B, H, Lq_pad, Dv]`.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What one `topk_attention` call computes besides its arrays, all validated: static and
+  hashable, so it is `_attend`'s non-differentiable argument. The inputs' own static facts
+  (chunk size, causality, dtypes) travel in the structure of `inputs.Canonical`.
 
-  With `with_kept` it returns `(out, kept key indices, kept masked scores)`, the latter two
-  int32 and float32 `[B, H, Lq_pad, k]` without gradient (their cotangents are ignored).
+  Attributes:
+    k: keys kept per query, `min(k, kv_len)`.
+    kernel: kept scores `[..., k]` -> weights (`topk.kernels`).
+    dropout: on the kept weights, or None.
+    precision: the score and mixing products' precision.
+    selection, recall_target, method: the unfused selection (`select.unchecked_top_k`).
+    fused: the fused kernel's options where it may run (exact selection only), else None.
   """
-  chunk = can.chunk
+  k: int
+  kernel: Callable[[jax.Array], jax.Array]
+  dropout: inputs.Dropout | None
+  precision: Any
+  selection: str
+  recall_target: float
+  method: str | None
+  fused: fused.FusedOptions | None
 
-  def kept_weights(kept, multiplier):
-    # kept [B,H,C,k] masked scores -> weights [B,H,C,k], dropout applied.
-    weights = kernel(kept)
-    return weights if multiplier is None else weights * multiplier
 
-  def mix(kept, v_kept, multiplier):
-    # As `_mix_rows` on gathered values v_kept [B,H,C,k,Dv]; the backward needs them anyway.
-    return jnp.einsum('bhck,bhckd->bhcd',
-                      kept_weights(kept, multiplier).astype(can.weights_dtype), v_kept,
-                      precision=precision, preferred_element_type=jnp.float32)
+def _kept_weights(plan: Plan, kept: jax.Array, multiplier: jax.Array | None) -> jax.Array:
+  """Kept masked scores `[B, H, C, k]` -> weights `[B, H, C, k]`, dropout applied."""
+  weights = plan.kernel(kept)
+  return weights if multiplier is None else weights * multiplier
 
-  def kept_scores(q_chunk, k_kept):
-    # The differentiable part of a kept score; bias and masking are added around it.
-    return jnp.einsum('bhcd,bhckd->bhck', inputs.scale_query(q_chunk), k_kept,
-                      precision=precision, preferred_element_type=jnp.float32)
 
-  def multiplier(rng, i, shape):
-    # Same per-chunk key in forward and backward, so the backward sees the forward's mask.
-    return None if dropout is None else dropout.multiplier(jax.random.fold_in(rng, i), shape)
+def _multiplier(plan: Plan, rng: jax.Array | None, i: jax.Array,
+                shape: tuple[int, ...]) -> jax.Array | None:
+  """Chunk `i`'s dropout multiplier, broadcastable to `shape` `[B, H, C, k]`, or None: the
+  same per-chunk key in forward and backward, so the backward sees the forward's mask."""
+  if plan.dropout is None:
+    return None
+  return plan.dropout.multiplier(jax.random.fold_in(rng, i), shape)
 
-  def chunked(x):
-    return None if x is None else inputs.to_chunks(x, chunk)
 
-  def forward(q, key, v, bias, masks, rng):
-    # Masks travel as arguments (not closed over) so the custom_vjp sees every array it uses.
-    mask, key_padding_mask, query_padding_mask = masks
-    c = dataclasses.replace(can, query=q, key=key, value=v, bias=bias, mask=mask,
-                            key_padding_mask=key_padding_mask,
-                            query_padding_mask=query_padding_mask)
+def _mix(plan: Plan, weights_dtype: Any, kept: jax.Array, v_kept_BxHxCxKxDv: jax.Array,
+         multiplier: jax.Array | None) -> jax.Array:
+  """`_mix_rows` on gathered values `[B, H, C, k, Dv]` -> `[B, H, C, Dv]`: the backward
+  differentiates this form, which needs the gathered values anyway."""
+  weights = _kept_weights(plan, kept, multiplier).astype(weights_dtype)
+  return jnp.einsum('bhck,bhckd->bhcd', weights, v_kept_BxHxCxKxDv, precision=plan.precision,
+                    preferred_element_type=jnp.float32)
 
-    def selected(i, q_chunk, parts):
-      # `select.top_k` of chunk i's scores, `parts` sub-chunks at a time (less memory).
-      sub = dataclasses.replace(c, chunk=c.chunk // parts)
-      split = inputs.to_chunks(q_chunk, sub.chunk)
-      kept, idx = jax.lax.map(lambda a: select.top_k(
-          inputs.chunk_scores(sub, i * parts + a[0], a[1], key, bias, precision), k,
-          selection=selection, recall_target=recall_target), (jnp.arange(parts), split))
-      return inputs.from_chunks(kept), inputs.from_chunks(idx)
 
-    def one_chunk(args, candidates):
-      # candidates: the kernel's `fused.Candidates` of every query, or None (unfused path).
-      # Selecting from this chunk's rows (sliced here, not as a transposed copy for lax.map)
-      # keeps the selection's temporaries per chunk. Rows the kernel leaves are rare: they are
-      # redone in sub-chunks of at most REDO_ROWS queries, so that the fused path never holds a
-      # whole chunk's scores.
-      i, q_chunk = args
-      if candidates is None:
-        kept, idx = selected(i, q_chunk, 1)
-      else:
-        rows = jax.tree.map(
-            lambda x: jax.lax.dynamic_slice_in_dim(x, i * c.chunk, c.chunk, axis=2), candidates)
-        parts = c.chunk // math.gcd(c.chunk, fused.REDO_ROWS)
-        kept, idx = fused.merge(fused.select(rows, k), lambda: selected(i, q_chunk, parts))
-      valid = inputs.chunk_validity(c, i)
-      if valid is not None:
-        shape = idx.shape[:3] + key.shape[2:3]
-        valid = jnp.take_along_axis(jnp.broadcast_to(valid, shape), idx, axis=-1)
-      weights = kept_weights(kept, multiplier(rng, i, idx.shape))
-      out = _mix_rows(weights, idx, v, can.weights_dtype)
-      return out, (idx, kept, valid)
+def _kept_scores(plan: Plan, q_BxHxCxD: jax.Array, k_kept_BxHxCxKxD: jax.Array) -> jax.Array:
+  """The differentiable part of the kept scores `[B, H, C, k]`; bias and masking are added
+  around it."""
+  return jnp.einsum('bhcd,bhckd->bhck', inputs.scale_query(q_BxHxCxD), k_kept_BxHxCxKxD,
+                    precision=plan.precision, preferred_element_type=jnp.float32)
 
-    def run(candidates):
-      xs = (jnp.arange(can.num_chunks), chunked(q))
-      out, kept = jax.lax.map(lambda a: one_chunk(a, candidates), xs)
-      return inputs.from_chunks(out), kept
 
-    # The kernel selects exactly; an approximate selection stays on the unfused path.
-    platforms = (fused.platforms(c, k, precision, fused.OPTIONS)
-                 if use_fused and selection == 'exact' else ())
-    if not platforms:
-      return run(None)
-    kernel_on = {platform: lambda _, p=platform: run(fused.candidates(
-        c, k, precision, interpret=p not in fused.GPU_PLATFORMS, **fused.OPTIONS))
+def _select_chunk(plan: Plan, can: inputs.Canonical, i: jax.Array, q_BxHxCxD: jax.Array,
+                  splits: int) -> tuple[jax.Array, jax.Array]:
+  """The unfused selection of query chunk `i`: `(kept float32, indices int32)` `[B, H, C, k]`,
+  the chunk's dense scores formed `splits` sub-chunks at a time (less memory)."""
+  sub = dataclasses.replace(can, chunk_size=can.chunk_size // splits)
+  q_SxBxHxCsxD = inputs.to_chunks(q_BxHxCxD, sub.chunk_size)
+
+  def select_sub_chunk(args):
+    j, q_sub = args
+    scores = inputs.chunk_scores(sub, i * splits + j, q_sub, plan.precision)
+    return select.unchecked_top_k(scores, plan.k, plan.selection, plan.recall_target,
+                                  plan.method)
+
+  kept, idx = jax.lax.map(select_sub_chunk, (jnp.arange(splits), q_SxBxHxCsxD))
+  return inputs.from_chunks(kept), inputs.from_chunks(idx)
+
+
+def _forward_chunk(plan: Plan, can: inputs.Canonical, rng: jax.Array | None,
+                   state: Any, i: jax.Array, q_BxHxCxD: jax.Array
+                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array | None]]:
+  """Query chunk `i`: its output float32 `[B, H, C, Dv]` and what the backward keeps of it,
+  `(kept key indices, kept masked scores, kept validity or None)` `[B, H, C, k]`.
+
+  `state` is the fused kernel's per-query output (`fused.Variant.candidates`), or None (the
+  unfused path). Selecting from this chunk's rows of it (sliced here, not as a transposed copy
+  for `lax.map`) keeps the selection's temporaries per chunk. Rows the kernel leaves are rare:
+  they are redone in sub-chunks of at most `redo_rows` queries, so that the fused path never
+  holds a whole chunk's scores.
+  """
+  if state is None:
+    kept, idx = _select_chunk(plan, can, i, q_BxHxCxD, 1)
+  else:
+    size = can.chunk_size
+    rows = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=2), state)
+    splits = size // math.gcd(size, plan.fused.redo_rows)
+    kernel_rows = fused.VARIANTS[plan.fused.variant].select(rows, plan.k)
+    kept, idx = fused.merge(kernel_rows, lambda: _select_chunk(plan, can, i, q_BxHxCxD, splits))
+  valid = inputs.chunk_validity(can, i)
+  if valid is not None:
+    shape = idx.shape[:3] + can.key.shape[2:3]
+    valid = jnp.take_along_axis(jnp.broadcast_to(valid, shape), idx, axis=-1)
+  weights = _kept_weights(plan, kept, _multiplier(plan, rng, i, idx.shape))
+  out_BxHxCxDv = _mix_rows(weights, idx, can.value, can.weights_dtype)
+  return out_BxHxCxDv, (idx, kept, valid)
+
+
+def _forward(plan: Plan, can: inputs.Canonical, rng: jax.Array | None
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array | None]]:
+  """All query chunks: float32 `[B, H, Lq_pad, Dv]`, and per chunk `[N, B, H, C, k]` the
+  `_forward_chunk` residuals. Where the fused kernel runs (`fused.platforms`), its state for
+  every query is computed once, before the chunks."""
+  def chunks(state):
+    xs = (jnp.arange(can.num_chunks), inputs.to_chunks(can.query, can.chunk_size))
+    out, kept = jax.lax.map(lambda a: _forward_chunk(plan, can, rng, state, *a), xs)
+    return inputs.from_chunks(out), kept
+
+  platforms = () if plan.fused is None else fused.platforms(can, plan.k, plan.precision,
+                                                            plan.fused)
+  if not platforms:
+    return chunks(None)
+  variant = fused.VARIANTS[plan.fused.variant]
+  with_kernel = {platform: lambda _, interpret=platform not in fused.GPU_PLATFORMS: chunks(
+      variant.candidates(can, plan.k, plan.precision, plan.fused.tiling, interpret))
                  for platform in platforms}
-    return jax.lax.platform_dependent(q, default=lambda _: run(None), **kernel_on)
+  return jax.lax.platform_dependent(can.query, default=lambda _: chunks(None), **with_kernel)
 
-  def outputs(out, idx, kept):
-    # idx, kept: per chunk `[N, B, H, C, k]`, as the backward reads them.
-    return (out, inputs.from_chunks(idx), inputs.from_chunks(kept)) if with_kept else out
 
-  @jax.custom_vjp
-  def attend(q, key, v, bias, masks, rng):
-    out, (idx, kept, _) = forward(q, key, v, bias, masks, rng)
-    return outputs(out, idx, kept)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(plan: Plan, can: inputs.Canonical, rng: jax.Array | None
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Top-k attention of the canonical inputs: `(out float32 [B, H, Lq_pad, Dv], kept key
+  indices int32 [B, H, Lq_pad, k], kept masked scores float32 [B, H, Lq_pad, k])`; the latter
+  two carry no gradient (their cotangents are ignored)."""
+  return _attend_fwd(plan, can, rng)[0]
 
-  def attend_fwd(q, key, v, bias, masks, rng):
-    out, (idx, kept, valid) = forward(q, key, v, bias, masks, rng)
-    return outputs(out, idx, kept), (q, key, v, bias, idx, kept, valid, rng)
 
-  def attend_bwd(residuals, d_outputs):
-    # idx, kept, valid: per chunk `[N, B, H, C, k]`.
-    q, key, v, bias, idx, kept, valid, rng = residuals
-    d_out = d_outputs[0] if with_kept else d_outputs
+def _attend_fwd(plan: Plan, can: inputs.Canonical, rng: jax.Array | None):
+  out, (idx, kept, valid) = _forward(plan, can, rng)
+  return (out, inputs.from_chunks(idx), inputs.from_chunks(kept)), (can, idx, kept, valid, rng)
 
-    def one_chunk(carry, args):
-      dk, dv = carry
-      i, q_chunk, idx_chunk, kept_chunk, valid_chunk, d_out_chunk = args
-      k_kept, v_kept = _gather(key, idx_chunk), _gather(v, idx_chunk)
-      mult = multiplier(rng, i, idx_chunk.shape)
-      _, mix_vjp = jax.vjp(lambda s, vk: mix(s, vk, mult), kept_chunk, v_kept)
-      d_scores, dv_kept = mix_vjp(d_out_chunk)
-      if valid_chunk is not None:
-        d_scores = jnp.where(valid_chunk, d_scores, 0.0)
-      _, score_vjp = jax.vjp(kept_scores, q_chunk, k_kept)
-      dq_chunk, dk_kept = score_vjp(d_scores)
-      dk = _scatter_add(dk, idx_chunk, dk_kept.astype(jnp.float32))
-      dv = _scatter_add(dv, idx_chunk, dv_kept.astype(jnp.float32))
-      return (dk, dv), (dq_chunk, None if bias is None else d_scores)
 
-    zeros = (jnp.zeros(key.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    xs = (jnp.arange(can.num_chunks), chunked(q), idx, kept, valid, chunked(d_out))
-    (dk, dv), (dq, d_scores) = jax.lax.scan(one_chunk, zeros, xs)
-    dbias = None
-    if bias is not None:
-      _, bias_vjp = jax.vjp(lambda b: _gather_bias(b, inputs.from_chunks(idx)), bias)
-      dbias, = bias_vjp(inputs.from_chunks(d_scores))
-    return (inputs.from_chunks(dq).astype(q.dtype), dk.astype(key.dtype), dv.astype(v.dtype),
-            dbias, None, None)
+def _backward_chunk(plan: Plan, can: inputs.Canonical, rng: jax.Array | None,
+                    carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]):
+  """Query chunk `i`'s gradients: its kept keys and values gathered again, their gradients
+  scatter-added into `carry` `(dk [B, H, Lk, D], dv [B, H, Lk, Dv])` float32; returns that
+  and `(dq [B, H, C, D], d_scores [B, H, C, k] or None without a bias)`."""
+  dk, dv = carry
+  i, q_BxHxCxD, idx, kept, valid, d_out_BxHxCxDv = xs
+  k_kept, v_kept = _gather(can.key, idx), _gather(can.value, idx)
+  multiplier = _multiplier(plan, rng, i, idx.shape)
+  _, mix_vjp = jax.vjp(lambda s, vk: _mix(plan, can.weights_dtype, s, vk, multiplier),
+                       kept, v_kept)
+  d_scores, dv_kept = mix_vjp(d_out_BxHxCxDv)
+  if valid is not None:
+    d_scores = jnp.where(valid, d_scores, 0.0)
+  _, score_vjp = jax.vjp(functools.partial(_kept_scores, plan), q_BxHxCxD, k_kept)
+  dq_BxHxCxD, dk_kept = score_vjp(d_scores)
+  dk = _scatter_add(dk, idx, dk_kept.astype(jnp.float32))
+  dv = _scatter_add(dv, idx, dv_kept.astype(jnp.float32))
+  return (dk, dv), (dq_BxHxCxD, None if can.bias is None else d_scores)
 
-  attend.defvjp(attend_fwd, attend_bwd)
-  result = attend(can.query, can.key, can.value, can.bias,
-                  (can.mask, can.key_padding_mask, can.query_padding_mask),
-                  None if dropout is None else dropout.rng)
-  if not with_kept:
-    return result
-  out, idx, kept = result
-  return out, jax.lax.stop_gradient(idx), jax.lax.stop_gradient(kept)
+
+def _attend_bwd(plan: Plan, residuals, d_outputs):
+  # idx, kept, valid: per chunk `[N, B, H, C, k]`.
+  can, idx, kept, valid, rng = residuals
+  d_out = d_outputs[0]
+  zeros = (jnp.zeros(can.key.shape, jnp.float32), jnp.zeros(can.value.shape, jnp.float32))
+  xs = (jnp.arange(can.num_chunks), inputs.to_chunks(can.query, can.chunk_size), idx, kept,
+        valid, inputs.to_chunks(d_out, can.chunk_size))
+  (dk, dv), (dq, d_scores) = jax.lax.scan(
+      lambda carry, x: _backward_chunk(plan, can, rng, carry, x), zeros, xs)
+  dbias = None
+  if can.bias is not None:
+    _, bias_vjp = jax.vjp(lambda b: _gather_bias(b, inputs.from_chunks(idx)), can.bias)
+    dbias, = bias_vjp(inputs.from_chunks(d_scores))
+  d_can = dataclasses.replace(
+      can, query=inputs.from_chunks(dq).astype(can.query.dtype), key=dk.astype(can.key.dtype),
+      value=dv.astype(can.value.dtype), bias=dbias, mask=None, key_padding_mask=None,
+      query_padding_mask=None)
+  return d_can, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -233,7 +268,9 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                    key_padding_mask: jax.Array | None = None,
                    query_padding_mask: jax.Array | None = None,
                    kernel: str = 'softmax', selection: str = 'exact',
-                   recall_target: float = 0.95, fused: bool = True) -> jax.Array:
+                   recall_target: float = 0.95, method: str | None = None, fused: bool = True,
+                   fused_options: FusedOptions = _DEFAULT_FUSED
+                   ) -> jax.Array:
   """Top-k attention; with k >= kv_len it equals `topk.dot_product_attention` (gradients too).
 
   Dropout acts on the kept weights `[C, k]` of each chunk, drawn from
@@ -255,16 +292,22 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     selection: a key of `topk.select.SELECTIONS`: 'exact', or 'approximate'
       (`jax.lax.approx_max_k`: fast on TPU, trades exactness for speed; exact on CPU and GPU).
     recall_target: expected fraction of the true top k that 'approximate' finds, in (0, 1].
+    method: the exact selection's method (`topk.select.top_k`'s): a key of
+      `topk.select.METHODS` on every platform, or None for `topk.select.DEFAULT_METHODS`' choice
+      per platform.
     fused: select with the fused score-and-select kernel (`topk.fused`) where it applies: on
-      the platforms in `topk.fused.PLATFORMS` (NVIDIA GPUs), for an exact selection and inputs
-      it takes. False: the unfused path everywhere (to compare the two, or where the kernel
-      does not compile).
+      `fused_options.platforms` (NVIDIA GPUs by default), for an exact selection and inputs it
+      takes. False: the unfused path everywhere (to compare the two, or where the kernel does
+      not compile).
+    fused_options: which fused kernel, where and how (`topk.fused.FusedOptions`).
 
   Returns:
     `[batch..., q_len, heads, d_v]` in the computation dtype.
   """
   k = inputs.check_positive_int(k, 'k')
-  check_options(selection, recall_target, fused)
+  select.check_selection(selection, recall_target, method)
+  inputs.check_bool(fused, 'fused')
+  check_fused_options(fused_options)
   can, kernel_fn, dropout = inputs.prepare(
       query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
       dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
@@ -272,16 +315,17 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
       force_fp32_for_softmax=force_fp32_for_softmax)
   k = min(k, can.key.shape[2])
-  attend = functools.partial(_attend, can, k, kernel_fn, dropout, precision, selection,
-                             recall_target, fused)
-  if module is None:
-    return inputs.to_output(can, attend(False))
-  out, idx, kept = attend(True)
+  # The kernel selects exactly; an approximate selection stays on the unfused path.
+  plan = Plan(k=k, kernel=kernel_fn, dropout=dropout, precision=precision, selection=selection,
+              recall_target=recall_target, method=method,
+              fused=fused_options if fused and selection == 'exact' else None)
+  out, idx, kept = _attend(plan, can, None if dropout is None else dropout_rng)
+  if module is not None:
+    def per_query(x):  # [B, H, Lq_pad, k] -> [batch..., H, q_len, k]
+      x = jax.lax.stop_gradient(x)[:, :, :can.q_len]
+      return x.reshape(can.batch_shape + x.shape[1:2] + (can.q_len, k))
 
-  def per_query(x):  # [B, H, Lq_pad, k] -> [batch..., H, q_len, k]
-    return x[:, :, :can.q_len].reshape(can.batch_shape + x.shape[1:2] + (can.q_len, k))
-
-  module.sow('intermediates', 'attention_weights',
-             per_query(kernel_fn(kept)).astype(can.weights_dtype))
-  module.sow('intermediates', 'attention_indices', per_query(idx))
+    module.sow('intermediates', 'attention_weights',
+               per_query(kernel_fn(kept)).astype(can.weights_dtype))
+    module.sow('intermediates', 'attention_indices', per_query(idx))
   return inputs.to_output(can, out)
