@@ -11,6 +11,8 @@ import pytest
 import topk
 from topk import inputs, kernels
 
+pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
+
 B, LQ, LK, H, D = 2, 7, 9, 2, 4
 
 
