@@ -3,7 +3,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo test bench bench-gpu lint clean
+.PHONY: setup build demo test test-fast bench bench-gpu lint clean
 
 # jax's accelerator extra, e.g. `make setup JAX_EXTRA=cuda12` on an NVIDIA GPU machine: installs
 # jax[cuda12] at the pinned jax version (its CUDA plugin and CUDA libraries). On an existing venv
@@ -35,6 +35,10 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -n 2 tests
+
+# The loop to run while editing: everything but the subprocess and end-to-end tests (marked slow).
+test-fast: setup
+	$(PYTHON) -m pytest -n 2 -m "not slow" tests
 
 # Attention memory/speed versus length, then the selection speed targets (with PyTorch's fused
 # attention as a reference when torch is installed in the venv: pip install torch==2.13.0).

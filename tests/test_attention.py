@@ -11,6 +11,8 @@ import pytest
 import topk
 from topk import inputs, kernels
 
+pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
+
 B, LQ, LK, H, D = 2, 7, 9, 2, 4
 
 
@@ -562,16 +564,3 @@ def test_raises(kwargs, message):
 def test_shape_mismatch(q_shape, k_shape, message):
   with pytest.raises(ValueError, match=message):
     topk.chunked_attention(jnp.ones(q_shape), jnp.ones(k_shape), jnp.ones(k_shape))
-
-def test_make_attention_fn_validates():
-  with pytest.raises(ValueError, match=r"valid kinds: \['chunked', 'topk', 'vanilla'\]"):
-    topk.make_attention_fn('flash')
-  with pytest.raises(ValueError, match='needs the option k'):
-    topk.make_attention_fn('topk')
-  with pytest.raises(ValueError, match=r"Unknown options \['k'\]"):
-    topk.make_attention_fn('chunked', k=3)
-  with pytest.raises(ValueError, match='k must be an integer'):
-    topk.make_attention_fn('topk', k=-1)
-  with pytest.raises(ValueError, match='Unknown attention kernel'):
-    topk.make_attention_fn('vanilla', kernel='cosine')
-

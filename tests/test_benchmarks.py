@@ -35,6 +35,7 @@ def _read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
     return reader.fieldnames, list(reader)
 
 
+@pytest.mark.slow
 def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
   # --time_longest adds topk's longest fitting length (128 here) to the timed lengths, as on GPU.
   argv = [*TINY, '--lengths', '64', '--time_longest', '--forms',
@@ -77,6 +78,7 @@ def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
   assert 'longest length within 16.0 GiB (fwd+bwd float32, compiled): topk: 128' in stdout
 
 
+@pytest.mark.slow
 def test_attention_memory_limit_and_time_budget_skip_rows(tmp_path):
   rows = attention.main([*TINY, '--lengths', '64', '--forms', 'chunked', '--baseline', 'chunked',
                          '--memory_limit_mib', '0.1', '--out', str(tmp_path)])
@@ -107,6 +109,7 @@ INTERPRETED = ['--fused_platforms', 'cpu,cuda',
                '--fused_options', '{"block_q": 16, "key_tile": 16}']
 
 
+@pytest.mark.slow
 def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypatch, tmp_path):
   # A GPU where the kernel does not compile (on this CPU Triton fails like that): topk_attention
   # would run the unfused path, so a topk_fused row must not time it; where it compiles, it times.
@@ -123,6 +126,7 @@ def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypat
   assert row['skipped'] == '' and row['fwd_bwd_ms'] > 0
 
 
+@pytest.mark.slow
 def test_attention_1m_target_is_not_failed_by_a_search_stopped_short(monkeypatch, capsys,
                                                                      tmp_path):
   # A search stopped by the spent budget after its first length (128), or by
@@ -152,6 +156,7 @@ def test_attention_rejects_bad_flags(flag, tmp_path):
     attention.main([*TINY, *flag, '--out', str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_model_step_smoke_without_tensorflow(tmp_path):
   argv = ['--config=configs/listops.py:topk,smoke', '--repeats', '1', '--out', str(tmp_path)]
   stdout = _run_python(
@@ -171,6 +176,7 @@ def test_model_step_smoke_without_tensorflow(tmp_path):
   assert float(row['total_gib']) >= float(row['temp_gib'])
 
 
+@pytest.mark.slow
 def test_model_step_reports_memory_of_a_step_that_does_not_fit():
   config = config_cli.get_config('configs/retrieval.py:vanilla,smoke')
   config.model.num_layers = 1
@@ -180,6 +186,7 @@ def test_model_step_reports_memory_of_a_step_that_does_not_fit():
   assert math.isnan(row['step_ms'])
 
 
+@pytest.mark.slow
 def test_model_step_fused_column_says_whether_the_step_runs_the_kernel():
   config = config_cli.get_config('configs/listops.py:topk,smoke')
   config.model.num_layers = 1
@@ -195,14 +202,13 @@ def test_model_step_fused_column_says_whether_the_step_runs_the_kernel():
   assert row['fused'] is True and row['skipped'] == '' and row['step_ms'] > 0
 
 
+@pytest.mark.slow
 def test_model_step_takes_config_overrides(tmp_path):
   overrides = ['--config.model.num_layers=1', '--config.batch_size=2', '--config.max_length=32']
   [row] = model_step.main(['--config=configs/listops.py:vanilla,smoke', *overrides,
                            '--repeats', '1', '--out', str(tmp_path)])
   assert (row['batch'], row['length'], row['skipped']) == (2, 32, '')
   assert row['config'] == ' '.join(['configs/listops.py:vanilla,smoke', *overrides])
-  with pytest.raises(config_cli.ConfigError, match='--config.model.depth: no such field'):
-    model_step.main(['--config=configs/listops.py:vanilla,smoke', '--config.model.depth=1'])
 
 
 def test_model_step_all_lists_every_task_and_kind():
@@ -215,8 +221,6 @@ def test_model_step_all_lists_every_task_and_kind():
              for task in model_step.TASK_CONFIGS)
   with pytest.raises(SystemExit):
     model_step._parse(['--all', '--tasks', 'cifar'])
-  with pytest.raises(ValueError, match='does not exist'):
-    model_step.main(['--config=configs/cifar.py:topk'])
 
 
 # benchmarks.fused on shapes the interpreter runs in seconds: 1 head of depth 16, k 8.
@@ -224,6 +228,7 @@ FUSED_TINY = ['--length', '128', '--check_length', '64', '--heads', '1', '--head
               '--k', '8', '--rows', '4', '--chunk', '32', '--repeats', '1']
 
 
+@pytest.mark.slow
 def test_fused_checks_selections_and_tuning_on_cpu(tmp_path):
   rows = fused_bench.main([*FUSED_TINY, '--variants', '16:16:4:2,16:32:2:2', '--out',
                            str(tmp_path)])
@@ -242,6 +247,7 @@ def test_fused_checks_selections_and_tuning_on_cpu(tmp_path):
   assert tuple(columns) == fused_bench.COLUMNS and len(written) == len(rows)
 
 
+@pytest.mark.slow
 def test_gpu_script_writes_every_benchmark_to_out(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
              FUSED_ARGS=' '.join([*FUSED_TINY, '--parts', 'tune', '--variants', '16:16:4:2']),

@@ -310,6 +310,7 @@ def test_listops_empty_split_is_an_error(tmp_path):
     get_task('listops', root, batch_size=2)
 
 
+@pytest.mark.slow
 def test_vocabulary_and_train_stream_are_the_same_in_a_new_process(tmp_path):
   expression = '( [MIN 0 ( ( ( [MED 1 ) 2 ) ] ) ( [SM 3 4 5 6 7 8 ( [MAX 9 ] ) ] ) ] )'
   expected = [1, 6, 3, 7, 8, 5, 4, 9, 10, 11, 12, 13, 14, 2, 15, 5, 5, 5]

@@ -77,6 +77,7 @@ def test_bad_limits():
     listops_gen.generate(0, 20, min_length=0, max_length=2)
 
 
+@pytest.mark.slow
 def test_command_line_writes_files_that_get_task_reads(tmp_path):
   subprocess.run([sys.executable, '-m', 'lra.data.listops_gen', f'--output_dir={tmp_path}',
                   '--seed=5', '--num_train=40', '--num_valid=6', '--num_test=4',
@@ -114,7 +115,8 @@ def test_splits_are_disjoint_and_parse(tmp_path):
 
 
 @pytest.mark.parametrize('args, match', [
-    (['--num_train=-5', '--num_valid=10', '--num_test=10'], r"\{'train': -5\}"),
+    (['--num_train=-5', '--num_valid=10', '--num_test=10'],
+     r"every split needs at least one example, got \{'train': -5\}"),
     (['--num_train=3', '--num_valid=0', '--num_test=0'], r"\{'validation': 0, 'test': 0\}"),
     (['--min_length=50', '--max_length=20'], 'min_length < max_length - 1, got 50, 20'),
     (['--min_length=-1'], '0 <= min_length'),
@@ -132,11 +134,3 @@ def test_command_line_needs_output_dir():
   with pytest.raises(app.UsageError, match='--output_dir is required'):
     run_main('--num_train=1', '--num_valid=1', '--num_test=1', '--min_length=0', '--max_length=9')
 
-
-def test_command_line_exits_with_an_error_for_negative_counts(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'lra.data.listops_gen', f'--output_dir={tmp_path}',
-                           '--num_train=-5', '--num_valid=10', '--num_test=10'], cwd=REPO,
-                          capture_output=True, text=True)
-  assert result.returncode == 1
-  assert "every split needs at least one example, got {'train': -5}" in result.stderr
-  assert not os.listdir(tmp_path)

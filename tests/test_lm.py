@@ -1,10 +1,7 @@
-"""Tests of the language-model path (text folders, causal and masked LMs on the one trainer) and
-of the studies on language models (studies.lm)."""
-import csv
+"""Tests of the language-model path: text folders, causal and masked LMs on the one trainer. The
+studies on language models (studies.lm) are tested in tests/test_lm_study.py."""
 import json
 import os
-import subprocess
-import sys
 
 import grain
 import jax
@@ -16,12 +13,10 @@ import pytest
 from flax.training import train_state
 
 import config_cli
+from configs import lm
 from lra import build, data, evaluate, models, progress, steps, train
 from lra.data import text_folder
 from lra.data.info import LM_MASK_ID
-from studies import approximations, capture
-from studies.lm import analysis, runs
-from studies.lm.__main__ import main
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A real corpus present wherever Python is: the standard library's json package (5 files).
@@ -146,17 +141,13 @@ def test_lm_batches_through_the_task(tmp_path):
 # ----------------------------------------------------------------------------- models, training
 
 
-def test_lm_config_is_plain_data_and_every_value_is_checked():
-  code = ('import sys\nfrom configs import lm\n'
-          'config = lm.get_config("masked,topk,kernel=relu,k=4,smoke")\n'
-          'print(config.task_options.objective, config.attention.kernel, config.attention.k, '
-          'sorted(m for m in ("jax", "tensorflow", "lra", "topk") if m in sys.modules))\n')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          check=True, cwd=_REPO)
-  assert result.stdout.split() == ['masked_lm', 'relu', '4', '[]']
+def test_lm_config_args_and_the_objective_check():
+  # That importing configs.lm starts no JAX is checked in test_configs.py; that a bad
+  # config.attention.kernel fails build.build, in test_configs.py for every config.
+  config = lm.get_config('masked,topk,kernel=relu,k=4,smoke')
+  assert (config.task_options.objective, config.attention.kernel, config.attention.k) == (
+      'masked_lm', 'relu', 4)
   assert isinstance(build.build(_config('causal')).model, models.LanguageModel)
-  with pytest.raises(ValueError, match="config.attention: Unknown attention kernel 'nope'"):
-    build.build(_config('causal,kernel=nope'))
   with pytest.raises(ValueError, match='objective must be one of'):
     build.build(_config('causal', **{'task_options.objective': 'classification'}))
 
@@ -190,6 +181,7 @@ def test_masked_lm_sees_both_sides():
   assert not np.allclose(other[:, 0], logits[:, 0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('objective', ['causal', 'masked'])
 def test_lm_loss_decreases_on_a_small_real_corpus(objective):
   config = _config(f'{objective},smoke', num_train_steps=40)
@@ -247,6 +239,7 @@ def lm_run(tmp_path_factory):
   return config, workdir, train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_evaluate_with_every_hidden_unit_and_key_kept_equals_the_dense_model(lm_run):
   config, workdir, results = lm_run
   # top-k over all 64 hidden units and all 64 keys is the dense model.
@@ -258,71 +251,3 @@ def test_evaluate_with_every_hidden_unit_and_key_kept_equals_the_dense_model(lm_
     assert evaluated[split]['loss'] == pytest.approx(results['best'][split]['loss'], rel=1e-5)
     assert evaluated[split]['accuracy'] == pytest.approx(results['best'][split]['accuracy'],
                                                          abs=1e-6)
-
-
-# ----------------------------------------------------------------------------- studies
-
-
-def test_ratio_standard_error():
-  numerator, denominator = np.array([1.0, 3.0, 2.0, 6.0]), np.full(4, 8.0)
-  value, se = analysis.ratio(numerator, denominator)
-  per_window = numerator / denominator
-  assert value == pytest.approx(per_window.mean())
-  assert se == pytest.approx(per_window.std(ddof=1) / 2.0)
-
-
-@pytest.mark.parametrize('kernel', ['softmax', 'relu'])
-def test_replacement_with_every_key_is_the_unmodified_model(kernel):
-  config = _config('causal,smoke', max_length=8, **{'attention.kernel': kernel})
-  info = data.task_info('lm', max_length=8, **config.task_options)
-  model = models.build_model(config, info)
-  inputs = jax.random.randint(jax.random.key(0), (2, 8), 1, 257)
-  params = model.init(jax.random.key(1), {'inputs': inputs}, train=False)['params']
-  calls = capture.capture_attention(model, params, {'inputs': inputs})
-  assert [call.mask.shape[-2:] for call in calls] == [(8, 8)] * 2
-  np.testing.assert_array_equal(np.broadcast_to(calls[0].mask, (2, 2, 8, 8))[1, 0],
-                                np.tril(np.ones((8, 8), bool)))
-  logits = model.apply({'params': params}, {'inputs': inputs}, train=False)
-  for method in analysis.METHODS:
-    replaced = capture.apply_replaced(model, params, {'inputs': inputs},
-                                      approximations.replacement(kernel, method, 8, 'all'))
-    np.testing.assert_allclose(replaced, logits, atol=2e-4)
-  # And a small budget does change the model.
-  replaced = capture.apply_replaced(model, params, {'inputs': inputs},
-                                    approximations.replacement(kernel, 'oblivious', 1, 'all'))
-  assert not np.allclose(replaced, logits, atol=2e-4)
-
-
-def test_study_commands_write_their_outputs(tmp_path):
-  common = ['--runs', str(tmp_path / 'runs'), '--kernels', 'softmax', '--data_dir', _CORPUS,
-            '--pattern', '*.py', '--out', str(tmp_path / 'out'), '--config.num_train_steps=4',
-            '--config.max_length=32', '--config.batch_size=4', '--config.eval_batch_size=4',
-            '--config.model.emb_dim=16', '--config.model.qkv_dim=16',
-            '--config.model.mlp_dim=32', '--config.model.num_heads=2']
-  table = main(['zero_shot', *common, '--attention_k', '4,32', '--ffn_k', '32'])
-  lines = table.splitlines()
-  assert lines[0].startswith('Corpus: `*.py` under ') and 'bytes (= tokens; train ' in lines[0]
-  assert len([line for line in lines if line.startswith('| softmax |')]) == 4
-  with open(tmp_path / 'out' / 'zero_shot.csv') as f:
-    rows = {(row['swap'], row['k']): row for row in csv.DictReader(f)}
-  assert rows['none', '0']['tokens'] == str(4 * 32)  # one batch of 4 windows of 32 bytes
-  # Keeping all 32 keys or all 32 hidden units is the dense model.
-  for key in (('attention', '32'), ('ffn', '32')):
-    assert float(rows[key]['increase_error']) == 0.0
-    assert float(rows[key]['increase_loss']) == pytest.approx(0.0, abs=1e-5)
-  table = main(['value_aware', *common, '--r', '2', '--num_starts', '1', '--num_iters', '5'])
-  assert len([line for line in table.splitlines() if line.startswith('| softmax |')]) == 3
-  for name in ('zero_shot.csv', 'zero_shot.png', 'zero_shot.md', 'value_aware.csv',
-               'value_aware_outputs.csv', 'value_aware.png', 'top_r_mass.png', 'value_aware.md'):
-    assert os.path.getsize(tmp_path / 'out' / name) > 0
-  assert runs.workdir(str(tmp_path / 'runs'), 'causal', 'softmax').endswith('causal_softmax')
-
-
-def test_study_names_its_own_corpus_flags(tmp_path, capsys):
-  common = ['train', '--runs', str(tmp_path), '--data_dir', _CORPUS]
-  with pytest.raises(ValueError, match=r"matches '\*\.txt'; choose the files with --pattern "):
-    main([*common, '--pattern', '*.txt'])
-  with pytest.raises(SystemExit):
-    main([*common, '--config.task_options.pattern=*.py'])
-  assert 'set with --pattern, not --config.task_options.pattern' in capsys.readouterr().err
-  assert not os.listdir(tmp_path)  # nothing trained

@@ -29,6 +29,7 @@ from conftest import read_json, read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 6
 BATCH_SIZE = 8  # the smoke configs' batch_size and eval_batch_size
+pytestmark = pytest.mark.slow  # every test runs train.py in subprocesses
 
 _TRAIN_PY = """
 import dataclasses, json, os, runpy, sys, time

@@ -12,6 +12,7 @@ import sysconfig
 import tomllib
 import warnings
 
+import pytest
 from setuptools.config.pyprojecttoml import read_configuration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +82,7 @@ def test_build_requires_jax_at_the_runtime_pins():
   assert build == {name: runtime[name] for name in ('jax', 'jaxlib')}
 
 
+@pytest.mark.slow
 def test_installed_package_selects_with_its_own_kernel(tmp_path):
   """`pip install .` of the checkout's files (git's view: no build products) into a fresh venv
   compiles the kernel into the installed `topk`, which registers it and runs it on CPU.
@@ -143,6 +145,7 @@ def test_pins_match_imports():
   scripts = [f for f in os.listdir(REPO) if f.endswith('.py') and f != 'setup.py']  # train.py, ...
   first_party = {name.split('.')[0] for name in configuration()['tool']['setuptools']['packages']}
   first_party |= {f.removesuffix('.py') for f in scripts}
+  first_party.add('conftest')  # tests/conftest.py: `from conftest import ...`
   distributions = importlib.metadata.packages_distributions()
   runtime, dev = pins('requirements.txt'), pins('requirements-dev.txt')
 

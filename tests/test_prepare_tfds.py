@@ -79,6 +79,7 @@ def sorted_rows(dataset) -> list[tuple[int, list[int]]]:
                 for x, t in zip(b['inputs'], b['targets'], strict=True))
 
 
+@pytest.mark.slow
 def test_prepare_then_get_task_reads_the_examples(tmp_path):
   downloads = tmp_path / 'downloads'
   os.makedirs(downloads)

@@ -85,6 +85,8 @@ def test_make_attention_fn_by_name_builds_the_spec():
     topk.make_attention_fn(topk.AttentionSpec(), kernel='relu')
   with pytest.raises(ValueError, match=r"Unknown options \['selection'\]"):
     topk.make_attention_fn('chunked', selection='exact')
+  with pytest.raises(ValueError, match=r"valid kinds: \['chunked', 'topk', 'vanilla'\]"):
+    topk.make_attention_fn('flash')
 
 
 @pytest.mark.parametrize('selection, primitive_present', [('approximate', True),

@@ -65,6 +65,7 @@ def test_every_point_is_checked_before_anything_runs():
     sweeps.expand(_SMOKE, [('batch_size', '-1')])
 
 
+@pytest.mark.slow
 def test_sweep_prints_commands_with_shared_overrides():
   result = _sweep_py('--config=configs/text.py:chunked,smoke', '--config.data_dir=DATA',
                      '--workdir_root=/tmp/root', '--config.num_train_steps', '3')
@@ -77,6 +78,7 @@ def test_sweep_prints_commands_with_shared_overrides():
       f'{shared} --config.attention.kind=chunked --config.attention.query_chunk_size=16']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args, message', [
     (['--config.dat_dir=DATA'], "sweep.py: --config.dat_dir: no such field; the fields of config "
                                 f"are {sorted(text.get_config().keys())}."),
@@ -91,6 +93,7 @@ def test_sweep_py_reports_a_mistake_in_one_line(args, message, tmp_path):
   assert not os.path.exists(tmp_path / 'r')  # nothing ran
 
 
+@pytest.mark.slow
 def test_sweep_py_names_a_misspelt_launcher(tmp_path):
   result = _sweep_py(f'--config={_SMOKE}', '--launcher=slrum', f'--workdir_root={tmp_path}/r')
   assert result.returncode != 0
@@ -222,6 +225,7 @@ def listops_data(tmp_path) -> str:
   return root
 
 
+@pytest.mark.slow
 def test_local_sweep_end_to_end_and_a_killed_point_resumes(listops_data, tmp_path):
   root = str(tmp_path / 'root')
   # Compiling dominates smoke runs: little optimization, and the rerun reuses the first's programs.

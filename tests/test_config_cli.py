@@ -1,4 +1,4 @@
-"""Tests of the command-line layer: config_cli and train.py's flags."""
+"""Tests of config_cli: configs from the command line, and train.py's use of it."""
 import os
 import subprocess
 import sys
@@ -59,21 +59,15 @@ def test_split_overrides():
 # ----------------------------------------------------------------------------- train.py
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--config=configs/nope.py'], "train.py: config file 'configs/nope.py' does not exist."),
-    (['--config=configs/listops.py:smoke', '--config.attention.kk=3'],
-     'train.py: --config.attention.kk: no such field'),
-])
-def test_train_py_reports_a_config_mistake_in_one_line(args, message):
-  result = _run('train.py', *args, '--workdir=/tmp/unused')
+@pytest.mark.slow
+def test_train_py_takes_jax_flags_and_reports_a_config_mistake_in_one_line():
+  # JAX's options are absl flags (an unknown flag would end absl's parsing with a FATAL error);
+  # a ConfigError ends the program with one line naming the script (config_cli.run). The
+  # messages themselves are checked in test_get_config_errors_name_the_mistake.
+  result = _run('train.py', '--jax_log_compiles', '--jax_platforms=cpu',
+                '--config=configs/listops.py:smoke', '--config.attention.kk=3',
+                '--workdir=/tmp/unused')
   assert result.returncode != 0
-  assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
-  assert result.stderr.startswith(message)
-
-
-def test_train_py_accepts_and_applies_jax_flags():
-  # JAX's options are absl flags: --jax_platforms=bogus parses, then stops backend start-up.
-  result = _run('train.py', '--jax_log_compiles', '--jax_platforms=bogus',
-                '--config=configs/listops.py:smoke', '--workdir=/tmp/unused')
   assert 'Unknown command line flag' not in result.stderr
-  assert "Unable to initialize backend 'bogus'" in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+  assert result.stderr.startswith('train.py: --config.attention.kk: no such field')
