@@ -21,7 +21,7 @@ import gc
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
@@ -77,26 +77,55 @@ def _saving(path: str) -> Iterator[None]:
                           'and rerun, which resumes from the last checkpoint') from None
 
 
-def _finalize_abandoned_reads() -> None:
-  """Finalizes, quietly, the array reads that a failed orbax restore left pending.
+class _QuietAbandonedReads:
+  """A `sys.unraisablehook` that counts and drops the errors of orbax's abandoned array reads,
+  and passes every other error on to the hook it replaced."""
+
+  def __init__(self, previous: Callable[[Any], None]):
+    self.previous = previous
+    self.count = 0
+
+  def __call__(self, args: Any) -> None:
+    if _of_an_abandoned_read(args):
+      self.count += 1
+    else:
+      self.previous(args)
+
+
+def _of_an_abandoned_read(args: Any) -> bool:
+  """Whether an unraisable error comes from a read whose event loop is gone: its completion
+  callback finding the loop closed, or its coroutine raising in orbax's code when finalized."""
+  if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == 'Event loop is closed':
+    return True
+  traceback = args.exc_traceback
+  while traceback is not None:
+    if f'{os.sep}orbax{os.sep}' in traceback.tb_frame.f_code.co_filename:
+      return True
+    traceback = traceback.tb_next
+  return False
+
+
+def _quiet_abandoned_reads() -> _QuietAbandonedReads:
+  """Installs, once per process, the hook that keeps abandoned reads' errors out of the log.
 
   Orbax reads a checkpoint's arrays as tasks of an event loop that it closes as soon as one read
-  fails; the tasks still pending are finalized whenever they are garbage-collected, and each
-  raises on its way out (orbax turns the GeneratorExit into an Exception, a closed loop raises
-  'Event loop is closed'), which Python prints as an 'Exception ignored' traceback: one per array,
-  burying the one warning that says which checkpoint failed. Collecting them here, under a hook
-  that only counts them, keeps them out of the log.
+  fails. The reads still running finish later and find their loop closed, and the tasks still
+  pending raise when they are finalized; Python prints each as an 'Exception ignored' traceback,
+  one per array, burying the one warning that says which checkpoint failed. The first of them
+  can come before the failed restore returns, so the hook goes in before any restore.
   """
-  ignored = []
-  previous = sys.unraisablehook
-  sys.unraisablehook = ignored.append
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = previous
-  if ignored:
+  if not isinstance(sys.unraisablehook, _QuietAbandonedReads):
+    sys.unraisablehook = _QuietAbandonedReads(sys.unraisablehook)
+  return sys.unraisablehook
+
+
+def _finalize_abandoned_reads(hook: _QuietAbandonedReads, before: int) -> None:
+  """Collects the reads a failed restore left pending, and logs how many errors `hook` dropped
+  since it counted `before`."""
+  gc.collect()
+  if hook.count > before:
     logging.info('Discarded %d errors of reads that the failed restore left pending.',
-                 len(ignored))
+                 hook.count - before)
 
 
 class RunCheckpoints:
@@ -230,8 +259,10 @@ class RunCheckpoints:
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     failures = []
+    hook = _quiet_abandoned_reads()
     for step in steps:
       path = self.path(which, step)
+      dropped = hook.count
       try:
         state = manager.restore(step, args=ocp.args.Composite(**items)).state
         self._check_finite(step, state)
@@ -242,7 +273,7 @@ class RunCheckpoints:
         cause = None
       if cause is not None:
         # Outside the `except`: the error's traceback, which holds orbax's event loop, is gone.
-        _finalize_abandoned_reads()
+        _finalize_abandoned_reads(hook, dropped)
         failures.append(f'{path}: {cause}')
         logging.warning('Checkpoint %s is unusable (%s).', path, cause)
         continue
