@@ -190,7 +190,7 @@ def test_model_step_fused_column_says_whether_the_step_runs_the_kernel():
   # Run in the interpreter, it is (and its step is timed).
   with config.unlocked():
     config.attention.fused_options = fused_module.FusedOptions(
-        platforms=('cpu', 'cuda'), tiling=fused_module.Tiling(block_q=16, key_tile=16))
+        platforms=('cpu', 'cuda'), tuning=fused_module.Tiling(block_q=16, key_tile=16))
   row = model_step.measure(config, repeats=1, limit=2**40, require_fused=True)
   assert row['fused'] is True and row['skipped'] == '' and row['step_ms'] > 0
 
