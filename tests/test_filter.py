@@ -1,5 +1,6 @@
-"""Tests for the one-pass filter kernel (topk.filter) in Pallas' interpreter on CPU, and its
-Triton IR lowered for CUDA (operation count per score, int32 offsets).
+"""Tests for the one-pass filter kernel (topk.filter) in Pallas' interpreter on CPU, alone and
+as the fused variant 'filter' of `topk_attention`, and its Triton IR lowered for CUDA (operation
+count per score, int32 offsets, the kernel in `topk_attention`'s program).
 
 Small shapes (the interpreter is slow): tiles of 16 keys, a sample of every 2nd key in 16
 groups, so rows span several tiles, the last one partial, and both filter loops run (plain
