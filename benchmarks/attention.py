@@ -8,7 +8,10 @@ excluded), and both times as ratios to a baseline form of the same length and dt
   vanilla     dense attention as XLA compiles it (`topk.dot_product_attention`)
   chunked     exact query-chunked attention (`topk.chunked_attention`)
   topk        top-k attention (`topk.topk_attention`), unfused: scores, then `topk.select`
-  topk_fused  the same with the fused score-and-select kernel (`topk.fused`; NVIDIA GPU)
+  topk_fused  the same with the fused score-and-select kernel (`topk.fused`'s default variant
+              'compact'; NVIDIA GPU)
+  topk_filter the same with the fused variant 'filter' (`topk.filter`, off by default in the
+              library; NVIDIA GPU)
   cudnn       cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`;
               NVIDIA GPU, bfloat16/float16 only)
   torch       PyTorch's `scaled_dot_product_attention` on the same device, when torch is
@@ -46,8 +49,10 @@ from topk import fused
 MIB = 2**20
 GIB = 2**30
 PROJECT_FORMS = ('vanilla', 'chunked', 'topk')  # the forms `topk.make_attention_fn` builds
-# 'topk' without ('topk') and with ('topk_fused') the fused kernel: `topk_attention(fused=...)`.
-FORMS = ('qk_product', *PROJECT_FORMS, 'topk_fused', 'cudnn', 'torch')
+# 'topk' with a fused kernel (`topk_attention(fused_options=...)`), by form: its variant (a key
+# of `topk.fused.VARIANTS`); the form 'topk' runs `fused=False`.
+FUSED_FORMS = {'topk_fused': 'compact', 'topk_filter': 'filter'}
+FORMS = ('qk_product', *PROJECT_FORMS, *FUSED_FORMS, 'cudnn', 'torch')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Defaults per platform: CPU keeps benchmarks/README.md's table; any accelerator gets the GPU study.
 DEFAULTS = {
@@ -127,27 +132,28 @@ def _jax_form(form: str, dtype: str, args: argparse.Namespace) -> Callable[..., 
     if dtype not in ('bfloat16', 'float16'):
       raise Unavailable(f'cuDNN flash attention supports bfloat16 and float16 only, not {dtype}')
     return _cudnn
-  if form in ('topk', 'topk_fused'):
+  if form == 'topk':
+    return topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk, fused=False)
+  if form in FUSED_FORMS:
     fn = topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk,
-                                fused=form == 'topk_fused',
-                                fused_options=fused_options(args))
-    if form == 'topk_fused':
-      _check_fused(fn, dtype, args)
+                                fused_options=fused_options(args, FUSED_FORMS[form]))
+    _check_fused(fn, dtype, args, FUSED_FORMS[form])
     return fn
   options = {'chunked': dict(query_chunk_size=args.chunk), 'vanilla': {}}[form]
   return topk.make_attention_fn(form, **options)
 
 
-def _check_fused(fn: Callable[..., jax.Array], dtype: str, args: argparse.Namespace) -> None:
-  """Raises Unavailable unless `fn` (`topk_attention(fused=True)`) runs the kernel here for
-  inputs of `dtype` and `args`' shapes: where it does not take them or Triton fails to compile
-  it, the unfused path runs, which a `topk_fused` row must not time."""
+def _check_fused(fn: Callable[..., jax.Array], dtype: str, args: argparse.Namespace,
+                 variant: str) -> None:
+  """Raises Unavailable unless `fn` (`topk_attention(fused=True)`) runs `variant`'s kernel here
+  for inputs of `dtype` and `args`' shapes: where it does not take them or Triton fails to
+  compile it, the unfused path runs, which a fused form's row must not time."""
   if jax.default_backend() != 'gpu':
     raise Unavailable('the fused kernel compiles for NVIDIA GPUs only (Pallas interpret mode '
                       'elsewhere is a test path, not a benchmark)')
   spec = _spec(args, args.lengths[0], dtype)
-  if not fused.runs_kernel(jax.jit(fn).lower(spec, spec, spec)):
-    raise Unavailable(f'the fused kernel does not run here for {dtype}, head_dim '
+  if not fused.runs_kernel(jax.jit(fn).lower(spec, spec, spec), variant):
+    raise Unavailable(f'the fused kernel {variant!r} does not run here for {dtype}, head_dim '
                       f'{args.head_dim}, k {args.k} (unsupported input or a Triton failure: '
                       'the log says which); topk_attention would run the unfused path')
 
@@ -334,9 +340,9 @@ def _targets(rows: list[dict], args: argparse.Namespace) -> Iterator[str]:
   at = {(r['form'], r['length'], r['dtype']): r for r in rows if not r['skipped']}
   for (form, length, dtype), r in sorted(at.items()):
     flash = at.get(('cudnn', length, dtype))
-    if form == 'topk_fused' and length >= 65536 and flash:
+    if form in FUSED_FORMS and length >= 65536 and flash:
       for column, name in (('fwd_ms', 'fwd'), ('fwd_bwd_ms', 'fwd+bwd')):
-        yield ratio_line(f'{name} time at L={length} {dtype}, topk_fused / cudnn flash',
+        yield ratio_line(f'{name} time at L={length} {dtype}, {form} / cudnn flash',
                          r[column], flash[column], 1.0)
     if form != 'topk':
       continue
@@ -384,6 +390,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                            '16 GiB where the device does not say, e.g. CPU)')
   parser.add_argument('--max_search_length', type=int, default=2**20,
                       help='stop the longest-length search here')
+  parser.add_argument('--search_longest', action=argparse.BooleanOptionalAction, default=True,
+                      help='search the longest length each form compiles within the memory limit')
   parser.add_argument('--time_longest', action=argparse.BooleanOptionalAction,
                       default=defaults['time_longest'],
                       help="also time topk's longest fitting length (default on accelerators)")
@@ -398,21 +406,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def add_fused_options(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--fused_options', type=_fused_options, default=fused.Tiling(),
-                      help="the fused kernel's tiling (`topk.fused.Tiling`'s fields): a JSON "
-                           'object or a JSON file, e.g. the fused_options.json of benchmarks.fused')
+  parser.add_argument('--fused_options', type=_fused_options, default={},
+                      help="the fused kernels' tuning options by variant (a key of "
+                           '`topk.fused.VARIANTS`: the fields of its `tuning_type`, e.g. '
+                           '`topk.fused.Tiling` for compact), a JSON object or a JSON file such '
+                           'as the fused_options.json of benchmarks.fused: {"compact": '
+                           '{"block_q": 16}}; a variant not named keeps its defaults')
   parser.add_argument('--fused_platforms', type=lambda text: tuple(text.split(',')),
                       default=fused.FusedOptions().platforms,
                       help="where the fused kernel runs (`topk.fused.FusedOptions.platforms`): "
                            "comma-separated; 'cpu' runs it in Pallas' interpreter")
 
 
-def fused_options(args: argparse.Namespace) -> fused.FusedOptions:
-  """The fused kernel's options `add_fused_options`' flags give."""
-  return fused.FusedOptions(platforms=args.fused_platforms, tiling=args.fused_options)
+def fused_options(args: argparse.Namespace, variant: str) -> fused.FusedOptions:
+  """`variant`'s options (a key of `topk.fused.VARIANTS`) as `add_fused_options`' flags give."""
+  return fused.FusedOptions(variant=variant, platforms=args.fused_platforms,
+                            tuning=args.fused_options.get(variant))
 
 
-def _fused_options(text: str) -> fused.Tiling:
+def _fused_options(text: str) -> dict[str, object]:
+  """`--fused_options`' JSON (or JSON file) -> each variant's tuning options."""
   if os.path.exists(text):
     with open(text) as f:
       text = f.read()
@@ -420,10 +433,11 @@ def _fused_options(text: str) -> fused.Tiling:
     options = json.loads(text)
   except json.JSONDecodeError as e:
     raise argparse.ArgumentTypeError(f'not a JSON object or a JSON file: {e}') from None
-  if not isinstance(options, dict):
-    raise argparse.ArgumentTypeError(f'expected a JSON object, got {options!r}')
+  if not (isinstance(options, dict) and all(isinstance(x, dict) for x in options.values())):
+    raise argparse.ArgumentTypeError(f'expected a JSON object of objects, got {options!r}')
   try:
-    return fused.Tiling(**options)
+    return {variant: fused.VARIANTS[_choice(variant, fused.VARIANTS)].tuning_type(**fields)
+            for variant, fields in options.items()}
   except (TypeError, ValueError) as e:
     raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -487,7 +501,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}); batch {args.batch}, '
         f'heads {args.heads}, head_dim {args.head_dim}, k {args.k}, chunk {args.chunk}; memory '
         f'limit {size(limit)}; time budget {args.budget_s} s; fused kernel options '
-        f'{dataclasses.asdict(args.fused_options)} on {",".join(args.fused_platforms)}',
+        f'{ {v: dataclasses.asdict(x) for v, x in args.fused_options.items()} } on '
+        f'{",".join(args.fused_platforms)}',
         flush=True)
 
   # The given lengths first (the speed targets are theirs), then the longest lengths that
@@ -497,7 +512,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   rows, previous = _time_lengths(lengths, args, device, limit, start, None)
   longest, notes = {}, {}
   deadline = time.perf_counter() + max(0.0, args.budget_s - (time.perf_counter() - start)) / 2
-  for form in (f for f in ('topk_fused', *PROJECT_FORMS) if f in args.forms
+  for form in (f for f in ('topk_fused', *PROJECT_FORMS) if args.search_longest and f in args.forms
                and not (f == 'topk_fused' and jax.default_backend() != 'gpu')):
     longest[form], notes[form] = _longest_fitting(form, lengths[-1], lengths[0], args, limit,
                                                   deadline)

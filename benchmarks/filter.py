@@ -39,7 +39,7 @@ def _qk(length, heads, head_dim, dtype, seed):
 def _filter_fn(k, is_causal, interpret, **options):
   def run(q, key):
     can = inputs.canonicalize(q, key, key, is_causal=is_causal)
-    cands = filt.candidates(can, k, interpret=interpret, **options)
+    cands = filt.candidates(can, k, interpret=interpret, options=filt.Options(**options))
     kept, idx, redo = filt.select(cands, k)
     return kept, idx, redo, cands.above
   return jax.jit(run)
@@ -55,7 +55,7 @@ def _fused_fn(k, is_causal, interpret):
 def _dense_fn(k, is_causal):
   def run(q, key):
     can = inputs.canonicalize(q, key, key, is_causal=is_causal)
-    return jax.lax.top_k(inputs.chunk_scores(can, 0, can.query, can.key, can.bias, None), k)
+    return jax.lax.top_k(inputs.chunk_scores(can, 0, can.query, None), k)
   return jax.jit(run)
 
 

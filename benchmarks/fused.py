@@ -12,8 +12,9 @@ Three parts, each on fresh random inputs (`[1, L, heads, head_dim]`, no mask unl
    (`block_q`, `key_tile`, `num_warps`, `num_stages`) at --length, against the unfused path's
    scores-and-selection loop and cuDNN flash attention's forward at the same length.
 
-Writes fused.csv and the fastest variant's options to fused_options.json under --out (for the
---fused_options flag of benchmarks.attention and benchmarks.model_step) and prints a table.
+Writes fused.csv and the fastest variant's options to fused_options.json under --out, as
+`{"compact": {...}}` (the --fused_options flag of benchmarks.attention and
+benchmarks.model_step), and prints a table.
 On CPU the kernel runs in Pallas' interpreter: only tiny shapes are practical (a test does that).
 
   python -m benchmarks.fused --out benchmarks/out/gpu
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   print('\n'.join(_line(r) for r in rows))
   if best is not None:
     with open(os.path.join(args.out, 'fused_options.json'), 'w') as f:
-      json.dump(best, f)
+      json.dump({'compact': best}, f)
     print(f'fastest kernel options: {json.dumps(best)}')
   return rows
 

@@ -3,13 +3,14 @@
 #
 #   OUT=results_h100 bash benchmarks/gpu.sh
 #
-# Writes fused.{csv,log}, fused_options.json, filter.{csv,log}, attention.{csv,png,log} and model_step.{csv,log} to
-# $OUT (default benchmarks/out/gpu).
+# Writes fused.{csv,log}, fused_options.json, filter.{csv,log}, attention.{csv,png,log},
+# filter_attention.log with filter_attention/attention.{csv,png} and model_step.{csv,log} to $OUT
+# (default benchmarks/out/gpu).
 # Needs jax with CUDA, flax, optax, orbax-checkpoint, and for model_step ml-collections (its
 # configs), grain and tensorboardX (the trainer's imports), and this repository; torch and
 # matplotlib are optional, TensorFlow is not used. $PYTHON picks the
-# interpreter; FUSED_ARGS, FILTER_ARGS, ATTENTION_ARGS and MODEL_STEP_ARGS append flags (later flags win),
-# e.g. to shrink them for a check on CPU.
+# interpreter; FUSED_ARGS, FILTER_ARGS, ATTENTION_ARGS, FILTER_ATTENTION_ARGS and MODEL_STEP_ARGS
+# append flags (later flags win), e.g. to shrink them for a check on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out/gpu}"
@@ -18,7 +19,7 @@ mkdir -p "$out"
 status=0
 
 # The fused kernel checked against lax.top_k on the device, the exact selections timed, and the
-# kernel's block sizes tuned (about a minute); the fastest options go to the two benchmarks below.
+# kernel's block sizes tuned (about a minute); the fastest options go to the benchmarks below.
 # shellcheck disable=SC2086  # the *_ARGS variables are flag lists
 "$python" -m benchmarks.fused --out "$out" ${FUSED_ARGS:-} 2>&1 | tee "$out/fused.log"
 status=$((status | PIPESTATUS[0]))
@@ -26,9 +27,10 @@ options="$out/fused_options.json"
 
 # The experimental one-pass filter kernel (topk.filter, off by default): checked on the device at
 # 2K (bfloat16, float32, causal and not), then timed alone against the present kernel at 16K and
-# 64K for its block shapes, with candidates per row and redo fraction; filter.csv after each row.
+# 64K for two block shapes, with candidates per row and redo fraction; filter.csv after each row.
 # shellcheck disable=SC2086
-"$python" -m benchmarks.filter --out "$out" ${FILTER_ARGS:-} 2>&1 | tee "$out/filter.log"
+"$python" -m benchmarks.filter --out "$out" --variants 64:64:4:8,64:128:8:8 ${FILTER_ARGS:-} \
+  2>&1 | tee "$out/filter.log"
 status=$((status | PIPESTATUS[0]))
 [ -f "$options" ] || echo '{}' >"$options"
 
@@ -38,11 +40,21 @@ status=$((status | PIPESTATUS[0]))
   2>&1 | tee "$out/attention.log"
 status=$((status | PIPESTATUS[0]))
 
-# Full-size training steps in bfloat16, ListOps first; no new config starts after 150 s (one may
+# topk_attention with the filter variant (form topk_filter) against the compact kernel, the
+# unfused path and cuDNN flash: forward and forward+backward at 16K and 64K in bfloat16, no
+# length search; its own time budget (100 s) keeps it within about 2 minutes.
+# shellcheck disable=SC2086
+"$python" -m benchmarks.attention --out "$out/filter_attention" --fused_options "$options" \
+  --forms cudnn,topk,topk_fused,topk_filter --lengths 16384,65536 --dtypes bfloat16 \
+  --no-search_longest --no-time_longest --budget_s 100 ${FILTER_ATTENTION_ARGS:-} \
+  2>&1 | tee "$out/filter_attention.log"
+status=$((status | PIPESTATUS[0]))
+
+# Full-size training steps in bfloat16, ListOps first; no new config starts after 120 s (one may
 # take up to about a minute to compile). JAX may use 95% of the card here (no torch in this
 # process), so "fits" means fits the card, not JAX's default 75% share.
 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}" \
-  "$python" -m benchmarks.model_step --all --dtype bfloat16 --budget_s 150 --out "$out" \
+  "$python" -m benchmarks.model_step --all --dtype bfloat16 --budget_s 120 --out "$out" \
   --fused both --fused_options "$options" ${MODEL_STEP_ARGS:-} 2>&1 | tee "$out/model_step.log"
 status=$((status | PIPESTATUS[0]))
 

@@ -7,9 +7,10 @@ I/O, no TensorFlow), and reports the compiled memory (`memory_analysis()`: temp,
 train state + batch, and the total the step holds), whether that fits the device, and, when it
 fits, the median step time after a warm-up step and the training time it implies
 (`num_train_steps` steps, evaluation excluded). Column `fused`: whether a top-k step runs the
-fused kernel (`topk.fused.runs_kernel` of the lowered step); with `--fused on` a step without
-it is not timed. With --all it measures every task config with every attention kind in one
-process, the first configs first, until --budget_s is spent. Any `--config.<field>=<value>`
+fused kernel (`topk.fused.runs_kernel` of the lowered step, for the variant `--fused_variant`
+names); with `--fused on` a step without it is not timed. With --all it measures every task
+config with every attention kind in one process, the first configs first, until --budget_s is
+spent. Any `--config.<field>=<value>`
 overrides that field of every config measured, as for train.py (column `config` lists them).
 
   python -m benchmarks.model_step --config=configs/listops.py:topk [--dtype bfloat16]
@@ -60,6 +61,12 @@ def synthetic_batch(info: data.TaskInfo, batch_size: int, seed: int = 0) -> dict
   return {**inputs, 'targets': rng.integers(0, info.num_classes, (batch_size,), np.int32)}
 
 
+def _fused_variant(config: ml_collections.ConfigDict) -> str:
+  """The fused kernel variant a top-k config's attention names (`AttentionSpec`'s default
+  where it names none)."""
+  return config.attention.get('fused_options', topk.AttentionSpec.fused_options).variant
+
+
 def measure(config: ml_collections.ConfigDict, repeats: int, limit: int,
             require_fused: bool = False) -> dict[str, Any]:
   """Compiled memory and (when it fits within `limit` bytes) median time of one train step;
@@ -76,7 +83,8 @@ def measure(config: ml_collections.ConfigDict, repeats: int, limit: int,
   total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes -
            mem.alias_size_in_bytes)
   row = {'task': info.name, 'kind': config.attention.kind,
-         'fused': fused.runs_kernel(lowered) if config.attention.kind == 'topk' else '',
+         'fused': (fused.runs_kernel(lowered, _fused_variant(config))
+                   if config.attention.kind == 'topk' else ''),
          'dtype': config.model.dtype,
          'batch': config.batch_size, 'length': info.max_length,
          'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
@@ -132,6 +140,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--fused', choices=('on', 'off', 'both'), default=None,
                       help='top-k kinds with config.attention.fused on, off, or both (default: '
                            "the config's); the kernel runs on --fused_platforms (NVIDIA GPUs)")
+  parser.add_argument('--fused_variant', choices=list(fused.VARIANTS),
+                      default=fused.FusedOptions().variant,
+                      help='the fused kernel of top-k steps with config.attention.fused on')
   add_fused_options(parser)
   args = parser.parse_args(argv)
   args.overrides = overrides
@@ -173,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if switch is not None:
       config.attention.fused = switch == 'on'
     with config.unlocked():
-      config.attention.fused_options = fused_options(args)
+      config.attention.fused_options = fused_options(args, args.fused_variant)
     spent = time.perf_counter() - start
     if spent > args.budget_s:
       row = dict.fromkeys(COLUMNS, math.nan)

@@ -6,11 +6,14 @@ import os
 import struct
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
 from lra.data import listops_gen
+from topk import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,3 +122,22 @@ def read_scalars(log_dir: str) -> dict[tuple[int, str], float]:
         assert (event.step, value.tag) not in scalars, f'{value.tag} shown twice at {event.step}'
         scalars[(event.step, value.tag)] = value.simple_value
   return scalars
+
+
+def reference_topk(q: jax.Array, k: jax.Array, v: jax.Array, k_keep: int,
+                   mask: jax.Array | None = None, bias: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Top-k attention the plain dense way: `(out [B, Lq, H, Dv], kept bool [B, H, Lq, Lk])`.
+
+  Dense scores of `q, k [B, L, H, D]`, all but the top `k_keep` of the masked scores (masked
+  entries at `inputs.NEG`, as `topk_attention` masks them) set to -inf, then softmax.
+  """
+  s = jnp.einsum('bqhd,bkhd->bhqk', q / np.sqrt(q.shape[-1]), k)
+  if bias is not None:
+    s = s + bias
+  if mask is not None:
+    s = jnp.where(mask, s, inputs.NEG)
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(s), k_keep)
+  kept = jnp.any(jax.nn.one_hot(idx, s.shape[-1], dtype=bool), axis=-2)
+  w = jax.nn.softmax(jnp.where(kept, s, -jnp.inf), axis=-1)
+  return jnp.einsum('bhqk,bkhd->bqhd', w, v), kept

@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_topk
 
 import topk
-from topk import inputs, kernels
+from topk import kernels
 
 pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
 
@@ -69,19 +70,6 @@ def _assert_trees_close(a, b, atol):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol,
                                rtol=atol)
-
-
-def _reference_topk(q, k, v, k_keep, mask=None, bias=None):
-  """Dense scores, all but the top k (of the masked scores) set to -inf, then softmax."""
-  s = jnp.einsum('bqhd,bkhd->bhqk', q / np.sqrt(q.shape[-1]), k)
-  if bias is not None:
-    s = s + bias
-  if mask is not None:
-    s = jnp.where(mask, s, inputs.NEG)
-  _, idx = jax.lax.top_k(jax.lax.stop_gradient(s), k_keep)
-  kept = jnp.any(jax.nn.one_hot(idx, s.shape[-1], dtype=bool), axis=-2)
-  w = jax.nn.softmax(jnp.where(kept, s, -jnp.inf), axis=-1)
-  return jnp.einsum('bhqk,bkhd->bqhd', w, v), kept
 
 
 # ----------------------------------------------------------------------------- equal to flax
@@ -176,7 +164,7 @@ def test_matches_reference(k_keep, masked, use_bias):
   mask, bias = theirs.get('mask'), theirs.get('bias')
 
   def ref_fn(q, k, v, bias=None, mask=None):
-    return _reference_topk(q, k, v, k_keep, mask=mask, bias=bias)[0]
+    return reference_topk(q, k, v, k_keep, mask=mask, bias=bias)[0]
 
   ref = _loss_grads(ref_fn, q, k, v, bias=bias, mask=mask)
   ours_fn = functools.partial(topk.topk_attention, k=k_keep, query_chunk_size=3)
@@ -199,7 +187,7 @@ def test_unselected_keys_get_exactly_zero_gradient():
   k_keep = 3
   grads = jax.grad(lambda k, v: jnp.sum(topk.topk_attention(q, k, v, k=k_keep) ** 2),
                    argnums=(0, 1))(k, v)
-  _, kept = _reference_topk(q, k, v, k_keep)  # [B, H, 1, LK]
+  _, kept = reference_topk(q, k, v, k_keep)  # [B, H, 1, LK]
   kept = jnp.swapaxes(kept[:, :, 0], 1, 2)[..., None]  # [B, LK, H, 1]
   for g in grads:
     np.testing.assert_array_equal(jnp.where(kept, 0.0, g), 0.0)
@@ -398,7 +386,7 @@ def test_topk_sows_kept_weights_equal_to_reference():
   # Distinct valid key indices per query; weights equal the dense top-k reference's.
   assert np.all((indices >= 0) & (indices < LK))
   assert np.all(np.sort(indices, -1)[..., 1:] != np.sort(indices, -1)[..., :-1])
-  _, kept = _reference_topk(q, k, v, k_keep, **theirs)
+  _, kept = reference_topk(q, k, v, k_keep, **theirs)
   s = jnp.einsum('bqhd,bkhd->bhqk', q / np.sqrt(D), k) + theirs['bias']
   ref_weights = jax.nn.softmax(jnp.where(kept & theirs['mask'], s, -jnp.inf), axis=-1)
   rows_valid = np.any(theirs['mask'], axis=-1)  # fully masked rows: uniform over kept keys

@@ -39,7 +39,8 @@ def _read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
 def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
   # --time_longest adds topk's longest fitting length (128 here) to the timed lengths, as on GPU.
   argv = [*TINY, '--lengths', '64', '--time_longest', '--forms',
-          'qk_product,chunked,topk,topk_fused,cudnn,torch', '--baseline', 'chunked', '--out',
+          'qk_product,chunked,topk,topk_fused,topk_filter,cudnn,torch', '--baseline', 'chunked',
+          '--out',
           str(tmp_path)]
   stdout = _run_python(
       'import sys\n'
@@ -53,7 +54,8 @@ def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
   assert tuple(columns) == attention.COLUMNS
   assert [(r['form'], int(r['length'])) for r in rows] == [
       (form, length) for length in (64, 128)
-      for form in ('qk_product', 'chunked', 'topk', 'topk_fused', 'cudnn', 'torch')]
+      for form in ('qk_product', 'chunked', 'topk', 'topk_fused', 'topk_filter', 'cudnn',
+                   'torch')]
   at = {(r['form'], int(r['length'])): r for r in rows}
   for length in (64, 128):
     for form in ('qk_product', 'chunked', 'topk'):
@@ -68,7 +70,8 @@ def test_attention_on_cpu_rows_ratios_skips_and_no_tensorflow(tmp_path):
     assert math.isnan(float(at[('qk_product', length)]['fwd_bwd_ms']))
     cudnn = at[('cudnn', length)]
     assert 'NVIDIA GPU' in cudnn['skipped'] and math.isnan(float(cudnn['fwd_ms']))
-    assert 'NVIDIA GPUs only' in at[('topk_fused', length)]['skipped']
+    for form in ('topk_fused', 'topk_filter'):
+      assert 'NVIDIA GPUs only' in at[(form, length)]['skipped']
     try:
       import torch  # noqa: F401
     except ImportError:
@@ -104,24 +107,30 @@ def test_attention_defaults_follow_the_backend(monkeypatch):
   assert attention._parse(['--lengths', '64', '--no-time_longest']).time_longest is False
 
 
-# The fused kernel runs on this CPU, in Pallas' interpreter, with tiles for tiny shapes.
-INTERPRETED = ['--fused_platforms', 'cpu,cuda',
-               '--fused_options', '{"block_q": 16, "key_tile": 16}']
+# The fused kernels run on this CPU, in Pallas' interpreter, with tiles for tiny shapes.
+INTERPRETED = ['--fused_platforms', 'cpu,cuda', '--fused_options',
+               '{"compact": {"block_q": 16, "key_tile": 16}, '
+               '"filter": {"block_q": 16, "key_tile": 16, "stride": 2, "groups": 16}}']
 
 
 @pytest.mark.slow
-def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypatch, tmp_path):
+@pytest.mark.parametrize('form, variant', [('topk_fused', 'compact'),
+                                           ('topk_filter', 'filter')])
+def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypatch, tmp_path,
+                                                                       form, variant):
   # A GPU where the kernel does not compile (on this CPU Triton fails like that): topk_attention
-  # would run the unfused path, so a topk_fused row must not time it; where it compiles, it times.
+  # would run the unfused path, so a fused form's row must not time it; where it compiles, it
+  # times.
   monkeypatch.setattr(fused_module, '_COMPILES', {})
   monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
-  argv = [*TINY, '--lengths', '64', '--forms', 'topk_fused', '--baseline', 'topk_fused',
-          '--budget_s', '1e9', '--no-time_longest', '--out', str(tmp_path)]
+  argv = [*TINY, '--lengths', '64', '--forms', form, '--baseline', form, '--budget_s', '1e9',
+          '--no-time_longest', '--no-search_longest', '--out', str(tmp_path)]
+  not_run = f'fused kernel {variant!r} does not run here'
   row, = attention.main(argv)
-  assert 'fused kernel does not run here' in row['skipped'] and math.isnan(row['fwd_ms'])
+  assert not_run in row['skipped'] and math.isnan(row['fwd_ms'])
   monkeypatch.setattr(fused_module, 'compiles', lambda *args, **kwargs: True)
   row, = attention.main(argv)  # it compiles, but on a CPU platform the unfused path runs
-  assert 'fused kernel does not run here' in row['skipped']
+  assert not_run in row['skipped']
   row, = attention.main([*argv, *INTERPRETED])
   assert row['skipped'] == '' and row['fwd_bwd_ms'] > 0
 
@@ -150,7 +159,10 @@ def test_attention_1m_target_is_not_failed_by_a_search_stopped_short(monkeypatch
 @pytest.mark.parametrize('flag', [['--forms', 'flash'], ['--dtypes', 'float64'],
                                   ['--baseline', 'dense'], ['--repeats', '0'],
                                   ['--fused_options', '[16]'], ['--fused_options', '{bad'],
-                                  ['--fused_options', '{"block_q": 24}']])
+                                  ['--fused_options', '{"block_q": 16}'],
+                                  ['--fused_options', '{"compact": {"block_q": 24}}'],
+                                  ['--fused_options', '{"filter": {"block_q": 16, "x": 1}}'],
+                                  ['--fused_options', '{"radix": {}}']])
 def test_attention_rejects_bad_flags(flag, tmp_path):
   with pytest.raises((SystemExit, ValueError)):
     attention.main([*TINY, *flag, '--out', str(tmp_path)])
@@ -197,7 +209,13 @@ def test_model_step_fused_column_says_whether_the_step_runs_the_kernel():
   # Run in the interpreter, it is (and its step is timed).
   with config.unlocked():
     config.attention.fused_options = fused_module.FusedOptions(
-        platforms=('cpu', 'cuda'), tiling=fused_module.Tiling(block_q=16, key_tile=16))
+        platforms=('cpu', 'cuda'), tuning=fused_module.Tiling(block_q=16, key_tile=16))
+  row = model_step.measure(config, repeats=1, limit=2**40, require_fused=True)
+  assert row['fused'] is True and row['skipped'] == '' and row['step_ms'] > 0
+  # --fused_variant chooses the kernel; the column asks for that one.
+  args = model_step._parse(['--all', '--fused_variant', 'filter', *INTERPRETED])
+  with config.unlocked():
+    config.attention.fused_options = attention.fused_options(args, args.fused_variant)
   row = model_step.measure(config, repeats=1, limit=2**40, require_fused=True)
   assert row['fused'] is True and row['skipped'] == '' and row['step_ms'] > 0
 
@@ -241,8 +259,8 @@ def test_fused_checks_selections_and_tuning_on_cpu(tmp_path):
   assert len(variants) == 2 and all(r['ms'] > 0 for r in variants)
   with open(tmp_path / 'fused_options.json') as f:
     best = json.load(f)
-  assert best in [{'block_q': 16, 'key_tile': 16, 'num_warps': 4, 'num_stages': 2},
-                  {'block_q': 16, 'key_tile': 32, 'num_warps': 2, 'num_stages': 2}]
+  assert best in [{'compact': {'block_q': 16, 'key_tile': 16, 'num_warps': 4, 'num_stages': 2}},
+                  {'compact': {'block_q': 16, 'key_tile': 32, 'num_warps': 2, 'num_stages': 2}}]
   columns, written = _read_csv(str(tmp_path / 'fused.csv'))
   assert tuple(columns) == fused_bench.COLUMNS and len(written) == len(rows)
 
@@ -255,19 +273,29 @@ def test_gpu_script_writes_every_benchmark_to_out(tmp_path):
                          '--k 4 --dtypes float32 --repeats 1 --variants 16:16:4:2 '
                          '--small groups=16',
              ATTENTION_ARGS=' '.join([*TINY, '--forms', 'chunked', '--budget_s', '0']),
+             FILTER_ATTENTION_ARGS=' '.join([*TINY, '--lengths', '64', '--dtypes', 'float32']),
              MODEL_STEP_ARGS='--tasks listops --kinds topk --preset smoke --budget_s 0')
   result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh')], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   for name in ('fused.csv', 'fused.log', 'fused_options.json', 'filter.csv', 'attention.csv',
-               'attention.log', 'model_step.csv', 'model_step.log'):
+               'attention.log', 'filter_attention.log', 'filter_attention/attention.csv',
+               'model_step.csv', 'model_step.log'):
     assert (tmp_path / name).stat().st_size > 0, name
   # The tuned options reach the attention benchmark.
-  assert "fused kernel options {'block_q': 16, 'key_tile': 16" in (
-      tmp_path / 'attention.log').read_text()
+  for log in ('attention.log', 'filter_attention.log'):
+    assert "fused kernel options {'compact': {'block_q': 16, 'key_tile': 16" in (
+        tmp_path / log).read_text()
   _, rows = _read_csv(str(tmp_path / 'attention.csv'))
   assert [(r['form'], r['length'], r['skipped'][:12]) for r in rows] == [
       ('chunked', '64', 'time budget:'), ('chunked', '128', 'time budget:')]
+  # The filter variant's forward and forward+backward beside the compact kernel's, the unfused
+  # path's and cuDNN flash's (on CPU only the unfused path runs).
+  _, rows = _read_csv(str(tmp_path / 'filter_attention' / 'attention.csv'))
+  assert [(r['form'], r['length']) for r in rows] == [
+      (form, '64') for form in ('cudnn', 'topk', 'topk_fused', 'topk_filter')]
+  assert float(rows[1]['fwd_ms']) > 0 and float(rows[1]['fwd_bwd_ms']) > 0
+  assert 'NVIDIA GPUs only' in rows[3]['skipped']
   _, rows = _read_csv(str(tmp_path / 'model_step.csv'))
   # Top-k is measured with and without the fused kernel, fused first.
   assert [(r['config'], r['dtype'], r['fused']) for r in rows] == [

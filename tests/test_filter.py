@@ -1,5 +1,6 @@
-"""Tests for the one-pass filter kernel (topk.filter) in Pallas' interpreter on CPU, and its
-Triton IR lowered for CUDA (operation count per score, int32 offsets).
+"""Tests for the one-pass filter kernel (topk.filter) in Pallas' interpreter on CPU, alone and
+as the fused variant 'filter' of `topk_attention`, and its Triton IR lowered for CUDA (operation
+count per score, int32 offsets, the kernel in `topk_attention`'s program).
 
 Small shapes (the interpreter is slow): tiles of 16 keys, a sample of every 2nd key in 16
 groups, so rows span several tiles, the last one partial, and both filter loops run (plain
@@ -9,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_topk
 
+import topk
 from topk import filter as filt
 from topk import fused, inputs, select_gpu
 
@@ -39,8 +42,9 @@ def _both(q, key, masks, k, **options):
   """The kernel's `(kept, indices, redo)` and `lax.top_k` of the dense masked scores."""
   def run(q, key, masks):
     can = inputs.canonicalize(q, key, key, **masks)
-    dense = inputs.chunk_scores(can, 0, can.query, can.key, can.bias, None)
-    return filt.kept_top_k(can, k, interpret=True, **options), jax.lax.top_k(dense, k)
+    dense = inputs.chunk_scores(can, 0, can.query, None)
+    return (filt.kept_top_k(can, k, interpret=True, options=filt.Options(**options)),
+            jax.lax.top_k(dense, k))
 
   statics = {n: v for n, v in masks.items() if n == 'is_causal'}
   arrays = {n: v for n, v in masks.items() if n != 'is_causal'}
@@ -125,7 +129,8 @@ def test_options_are_checked():
                               (33, {}, r'k must be in \[1, kv_len = 32\]')):
     with pytest.raises(ValueError, match=message):
       jax.eval_shape(lambda x, k=k, options=options: filt.kept_top_k(
-          inputs.canonicalize(x, x, x), k, interpret=True, **options), spec)
+          inputs.canonicalize(x, x, x), k, interpret=True, options=filt.Options(**options)),
+          spec)
   opt = filt.Options().resolve(64, 65536)
   assert (opt.rank, opt.groups, opt.buffer) == (32, 128, 768)
   assert filt.Options().resolve(8, 100).buffer == 256  # 3 * 8 * 8 rounded up to 128
@@ -156,8 +161,8 @@ OPS_CEILING = 24
 
 def test_lowers_for_cuda_and_counts_operations_per_score():
   spec = jax.ShapeDtypeStruct((1, 1024, 1, 64), jnp.bfloat16)
-  plain = lambda q, key: filt.candidates(inputs.canonicalize(q, key, key), 64, block_q=64,
-                                         key_tile=128, plain_only=True)
+  plain = lambda q, key: filt.candidates(inputs.canonicalize(q, key, key), 64, plain_only=True,
+                                         options=filt.Options(block_q=64, key_tile=128))
   (text,) = filt.triton_modules(plain, spec, spec)
   ops = filt.ops_per_score(text, 64, 128)
   (present,) = filt.triton_modules(
@@ -172,7 +177,7 @@ def test_lowers_for_cuda_and_counts_operations_per_score():
   full = lambda q, key, m: filt.kept_top_k(
       inputs.canonicalize(q, key, key, is_causal=True, **m), 64)
   lowered = jax.jit(full).trace(spec, spec, masks).lower(lowering_platforms=('cuda',))
-  assert filt.runs_kernel(lowered) and not fused.runs_kernel(lowered)
+  assert fused.runs_kernel(lowered, 'filter') and not fused.runs_kernel(lowered)
 
 
 def test_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
@@ -187,3 +192,99 @@ def test_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
   assert [r['name'][:6] for r in timed] == ['presen', 'filter']
   assert all(r['ms'] > 0 for r in timed) and timed[1]['candidates'] >= 4
   assert (tmp_path / 'filter.csv').read_text().count('\n') == len(rows) + 1
+
+
+# `topk_attention` with the filter variant, in the interpreter on CPU: rows the kernel leaves
+# are redone in sub-chunks of 8 queries per chunk of 16.
+def _on_cpu(**options) -> fused.FusedOptions:
+  return fused.FusedOptions(variant='filter', platforms=('cpu',),
+                            tuning=filt.Options(**SMALL | options), redo_rows=8)
+
+
+def _attention_case(dtype, length=56, heads=2, depth=16):
+  """`(q, k, v)` `[2, length, heads, depth]`, `topk_attention`'s masking arguments (a full
+  mask, causal, key padding with 5 valid keys in the second sequence, query padding) and the
+  one mask they make together, for the reference."""
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, length, heads, depth)), dtype)
+             for _ in range(3))
+  masks = dict(is_causal=True,
+               mask=jnp.asarray(rng.uniform(size=(1, 1, length, length)) < 0.9),
+               key_padding_mask=jnp.arange(length) < jnp.array([[length], [5]]),
+               query_padding_mask=jnp.arange(length) < jnp.array([[length], [45]]))
+  combined = (masks['mask'] & jnp.tril(jnp.ones((length, length), bool))
+              & masks['key_padding_mask'][:, None, None, :]
+              & masks['query_padding_mask'][:, None, :, None])
+  bias = jnp.asarray(rng.standard_normal((1, heads, length, length)), jnp.float32)
+  return (q, k, v, bias), masks, combined
+
+
+def _value_and_grads(fn, args):
+  """`fn(q, k, v, bias)` and the gradients of a fixed projection of it to all four."""
+  proj = jnp.asarray(np.random.default_rng(9).standard_normal(args[0].shape), jnp.float32)
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * proj)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
+
+
+def _assert_close(got, want, tolerance):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
+      got, want)
+
+
+@pytest.mark.parametrize('dtype, k, options, tolerance', [
+    (jnp.float32, 6, {}, 1e-5),
+    (jnp.bfloat16, 4, {}, 2e-2),
+    # 12 slots for k 6: most rows overflow and are redone by the unfused path.
+    (jnp.float32, 6, dict(buffer=12), 1e-5),
+])
+def test_topk_attention_with_the_filter_equals_unfused_and_reference(dtype, k, options,
+                                                                     tolerance):
+  args, masks, combined = _attention_case(dtype)
+  fn = lambda q, key, v, bias, fused=True: topk.topk_attention(
+      q, key, v, bias=bias, k=k, query_chunk_size=16, fused=fused,  # 16 does not divide 56
+      fused_options=_on_cpu(**options), **masks)
+  assert fused.runs_kernel(jax.jit(fn).lower(*args), 'filter')
+  got = _value_and_grads(fn, args)
+  _assert_close(got, _value_and_grads(lambda *a: fn(*a, fused=False), args), tolerance)
+  reference = lambda q, key, v, bias: reference_topk(
+      *(x.astype(jnp.float32) for x in (q, key, v)), k, mask=combined, bias=bias)[0]
+  _assert_close(got, _value_and_grads(reference, args), 2 * tolerance)
+  if options:  # the redo path ran: the kernel flagged rows of these inputs
+    statics = dict(is_causal=True)
+    arrays = {n: x for n, x in masks.items() if n != 'is_causal'}
+    redo = jax.jit(lambda q, key, bias, m: filt.kept_top_k(
+        inputs.canonicalize(q, key, key, bias=bias, **m, **statics), k, interpret=True,
+        options=filt.Options(**SMALL | options))[2])(args[0], args[1], args[3], arrays)
+    assert 0.1 < np.asarray(redo).mean() < 1
+
+
+def test_topk_attention_lowers_the_filter_kernel_for_cuda():
+  # Chosen by `FusedOptions(variant='filter')`, on CUDA, the forward runs the filter kernel and
+  # not the compact one; by default (compact) the other way round.
+  spec, length = jax.ShapeDtypeStruct, 1000
+  args = (spec((1, length, 2, 64), jnp.bfloat16),) * 3
+  masks = dict(bias=spec((1, 2, length, length), jnp.float32),
+               key_padding_mask=spec((1, length), bool))
+
+  def lowered(options):
+    def grads(args, masks):
+      loss = lambda *a: jnp.sum(topk.topk_attention(
+          *a, k=64, query_chunk_size=256, is_causal=True, fused_options=options, **masks))
+      return jax.grad(loss, argnums=(0, 1, 2))(*args)
+    return jax.jit(grads).trace(args, masks).lower(lowering_platforms=('cuda',))
+
+  filtered = lowered(fused.FusedOptions(variant='filter'))
+  assert fused.runs_kernel(filtered, 'filter') and not fused.runs_kernel(filtered)
+  compact = lowered(fused.FusedOptions())
+  assert fused.runs_kernel(compact) and not fused.runs_kernel(compact, 'filter')
+
+
+def test_fused_options_hold_the_variants_tuning():
+  assert fused.FusedOptions().variant == 'compact'  # the filter stays off by default
+  assert fused.FusedOptions(variant='filter').tuning == filt.Options()
+  assert fused.FusedOptions().tuning == fused.Tiling()
+  with pytest.raises(ValueError, match="tuning of variant 'filter' must be a topk.filter.Options"):
+    fused.FusedOptions(variant='filter', tuning=fused.Tiling())
+  with pytest.raises(ValueError, match="tuning of variant 'compact' must be a topk.fused.Tiling"):
+    fused.FusedOptions(tuning=filt.Options())

@@ -18,7 +18,7 @@ SMALL = dict(block_q=16, key_tile=16)  # and groups max(16, 2k)
 def on_cpu(**tiling) -> fused.FusedOptions:
   """`topk_attention` selects with the kernel on CPU (interpreted), with small tiles; rows it
   leaves are redone in two sub-chunks of 8 queries per chunk of 16."""
-  return fused.FusedOptions(platforms=('cpu', 'cuda'), tiling=fused.Tiling(**SMALL | tiling),
+  return fused.FusedOptions(platforms=('cpu', 'cuda'), tuning=fused.Tiling(**SMALL | tiling),
                             redo_rows=8)
 
 

@@ -1,12 +1,11 @@
 """A one-pass fused score-and-select kernel (Pallas, Triton backend): estimate, filter, verify.
 
-Experimental and OFF by default: nothing in the library calls it yet (it is to become a
-selectable fused-kernel variant of `topk_attention` once timed on a GPU: `benchmarks.filter`).
-For a query chunk it replaces `fused.candidates` + `fused.select` + `fused.merge`'s first
-argument: `kept_top_k(can, k, precision, interpret=..., **options)` returns `(kept, indices,
-redo)` `[B, H, Lq_pad, k]`, `[B, H, Lq_pad]`, the kept scores and keys exactly as `lax.top_k`
-of the dense masked scores (ties to the lower key) wherever `redo` is False; the caller redoes
-the flagged rows with the unfused selection (`fused.merge`).
+Experimental and OFF by default: the fused-kernel variant 'filter' of `topk_attention`
+(`topk.fused.FusedOptions(variant='filter')`, `VARIANT` here), not its default until timed on a
+GPU (benchmarks/gpu.sh). `kept_top_k(can, k, precision, interpret=..., options=Options(...))`
+returns `(kept, indices, redo)` `[B, H, Lq_pad, k]`, `[B, H, Lq_pad]`, the kept scores and keys
+exactly as `lax.top_k` of the dense masked scores (ties to the lower key) wherever `redo` is
+False; `topk_attention` redoes the flagged rows with the unfused selection (`fused.merge`).
 
 One kernel instance per block of `block_q` queries of one (batch, head) (grid axis 0 = query
 block, the fastest, so the programs running together share one head's keys in L2):
@@ -51,7 +50,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from topk import fused, inputs, select_gpu
+from topk import fused_variant, inputs, select_gpu
 
 KERNEL_NAME = 'topk_filter_candidates'
 BISECTION_STEPS = 20
@@ -73,7 +72,8 @@ class Candidates(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """The kernel's options (`candidates`' keywords); None: the rule in the module docstring.
+  """The kernel's tuning options (`FusedOptions.tuning` of the 'filter' variant); None: the
+  rule in the module docstring.
 
   block_q, key_tile, groups: powers of two >= 16 (Triton's dot); stride >= 1; 1 <= rank <=
   min(k, groups); buffer >= 2k. num_warps, num_stages: Triton's.
@@ -300,32 +300,25 @@ def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, flat_refs, val
   plgpu.store(redo_ref.at[pl.ds(first, block_q)], redo.astype(jnp.int32))
 
 
-def largest_array(can: inputs.Canonical, k: int, options: dict[str, Any] | None = None) -> int:
+def largest_array(can: inputs.Canonical, k: int, options: Options = Options()) -> int:
   """Entries of the largest array the kernel takes or writes for these inputs and options."""
   b, h, lq, d = can.query.shape
   lk = can.key.shape[2]
-  opt = Options(**(options or {})).resolve(k, lk)
+  opt = options.resolve(k, lk)
   rows = b * h * pl.cdiv(lq, opt.block_q) * opt.block_q
   given = (can.mask, can.bias, can.key_padding_mask, can.query_padding_mask)
   return max(rows * max(d, opt.buffer + 1), b * h * lk * d,
              *(math.prod(x.shape) for x in given if x is not None))
 
 
-def unsupported(can: inputs.Canonical, k: int,
-                options: dict[str, Any] | None = None) -> str | None:
+def unsupported(can: inputs.Canonical, k: int, options: Options = Options()) -> str | None:
   """Why the kernel cannot serve these inputs (dtype, head_dim, int32 offsets), or None."""
-  reason = fused._untaken(can, k)
-  if reason:
-    return reason
-  entries = largest_array(can, k, options)
-  if entries > select_gpu.MAX_ENTRIES:
-    return (f'an array of {entries:,} entries: Triton\'s int32 offsets address at most '
-            f'{select_gpu.MAX_ENTRIES:,}')
-  return None
+  return fused_variant.untaken(can, k) or fused_variant.too_large(
+      largest_array(can, k, options))
 
 
 def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
-               plain_only: bool = False, **options: Any) -> Candidates:
+               options: Options = Options(), plain_only: bool = False) -> Candidates:
   """Steps 1 and 2 for every query: `Candidates` `[B, H, Lq_pad, buffer]` and `[B, H, Lq_pad]`.
 
   `plain_only` (for the operation count only: not exact) drops the loop for masked ties.
@@ -333,9 +326,16 @@ def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
   reason = unsupported(can, k, options)
   if reason is not None:
     raise ValueError(f'topk.filter.candidates: the kernel does not take {reason}.')
+  return _candidates(can, k, precision, options, interpret, plain_only)
+
+
+def _candidates(can: inputs.Canonical, k: int, precision: Any, options: Options,
+                interpret: bool, plain_only: bool = False) -> Candidates:
+  """`candidates` of inputs it takes (`unsupported(can, k, options)` None): positional, as
+  `fused_variant.Variant.candidates`."""
   b, h, lq, d = can.query.shape
   lk = can.key.shape[2]
-  opt = Options(**options).resolve(k, lk)
+  opt = options.resolve(k, lk)
   block_q = opt.block_q
   lq_b = pl.cdiv(lq, block_q) * block_q
   q = inputs.scale_query(can.query)
@@ -385,15 +385,14 @@ def select(cands: Candidates, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
-               **options: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+               options: Options = Options()) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`(kept float32 [B, H, Lq_pad, k], indices int32, redo bool [B, H, Lq_pad])`: the entry
   point (`fused.merge` redoes the flagged rows)."""
-  return select(candidates(can, k, precision, interpret=interpret, **options), k)
+  return select(candidates(can, k, precision, interpret=interpret, options=options), k)
 
 
-def runs_kernel(lowered: jax.stages.Lowered) -> bool:
-  """Whether a lowered program runs this kernel (its name in the text with debug info)."""
-  return KERNEL_NAME in lowered.as_text(debug_info=True)
+# The kernel as `topk.fused.VARIANTS['filter']`.
+VARIANT = fused_variant.Variant(_candidates, select, largest_array, Options, KERNEL_NAME)
 
 
 def triton_modules(fn: Any, *args: Any) -> list[str]:

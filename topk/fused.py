@@ -30,9 +30,10 @@ Memory: besides the outputs, the kernel writes the candidate buffers (float32 an
 O(Lq * k), never `[Lq, kv_len]`.
 
 Variants: `VARIANTS` maps a name to the functions `topk_attention` calls for a fused kernel
-(`Variant`); this module's kernel is 'compact'. `FusedOptions` (a field of
-`topk.AttentionSpec`) names the variant, the platforms it runs on and its `Tiling`, so another
-kernel is one more entry in `VARIANTS`.
+(`topk.fused_variant.Variant`): this module's kernel is 'compact' (the default), `topk.filter`'s
+one-pass kernel 'filter'. `FusedOptions` (a field of `topk.AttentionSpec`) names the variant,
+the platforms it runs on and its tuning options (`Tiling` here), so another kernel is one more
+entry in `VARIANTS`.
 
 Speed: the kernel is tested in Pallas' interpreter and lowered for CUDA on CPU; its GPU time is
 measured by `benchmarks.fused` (benchmarks/README.md has the figures and the code they measured).
@@ -41,7 +42,6 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -49,13 +49,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from topk import inputs, select_gpu
+from topk import filter as filt
+from topk import fused_variant, inputs, select_gpu
+from topk.fused_variant import Variant
 
-# Computation dtypes the kernel takes (Triton's dot inputs).
-DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Platforms where the kernel compiles with Triton; on 'cpu' it runs in Pallas' interpreter.
 GPU_PLATFORMS = ('cuda',)
-# The kernel's name in lowered programs (`runs_kernel`).
+# The 'compact' kernel's name in lowered programs (`runs_kernel`).
 KERNEL_NAME = 'topk_fused_candidates'
 
 
@@ -196,10 +196,6 @@ def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, values_ref, sl
     plgpu.store(ref.at[pl.ds(first, block_q)], count)
 
 
-def _power_of_2(x: int) -> bool:
-  return x >= 1 and x & (x - 1) == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   """The kernel's tuning options; the sizes are checked here, their relations to k by
@@ -225,7 +221,8 @@ class Tiling:
     for name, size in sizes.items():
       if size is None and name in ('groups', 'buffer'):
         continue
-      if not (isinstance(size, int) and _power_of_2(size) and (name == 'buffer' or size >= 16)):
+      if not (isinstance(size, int) and fused_variant.power_of_2(size)
+              and (name == 'buffer' or size >= 16)):
         raise ValueError(f'topk.fused.Tiling: {name} must be a power of two (>= 16 but '
                          f'buffer), got {size!r}.')
     for name in ('num_warps', 'num_stages'):
@@ -261,38 +258,18 @@ def largest_array(can: inputs.Canonical, k: int, tiling: Tiling = Tiling()) -> i
              *(math.prod(x.shape) for x in given if x is not None))
 
 
-def _untaken(can: inputs.Canonical, k: int) -> str | None:
-  """Why the kernel does not take such inputs (their dtype, head_dim, no keys), or None."""
-  d = can.query.shape[3]
-  if can.dtype not in DTYPES:
-    return f'computation dtype {can.dtype} (the kernel takes {DTYPES})'
-  if not (_power_of_2(d) and d >= 16):
-    return f'head_dim {d} (the kernel takes powers of two >= 16)'
-  if k < 1:
-    return 'no keys'
-  return None
-
-
-def _too_large(can: inputs.Canonical, k: int, variant: 'Variant', tiling: Tiling) -> str | None:
-  """Why inputs the kernel takes are too large for its int32 offsets, or None."""
-  entries = variant.largest_array(can, k, tiling)
-  if entries > select_gpu.MAX_ENTRIES:
-    return (f'an array of {entries:,} entries: Triton\'s int32 offsets address at most '
-            f'{select_gpu.MAX_ENTRIES:,}')
-  return None
-
-
 def unsupported(can: inputs.Canonical, k: int, tiling: Tiling = Tiling()) -> str | None:
   """Why the kernel cannot serve these inputs with this `tiling` (the unfused path then runs),
   or None."""
-  return _untaken(can, k) or _too_large(can, k, VARIANTS['compact'], tiling)
+  return fused_variant.untaken(can, k) or fused_variant.too_large(largest_array(can, k, tiling))
 
 
-def runs_kernel(lowered: jax.stages.Lowered) -> bool:
-  """Whether a lowered program runs the kernel: `topk_attention` falls back to the unfused path
-  where the kernel does not take the inputs or does not compile, and only the program says which.
-  Its text with debug information names the kernel wherever it is (Triton or interpreted)."""
-  return KERNEL_NAME in lowered.as_text(debug_info=True)
+def runs_kernel(lowered: jax.stages.Lowered, variant: str = 'compact') -> bool:
+  """Whether a lowered program runs `variant`'s kernel (a key of `VARIANTS`): `topk_attention`
+  falls back to the unfused path where the kernel does not take the inputs or does not compile,
+  and only the program says which. Its text with debug information names the kernel wherever it
+  is (Triton or interpreted)."""
+  return VARIANTS[variant].kernel_name in lowered.as_text(debug_info=True)
 
 
 @functools.cache
@@ -331,7 +308,7 @@ def compiles(can: inputs.Canonical, k: int, precision: Any = None,
   if signature not in _COMPILES:
     variant = VARIANTS[options.variant]
     try:
-      jax.jit(lambda p: variant.candidates(p, k, precision, options.tiling, interpret)).lower(
+      jax.jit(lambda p: variant.candidates(p, k, precision, options.tuning, interpret)).lower(
           probe).compile()
       _COMPILES[signature] = True
     except Exception as error:  # noqa: BLE001 (Triton's and XLA's errors have many types)
@@ -352,9 +329,9 @@ def platforms(can: inputs.Canonical, k: int, precision: Any,
   kernel is not launched per query chunk: the key, a full mask or bias can be past the limit
   alone), with a warning: the unfused path is slower and needs a query chunk's dense scores.
   """
-  reason, level = _untaken(can, k), logging.INFO
-  too_large = None if reason or not options.platforms else _too_large(
-      can, k, VARIANTS[options.variant], options.tiling)
+  reason, level = fused_variant.untaken(can, k), logging.INFO
+  too_large = None if reason or not options.platforms else fused_variant.too_large(
+      VARIANTS[options.variant].largest_array(can, k, options.tuning))
   if too_large:
     reason, level = too_large, logging.WARNING
   chosen = () if reason else tuple(sorted(options.platforms))
@@ -475,24 +452,12 @@ def merge(fused: tuple[jax.Array, jax.Array, jax.Array],
   return jax.lax.cond(jnp.any(redo), redo_rows, lambda: (kept, idx))
 
 
-class Variant(NamedTuple):
-  """A fused score-and-select kernel `topk_attention` can run, as the functions it calls.
-
-  candidates: `(can, k, precision, tiling, interpret) -> state`, a pytree of per-query arrays
-    `[B, H, Lq_pad, ...]` for inputs the kernel takes (`1 <= k <= kv_len`), computed once for
-    all queries; select: `(state rows [B, H, C, ...], k) -> (kept [B, H, C, k],
-    indices [B, H, C, k], redo [B, H, C])`, exact where `redo` is False; largest_array:
-    `(can, k, tiling) -> entries` of the largest array the kernel addresses.
-  """
-  candidates: Callable[[inputs.Canonical, int, Any, Tiling, bool], Any]
-  select: Callable[[Any, int], tuple[jax.Array, jax.Array, jax.Array]]
-  largest_array: Callable[[inputs.Canonical, int, Tiling], int]
-
-
 # The fused kernels by name (`FusedOptions.variant`): 'compact', the bound-then-compaction
-# kernel of the module docstring.
+# kernel of the module docstring; 'filter', the one-pass estimate-and-filter kernel of
+# `topk.filter` (off by default: its GPU speed is not yet measured).
 VARIANTS: dict[str, Variant] = {
-    'compact': Variant(_candidates, select, largest_array),
+    'compact': Variant(_candidates, select, largest_array, Tiling, KERNEL_NAME),
+    'filter': filt.VARIANT,
 }
 
 
@@ -505,14 +470,16 @@ class FusedOptions:
     platforms: where the kernel selects (for inputs it takes; `unsupported` says which), the
       unfused path elsewhere: NVIDIA GPUs ('cuda'); 'cpu' runs the kernel in Pallas'
       interpreter (tests).
-    tiling: the kernel's tuning options.
+    tuning: the variant's tuning options, an instance of its `tuning_type` (`Tiling` for
+      'compact', `topk.filter.Options` for 'filter'); None (the default) for that type's
+      defaults.
     redo_rows: queries per sub-chunk (at most; a divisor of the query chunk) in which the rows
       the kernel leaves are redone: their dense scores would otherwise be the fused path's
       largest temporary.
   """
   variant: str = 'compact'
   platforms: tuple[str, ...] = ('cuda',)
-  tiling: Tiling = Tiling()
+  tuning: Tiling | filt.Options | None = None
   redo_rows: int = 128
 
   def __post_init__(self):
@@ -523,8 +490,13 @@ class FusedOptions:
     if not isinstance(self.platforms, tuple) or not set(self.platforms) <= valid:
       raise ValueError(f'topk.fused.FusedOptions: platforms must be a tuple of {sorted(valid)}, '
                        f'got {self.platforms!r} (unknown platforms).')
-    if not isinstance(self.tiling, Tiling):
-      raise ValueError(f'topk.fused.FusedOptions: tiling must be a Tiling, got {self.tiling!r}.')
+    tuning_type = VARIANTS[self.variant].tuning_type
+    if self.tuning is None:  # a frozen dataclass: its own field, set once here
+      object.__setattr__(self, 'tuning', tuning_type())
+    if not isinstance(self.tuning, tuning_type):
+      raise ValueError(f'topk.fused.FusedOptions: tuning of variant {self.variant!r} must be a '
+                       f'{tuning_type.__module__}.{tuning_type.__qualname__}, got '
+                       f'{self.tuning!r}.')
     inputs.check_positive_int(self.redo_rows, 'topk.fused.FusedOptions: redo_rows')
 
 

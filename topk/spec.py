@@ -69,8 +69,8 @@ class AttentionSpec:
       `topk.select.METHODS` on every platform.
     fused: 'topk' selects with the fused kernel (`topk.fused`) where it applies
       (`fused_options.platforms`); False keeps the unfused path everywhere.
-    fused_options: which fused kernel, on which platforms (NVIDIA GPUs by default) and with
-      which tiling (`topk.fused.FusedOptions`).
+    fused_options: which fused kernel (`variant`), on which platforms (NVIDIA GPUs by default)
+      and with which tuning options (`topk.fused.FusedOptions`).
   """
 
   kind: str = 'vanilla'

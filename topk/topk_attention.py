@@ -195,7 +195,7 @@ def _forward(plan: Plan, can: inputs.Canonical, rng: jax.Array | None
     return chunks(None)
   variant = fused.VARIANTS[plan.fused.variant]
   with_kernel = {platform: lambda _, interpret=platform not in fused.GPU_PLATFORMS: chunks(
-      variant.candidates(can, plan.k, plan.precision, plan.fused.tiling, interpret))
+      variant.candidates(can, plan.k, plan.precision, plan.fused.tuning, interpret))
                  for platform in platforms}
   return jax.lax.platform_dependent(can.query, default=lambda _: chunks(None), **with_kernel)
 
