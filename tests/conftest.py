@@ -16,6 +16,16 @@ from lra.data import listops_gen
 from topk import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A real corpus present wherever Python is: the standard library's json package (5 files).
+STDLIB_CORPUS = os.path.dirname(json.__file__)
+
+
+def lm_config(arg: str = 'causal,smoke', **overrides) -> ml_collections.ConfigDict:
+  """configs/lm.py with `arg` on STDLIB_CORPUS, and `overrides` as `--config.<field>` values."""
+  import config_cli  # a script-level module: imported where needed, not by every test file
+  pairs = [('data_dir', STDLIB_CORPUS), ('task_options.pattern', '*.py'),
+           *((key, str(value)) for key, value in overrides.items())]
+  return config_cli.get_config(os.path.join(REPO, 'configs', 'lm.py') + ':' + arg, pairs)
 
 
 @pytest.fixture(scope='module')

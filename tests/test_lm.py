@@ -1,36 +1,23 @@
 """Tests of the language-model path: text folders, causal and masked LMs on the one trainer. The
 studies on language models (studies.lm) are tested in tests/test_lm_study.py."""
-import json
 import os
 
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import lm_config
 from flax.training import train_state
 
-import config_cli
 from configs import lm
 from lra import build, data, evaluate, models, progress, steps, train
 from lra.data import text_folder
 from lra.data.info import LM_MASK_ID
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A real corpus present wherever Python is: the standard library's json package (5 files).
-_CORPUS = os.path.dirname(json.__file__)
-
-
 # Compilation dominates these tiny models (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures('fast_compilation')
-
-
-def _config(arg: str = 'causal,smoke', **overrides) -> ml_collections.ConfigDict:
-  pairs = [('data_dir', _CORPUS), ('task_options.pattern', '*.py'),
-           *((key, str(value)) for key, value in overrides.items())]
-  return config_cli.get_config(os.path.join(_REPO, 'configs', 'lm.py') + ':' + arg, pairs)
 
 
 def _write(folder, files: dict[str, bytes]) -> str:
@@ -147,16 +134,16 @@ def test_lm_config_args_and_the_objective_check():
   config = lm.get_config('masked,topk,kernel=relu,k=4,smoke')
   assert (config.task_options.objective, config.attention.kernel, config.attention.k) == (
       'masked_lm', 'relu', 4)
-  assert isinstance(build.build(_config('causal')).model, models.LanguageModel)
+  assert isinstance(build.build(lm_config('causal')).model, models.LanguageModel)
   with pytest.raises(ValueError, match='objective must be one of'):
-    build.build(_config('causal', **{'task_options.objective': 'classification'}))
+    build.build(lm_config('causal', **{'task_options.objective': 'classification'}))
 
 
 
 @pytest.mark.parametrize('kind', ['vanilla', 'chunked', 'topk'])
 def test_causal_lm_never_sees_the_future(kind):
   # Query chunks of 5 do not divide 16 positions; top-k keeps 3 keys.
-  config = _config(f'causal,{kind},smoke,k=3,query_chunk_size=5', max_length=16)
+  config = lm_config(f'causal,{kind},smoke,k=3,query_chunk_size=5', max_length=16)
   info = data.task_info('lm', max_length=16, **config.task_options)
   model = models.build_model(config, info)
   inputs = jax.random.randint(jax.random.key(0), (2, 16), 1, 257)
@@ -170,7 +157,7 @@ def test_causal_lm_never_sees_the_future(kind):
 
 
 def test_masked_lm_sees_both_sides():
-  config = _config('masked,smoke', max_length=16)
+  config = lm_config('masked,smoke', max_length=16)
   info = data.task_info('lm', max_length=16, **config.task_options)
   model = models.build_model(config, info)
   inputs = jax.random.randint(jax.random.key(0), (1, 16), 1, 257)
@@ -184,7 +171,7 @@ def test_masked_lm_sees_both_sides():
 @pytest.mark.slow
 @pytest.mark.parametrize('objective', ['causal', 'masked'])
 def test_lm_loss_decreases_on_a_small_real_corpus(objective):
-  config = _config(f'{objective},smoke', num_train_steps=40)
+  config = lm_config(f'{objective},smoke', num_train_steps=40)
   task, trainer = build.setup(config)
   state = trainer.init_state()
   losses = []
@@ -235,7 +222,7 @@ def test_logged_train_metrics_are_means_over_scored_tokens():
 def lm_run(tmp_path_factory):
   """A causal smoke LM trained for 6 steps: (config, workdir, results)."""
   workdir = str(tmp_path_factory.mktemp('lm') / 'causal_softmax')
-  config = _config('causal,smoke', num_train_steps=6)
+  config = lm_config('causal,smoke', num_train_steps=6)
   return config, workdir, train.train_and_evaluate(config, workdir)
 
 
@@ -243,7 +230,7 @@ def lm_run(tmp_path_factory):
 def test_evaluate_with_every_hidden_unit_and_key_kept_equals_the_dense_model(lm_run):
   config, workdir, results = lm_run
   # top-k over all 64 hidden units and all 64 keys is the dense model.
-  swapped = _config('causal,topk,smoke,k=64', num_train_steps=6, **{'ffn.kind': 'topk',
+  swapped = lm_config('causal,topk,smoke,k=64', num_train_steps=6, **{'ffn.kind': 'topk',
                                                                      'ffn.k': 64})
   evaluated = evaluate.evaluate(swapped, workdir)
   assert evaluated['tag'].startswith('topk_k64_ffntopk_k64_')

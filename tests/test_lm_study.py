@@ -1,33 +1,20 @@
 """Tests of the studies on language models (studies.lm): analysis, and the commands on a real
 corpus (the smoke LM configs of tests/test_lm.py)."""
 import csv
-import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
+from conftest import STDLIB_CORPUS, lm_config
 
-import config_cli
 from lra import data, models
 from studies import approximations, capture
 from studies.lm import analysis, runs
 from studies.lm.__main__ import main
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A real corpus present wherever Python is: the standard library's json package (5 files).
-_CORPUS = os.path.dirname(json.__file__)
-
-
 # Compilation dominates these tiny models (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures('fast_compilation')
-
-
-def _config(arg: str = 'causal,smoke', **overrides) -> ml_collections.ConfigDict:
-  pairs = [('data_dir', _CORPUS), ('task_options.pattern', '*.py'),
-           *((key, str(value)) for key, value in overrides.items())]
-  return config_cli.get_config(os.path.join(_REPO, 'configs', 'lm.py') + ':' + arg, pairs)
 
 
 def test_ratio_standard_error():
@@ -40,7 +27,7 @@ def test_ratio_standard_error():
 
 @pytest.mark.parametrize('kernel', ['softmax', 'relu'])
 def test_replacement_with_every_key_is_the_unmodified_model(kernel):
-  config = _config('causal,smoke', max_length=8, **{'attention.kernel': kernel})
+  config = lm_config('causal,smoke', max_length=8, **{'attention.kernel': kernel})
   info = data.task_info('lm', max_length=8, **config.task_options)
   model = models.build_model(config, info)
   inputs = jax.random.randint(jax.random.key(0), (2, 8), 1, 257)
@@ -62,7 +49,7 @@ def test_replacement_with_every_key_is_the_unmodified_model(kernel):
 
 @pytest.mark.slow
 def test_study_commands_write_their_outputs(tmp_path):
-  common = ['--runs', str(tmp_path / 'runs'), '--kernels', 'softmax', '--data_dir', _CORPUS,
+  common = ['--runs', str(tmp_path / 'runs'), '--kernels', 'softmax', '--data_dir', STDLIB_CORPUS,
             '--pattern', '*.py', '--out', str(tmp_path / 'out'), '--config.num_train_steps=4',
             '--config.max_length=32', '--config.batch_size=4', '--config.eval_batch_size=4',
             '--config.model.emb_dim=16', '--config.model.qkv_dim=16',
@@ -87,7 +74,7 @@ def test_study_commands_write_their_outputs(tmp_path):
 
 
 def test_study_names_its_own_corpus_flags(tmp_path, capsys):
-  common = ['train', '--runs', str(tmp_path), '--data_dir', _CORPUS]
+  common = ['train', '--runs', str(tmp_path), '--data_dir', STDLIB_CORPUS]
   with pytest.raises(ValueError, match=r"matches '\*\.txt'; choose the files with --pattern "):
     main([*common, '--pattern', '*.txt'])
   with pytest.raises(SystemExit):
