@@ -7,6 +7,8 @@ import pytest
 
 import topk
 
+pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
+
 D_MODEL, MLP_DIM = 6, 10
 
 

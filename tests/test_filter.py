@@ -16,6 +16,8 @@ import topk
 from topk import filter as filt
 from topk import fused, inputs, select_gpu
 
+pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
+
 SMALL = dict(block_q=16, key_tile=16, stride=2, groups=16)
 
 
@@ -180,6 +182,7 @@ def test_lowers_for_cuda_and_counts_operations_per_score():
   assert fused.runs_kernel(lowered, 'filter') and not fused.runs_kernel(lowered)
 
 
+@pytest.mark.slow  # a benchmark run, end to end
 def test_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
   from benchmarks import filter as bench  # noqa: PLC0415
   rows = bench.main(['--check_length', '48', '--lengths', '64', '--causal', 'true',
@@ -232,6 +235,7 @@ def _assert_close(got, want, tolerance):
       got, want)
 
 
+@pytest.mark.slow  # the interpreted kernel inside attention, forward and backward
 @pytest.mark.parametrize('dtype, k, options, tolerance', [
     (jnp.float32, 6, {}, 1e-5),
     (jnp.bfloat16, 4, {}, 2e-2),

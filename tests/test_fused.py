@@ -12,6 +12,8 @@ import pytest
 import topk
 from topk import fused, inputs, select_gpu
 
+pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
+
 SMALL = dict(block_q=16, key_tile=16)  # and groups max(16, 2k)
 
 

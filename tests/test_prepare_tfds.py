@@ -15,7 +15,6 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags
 from absl.testing import flagsaver
@@ -160,6 +159,7 @@ def test_grayscale_equals_tensorflow_on_every_color_away_from_boundaries():
   exact = exact_levels(rgb)
   near = np.abs(exact - np.round(exact)) < BOUNDARY
   ours = image.grayscale(rgb).astype(np.int64)
+  import tensorflow as tf  # here, not at collection: importing it takes seconds per worker
   theirs = tf.image.rgb_to_grayscale(rgb).numpy()[..., 0].astype(np.int64)
   np.testing.assert_array_equal(ours[~near], theirs[~near])
   assert np.abs(ours[near] - theirs[near]).max() <= 1

@@ -6,6 +6,8 @@ import pytest
 
 from topk import select
 
+pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
+
 requires_kernel = pytest.mark.skipif(
     not select.LIBRARY.exists(), reason=f'{select.LIBRARY} not built; run `make build`')
 

@@ -11,6 +11,8 @@ import pytest
 import topk
 from topk import select, select_gpu
 
+pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
+
 GPU_METHODS = ['two_stage', 'pallas']
 MASKED = jnp.finfo(jnp.float32).min  # how topk_attention masks scores
 

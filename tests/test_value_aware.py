@@ -15,6 +15,8 @@ from studies.value_aware import report
 from studies.value_aware.__main__ import main
 from topk import kernels
 
+pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
+
 
 def _problem(seed: int, batch: int, n_q: int, n: int, d: int, d_v: int, scale: float = 2.0):
   """Random queries/keys/values (float32) and their exact softmax outputs."""
