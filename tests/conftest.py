@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import struct
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +152,23 @@ def reference_topk(q: jax.Array, k: jax.Array, v: jax.Array, k_keep: int,
   kept = jnp.any(jax.nn.one_hot(idx, s.shape[-1], dtype=bool), axis=-2)
   w = jax.nn.softmax(jnp.where(kept, s, -jnp.inf), axis=-1)
   return jnp.einsum('bhqk,bkhd->bqhd', w, v), kept
+
+
+def masked_case(dtype: Any, q_len: int = 40, kv_len: int = 200, heads: int = 2, depth: int = 16,
+                integer: bool = False) -> tuple[tuple[jax.Array, ...], dict[str, Any]]:
+  """`(q, k, v)` `[2, L, heads, depth]` and masking arguments that cover every kind: a full
+  mask, causal, key padding (5 valid keys in the second sequence: fewer than k), query padding,
+  and a bias that is -inf on one (query, key) pair. Drawn with numpy (no compilation)."""
+  rng = np.random.default_rng(0)
+  draw = lambda *shape: rng.integers(-1, 2, shape) if integer else rng.standard_normal(shape)
+  q = jnp.asarray(draw(2, q_len, heads, depth), dtype)
+  k, v = (jnp.asarray(draw(2, kv_len, heads, depth), dtype) for _ in range(2))
+  bias = rng.standard_normal((1, heads, q_len, kv_len)).astype(np.float32)
+  bias[0, 0, 30, 3] = -np.inf
+  masks = dict(
+      is_causal=True,
+      mask=jnp.asarray(rng.uniform(size=(1, 1, q_len, kv_len)) < 0.9),
+      bias=jnp.asarray(np.round(bias) if integer else bias),
+      key_padding_mask=jnp.arange(kv_len) < jnp.array([[kv_len], [5]]),
+      query_padding_mask=jnp.arange(q_len) < jnp.array([[q_len], [33]]))
+  return (q, k, v), masks

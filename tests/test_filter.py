@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import reference_topk
+from conftest import masked_case, reference_topk
 
 import topk
 from topk import filter as filt
@@ -19,25 +19,6 @@ from topk import fused, inputs, select_gpu
 pytestmark = pytest.mark.usefixtures('fast_compilation')  # compilation dominates (conftest.py)
 
 SMALL = dict(block_q=16, key_tile=16, stride=2, groups=16)
-
-
-def _case(dtype, q_len=40, kv_len=200, heads=2, depth=16, integer=False, seed=0):
-  """`(q, k)` `[2, L, heads, depth]` and masks of every kind: a full mask, causal, key padding
-  (5 valid keys in the second sequence: fewer than k), query padding, and a bias that is -inf
-  on one (query, key) pair."""
-  rng = np.random.default_rng(seed)
-  draw = lambda *shape: rng.integers(-1, 2, shape) if integer else rng.standard_normal(shape)
-  q = jnp.asarray(draw(2, q_len, heads, depth), dtype)
-  k = jnp.asarray(draw(2, kv_len, heads, depth), dtype)
-  bias = rng.standard_normal((1, heads, q_len, kv_len)).astype(np.float32)
-  bias[0, 0, 30, 3] = -np.inf
-  masks = dict(
-      is_causal=True,
-      mask=jnp.asarray(rng.uniform(size=(1, 1, q_len, kv_len)) < 0.9),
-      bias=jnp.asarray(np.round(bias) if integer else bias),
-      key_padding_mask=jnp.arange(kv_len) < jnp.array([[kv_len], [5]]),
-      query_padding_mask=jnp.arange(q_len) < jnp.array([[q_len], [33]]))
-  return (q, k), masks
 
 
 def _both(q, key, masks, k, **options):
@@ -67,7 +48,7 @@ def _assert_exact_rows(got, want, tolerance):
     (jnp.float16, False, 5),
 ])
 def test_masks_causal_padding_bias_equal_lax_top_k(dtype, integer, k):
-  (q, key), masks = _case(dtype, integer=integer)
+  (q, key, _), masks = masked_case(dtype, integer=integer)
   got, want = _both(q, key, masks, k, **SMALL)
   _assert_exact_rows(got, want, 0 if integer else 1e-6)
   redo = got[2]

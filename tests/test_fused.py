@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import masked_case
 
 import topk
 from topk import fused, inputs, select_gpu
@@ -22,25 +23,6 @@ def on_cpu(**tiling) -> fused.FusedOptions:
   leaves are redone in two sub-chunks of 8 queries per chunk of 16."""
   return fused.FusedOptions(platforms=('cpu', 'cuda'), tuning=fused.Tiling(**SMALL | tiling),
                             redo_rows=8)
-
-
-def _case(dtype, q_len=40, kv_len=200, heads=2, depth=16, integer=False):
-  """`(q, k, v)` `[2, L, heads, depth]` and masking arguments that cover every kind: a full
-  mask, causal, key padding (5 valid keys in the second sequence: fewer than k), query padding,
-  and a bias that is -inf on one (query, key) pair. Drawn with numpy (no compilation)."""
-  rng = np.random.default_rng(0)
-  draw = lambda *shape: rng.integers(-1, 2, shape) if integer else rng.standard_normal(shape)
-  q = jnp.asarray(draw(2, q_len, heads, depth), dtype)
-  k, v = (jnp.asarray(draw(2, kv_len, heads, depth), dtype) for _ in range(2))
-  bias = rng.standard_normal((1, heads, q_len, kv_len)).astype(np.float32)
-  bias[0, 0, 30, 3] = -np.inf
-  masks = dict(
-      is_causal=True,
-      mask=jnp.asarray(rng.uniform(size=(1, 1, q_len, kv_len)) < 0.9),
-      bias=jnp.asarray(np.round(bias) if integer else bias),
-      key_padding_mask=jnp.arange(kv_len) < jnp.array([[kv_len], [5]]),
-      query_padding_mask=jnp.arange(q_len) < jnp.array([[q_len], [33]]))
-  return (q, k, v), masks
 
 
 def _kernel_and_dense(args, masks, k, **options):
@@ -63,7 +45,7 @@ def _kernel_and_dense(args, masks, k, **options):
     (jnp.bfloat16, False, 15, dict(groups=16, buffer=32)),
 ])
 def test_kept_scores_equal_lax_top_k(dtype, integer, k, options):
-  args, masks = _case(dtype, integer=integer)
+  args, masks = masked_case(dtype, integer=integer)
   (kept, idx, redo), (want_kept, want_idx) = _kernel_and_dense(args, masks, k,
                                                                **SMALL | options)
   # Causal rows with fewer than k keys, the sequence with 5 valid keys and padded queries
@@ -122,7 +104,7 @@ def _value_and_grads(fn, args):
     (jnp.bfloat16, 15, dict(groups=16, buffer=32), 0.0, 2e-2),
 ])
 def test_topk_attention_equals_unfused(dtype, k, options, dropout, tolerance):
-  args, masks = _case(dtype)  # query chunks of 16 do not divide 40 queries
+  args, masks = masked_case(dtype)  # query chunks of 16 do not divide 40 queries
   fn = lambda *a, fused=True: topk.topk_attention(
       *a, k=k, query_chunk_size=16, dropout_rate=dropout, dropout_rng=jax.random.key(1),
       fused=fused, fused_options=on_cpu(**options), **masks)
@@ -134,7 +116,7 @@ def test_topk_attention_equals_unfused(dtype, k, options, dropout, tolerance):
 
 
 def test_k_at_least_kv_len_equals_dense():
-  args, masks = _case(jnp.float32, kv_len=40)
+  args, masks = masked_case(jnp.float32, kv_len=40)
   mask = (masks.pop('mask') & jnp.tril(jnp.ones((40, 40), bool))
           & masks.pop('key_padding_mask')[:, None, None, :]
           & masks.pop('query_padding_mask')[:, None, :, None])
