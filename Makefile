@@ -54,4 +54,4 @@ lint: setup
 	$(PYTHON) -m ruff check .
 
 clean:
-	rm -rf $(VENV) build $(SELECT_LIB)
+	rm -rf $(VENV) build $(SELECT_LIB) .cache

@@ -1,8 +1,10 @@
 """Fixtures and helpers shared by several test modules (helpers: `from conftest import ...`)."""
 import glob
+import hashlib
 import importlib
 import json
 import os
+import platform
 import struct
 from typing import Any
 
@@ -19,6 +21,27 @@ from topk import inputs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A real corpus present wherever Python is: the standard library's json package (5 files).
 STDLIB_CORPUS = os.path.dirname(json.__file__)
+
+
+def _compilation_cache_dir() -> str:
+  """Where the tests keep XLA's compiled programs between runs (compilation is most of their
+  time): `.cache/jax/` in the checkout, one folder per CPU instruction set (XLA compiles for the
+  host's; a checkout on a shared disk may be tested on other CPUs). The pytest-xdist workers
+  share it: jax writes an entry in place, and a worker that reads one half-written warns and
+  compiles instead."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      features = next((line for line in f if line.startswith('flags')), '')
+  except OSError:
+    features = ''
+  cpu = hashlib.sha256(f'{platform.machine()} {features}'.encode()).hexdigest()[:12]
+  return os.path.join(REPO, '.cache', 'jax', cpu)
+
+
+# Every compiled program is cached, however small or quick: the tests compile thousands.
+jax.config.update('jax_compilation_cache_dir', _compilation_cache_dir())
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
 def lm_config(arg: str = 'causal,smoke', **overrides) -> ml_collections.ConfigDict:
