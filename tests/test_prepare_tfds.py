@@ -152,6 +152,7 @@ def test_grayscale_is_the_exact_level_away_from_boundaries():
       '824a76d81dad2c5a2cf1fa0b2c0a5afe7d871ec2970e4fa2809b53ddbecdca93')
 
 
+@pytest.mark.slow  # imports TensorFlow: seconds per process
 def test_grayscale_equals_tensorflow_on_every_color_away_from_boundaries():
   # TensorFlow's float32 matrix product rounds by the CPU's vector code (AVX-512 and FMA move the
   # last bit), so it agrees exactly only away from level boundaries, and within one level there.
