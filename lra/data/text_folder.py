@@ -50,7 +50,7 @@ def read_folder(folder: str, pattern: str = '**/*.txt',
   if not paths:
     raise ValueError(f'no file under {folder!r} matches {pattern!r}; choose the files with '
                      f'{pattern_flag} (e.g. {pattern_flag}="**/*.md")')
-  parts = []
+  texts = []
   for path in paths:
     raw = path.read_bytes()
     try:
@@ -58,8 +58,8 @@ def read_folder(folder: str, pattern: str = '**/*.txt',
     except UnicodeDecodeError as error:
       raise ValueError(f'{path} is not UTF-8 text: {error.reason} at byte {error.start}; remove '
                        'it or narrow the pattern') from None
-    parts.append(raw)
-  corpus = np.frombuffer(b''.join(parts), np.uint8)
+    texts.append(raw)
+  corpus = np.frombuffer(b''.join(texts), np.uint8)
   if corpus.size == 0:
     raise ValueError(f'the {len(paths)} files under {folder!r} matching {pattern!r} are empty')
   return corpus

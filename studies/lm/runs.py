@@ -56,8 +56,8 @@ def window_totals(model: nn.Module, params: Any, batches: Iterable[capture.Batch
     return {'loss': (loss * weights).sum(axes), 'errors': ((1.0 - correct) * weights).sum(axes),
             'tokens': weights.sum(axes)}
 
-  parts = [jax.device_get(totals(params, batch)) for batch in batches]
-  if not parts:
+  per_batch = [jax.device_get(totals(params, batch)) for batch in batches]
+  if not per_batch:
     raise ValueError('no evaluation batches.')
-  return {name: np.concatenate([part[name] for part in parts]).astype(np.float64)
-          for name in parts[0]}
+  return {name: np.concatenate([batch[name] for batch in per_batch]).astype(np.float64)
+          for name in per_batch[0]}
