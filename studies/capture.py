@@ -152,9 +152,9 @@ def _intercepting(on_out: Callable[[LayerCall, jax.Array], jax.Array]):
       output = next_fun(*args, **kwargs)
       pending[layer][name] = _per_head(output)
       return output
-    parts = pending.pop(layer)
-    call = LayerCall(layer, parts['query'], parts['key'], parts['value'],
-                     parts['mask'](parts['query'].shape[-2], parts['key'].shape[-2]))
+    seen = pending.pop(layer)
+    call = LayerCall(layer, seen['query'], seen['key'], seen['value'],
+                     seen['mask'](seen['query'].shape[-2], seen['key'].shape[-2]))
     x = on_out(call, args[0])
     return next_fun(x.astype(args[0].dtype), *args[1:], **kwargs)
 
