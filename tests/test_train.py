@@ -332,8 +332,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(profiled_run, list
 @pytest.mark.slow
 def test_fallback_logs_no_tracebacks_of_abandoned_reads(profiled_run, monkeypatch, caplog):
   # The first array read fails while the others are still pending, as when a truncated file is
-  # read first: orbax closes its event loop on them, and each used to print a traceback when
-  # garbage-collected.
+  # read first: orbax closes its event loop on them, and without the hook each prints a
+  # traceback when garbage-collected.
   from orbax.checkpoint._src.serialization import serialization
   read_shard, reads = serialization._read_shard, []
 
