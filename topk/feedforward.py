@@ -11,7 +11,7 @@ weights load unchanged; with k >= mlp_dim the top-k layer is the dense one.
 """
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -149,7 +149,14 @@ class TopKFeedForward(nn.Module):
     return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
 
 
-FEED_FORWARDS: dict[str, type[nn.Module]] = {
-    'dense': DenseFeedForward,
-    'topk': TopKFeedForward,
+class FeedForward(NamedTuple):
+  """A feed-forward kind: its module and the `topk.FeedForwardSpec` fields it takes (as module
+  attributes)."""
+  module: type[nn.Module]
+  fields: tuple[str, ...]
+
+
+FEED_FORWARDS: dict[str, FeedForward] = {
+    'dense': FeedForward(DenseFeedForward, ()),
+    'topk': FeedForward(TopKFeedForward, ('k', 'query_chunk_size')),
 }

@@ -4,8 +4,8 @@ An `AttentionSpec` or `FeedForwardSpec` is a frozen dataclass checked when it is
 value fails before any model is traced. `make_attention_fn` and `make_feed_forward` turn a spec
 into what flax needs. The valid kinds are the keys of `ATTENTION_FNS` and `FEED_FORWARDS`; a
 field a kind does not use is ignored for that kind, so one config switches kinds with one field.
-Each kind names the fields it takes (`AttentionFn.fields`); they reach its function as
-keyword arguments.
+Each kind names the fields it takes (`AttentionFn.fields`, `FeedForward.fields`); they reach
+its function as keyword arguments, its module as attributes.
 """
 import dataclasses
 import functools
@@ -163,7 +163,5 @@ def make_feed_forward(spec: FeedForwardSpec, **attributes: Any) -> nn.Module:
     raise TypeError(f'make_feed_forward takes a FeedForwardSpec, got {spec!r} '
                     f'({type(spec).__name__}); for a kind name or a dict of fields, pass '
                     'FeedForwardSpec(kind) or FeedForwardSpec(**fields).')
-  module = FEED_FORWARDS[spec.kind]
-  taken = {field.name for field in dataclasses.fields(module)}
-  options = {name: getattr(spec, name) for name in ('k', 'query_chunk_size') if name in taken}
-  return module(**attributes, **options)
+  kind = FEED_FORWARDS[spec.kind]
+  return kind.module(**attributes, **{name: getattr(spec, name) for name in kind.fields})
