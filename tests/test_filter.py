@@ -120,20 +120,17 @@ def test_options_are_checked():
 
 
 def test_arrays_past_int32_offsets_are_refused():
-  # At 1M tokens and 8 heads the candidate buffers [8 * 2**20 rows, 769 slots] are past 2**31
-  # entries: refused (at abstract shapes); 256K tokens fit.
-  def reason(length, heads=8):
-    spec = jax.ShapeDtypeStruct((1, length, heads, 64), jnp.bfloat16)
-    out = []
-    jax.eval_shape(lambda x: out.append(filt.unsupported(inputs.canonicalize(x, x, x), 64)),
-                   spec)
-    return out[0]
-
-  assert reason(2**18) is None
-  assert "Triton's int32 offsets" in reason(2**20)
-  assert 8 * 2**20 * 769 > select_gpu.MAX_ENTRIES >= 8 * 2**18 * 769
+  # One launch judges its own arrays: for a query chunk of 1024 at 1M tokens and 8 heads they fit
+  # (the key [8 * 2**20, 64] is the largest); for all queries at once the candidate buffers
+  # [8 * 2**20 rows, 769 slots] are past 2**31 entries, refused (at abstract shapes).
   spec = jax.ShapeDtypeStruct((1, 2**20, 8, 64), jnp.bfloat16)
-  with pytest.raises(ValueError, match='does not take an array of'):
+  reasons = []
+  jax.eval_shape(lambda x: reasons.extend(filt.unsupported(
+      inputs.canonicalize(x, x, x, query_chunk_size=chunk), 64) for chunk in (1024, 2**20)),
+                 spec)
+  assert reasons[0] is None and "Triton's int32 offsets" in reasons[1]
+  assert 8 * 2**20 * 769 > select_gpu.MAX_ENTRIES >= 8 * 2**20 * 64
+  with pytest.raises(ValueError, match='does not take an array of 6,450,839,552 entries'):
     jax.eval_shape(lambda x: filt.candidates(inputs.canonicalize(x, x, x), 64), spec)
 
 

@@ -98,15 +98,16 @@ def _value_and_grads(fn, args):
 
 
 
-@pytest.mark.parametrize('dtype, k, options, dropout, tolerance', [
-    (jnp.float32, 8, {}, 0.1, 1e-5),  # dropout acts on the kept weights, after selection
-    # Most rows overflow (as in the test above) and are redone by the unfused path.
-    (jnp.bfloat16, 15, dict(groups=16, buffer=32), 0.0, 2e-2),
+@pytest.mark.parametrize('dtype, k, chunk, options, dropout, tolerance', [
+    (jnp.float32, 8, 16, {}, 0.1, 1e-5),  # dropout acts on the kept weights, after selection
+    # Most rows overflow (as in the test above) and are redone by the unfused path; launches of
+    # 24 queries end in a partial block of 16, whose last rows are the next chunk's.
+    (jnp.bfloat16, 15, 24, dict(groups=16, buffer=32), 0.0, 2e-2),
 ])
-def test_topk_attention_equals_unfused(dtype, k, options, dropout, tolerance):
-  args, masks = masked_case(dtype)  # query chunks of 16 do not divide 40 queries
+def test_topk_attention_equals_unfused(dtype, k, chunk, options, dropout, tolerance):
+  args, masks = masked_case(dtype)  # query chunks of 16 or 24 do not divide 40 queries
   fn = lambda *a, fused=True: topk.topk_attention(
-      *a, k=k, query_chunk_size=16, dropout_rate=dropout, dropout_rng=jax.random.key(1),
+      *a, k=k, query_chunk_size=chunk, dropout_rate=dropout, dropout_rng=jax.random.key(1),
       fused=fused, fused_options=on_cpu(**options), **masks)
   got = _value_and_grads(fn, args)
   want = _value_and_grads(lambda *a: fn(*a, fused=False), args)
@@ -217,38 +218,45 @@ def test_lowers_for_cuda_and_stays_off_cpu():
   assert not fused.runs_kernel(jax.jit(grads).lower(args, masks))
 
 
-def _million_tokens(heads, k):
-  """Whether `topk_attention` on abstract bfloat16 `[1, 2**20, heads, 64]` inputs, lowered for
-  CUDA (where the kernel is on), runs the kernel; and the kernel's largest array for them."""
+def _million_tokens(heads, variant):
+  """Whether `topk_attention` (k 64, query chunk 1024) on abstract bfloat16 `[1, 2**20, heads,
+  64]` inputs, lowered for CUDA (where the kernel is on), runs `variant`'s kernel; and the
+  largest array of one launch for them."""
   spec = jax.ShapeDtypeStruct((1, 2**20, heads, 64), jnp.bfloat16)
-  attend = lambda q, key, v: topk.topk_attention(q, key, v, k=k)
-  largest = []  # no query padding: 2**20 queries make whole chunks
-  jax.eval_shape(lambda x: largest.append(fused.largest_array(inputs.canonicalize(x, x, x),
-                                                              k)), spec)
-  return fused.runs_kernel(_lowered_for_cuda(attend, spec, spec, spec)), largest[0]
+  options = fused.FusedOptions(variant=variant)
+  attend = lambda q, key, v: topk.topk_attention(q, key, v, k=64, query_chunk_size=1024,
+                                                 fused_options=options)
+  largest = []
+  jax.eval_shape(lambda x: largest.append(fused.VARIANTS[variant].largest_array(
+      inputs.canonicalize(x, x, x, query_chunk_size=1024), 64, options.tuning)), spec)
+  return fused.runs_kernel(_lowered_for_cuda(attend, spec, spec, spec), variant), largest[0]
 
 
-def test_arrays_past_int32_offsets_never_reach_the_kernel(caplog):
-  # Triton's offsets are int32: an array of 2**31 entries is the most the kernel can address
-  # (last offset 2**31 - 1). At 1M tokens, 8 heads and k 64 the candidate buffers
-  # [8 * 2**20 rows, 256 slots] are exactly that: the kernel runs.
-  assert _million_tokens(heads=8, k=64) == (True, 8 * 2**20 * 256)
-  assert 8 * 2**20 * 256 - 1 == 2**31 - 1
-  # 16 heads, or k 128 (512 slots), double it: the unfused path runs, with a warning.
+@pytest.mark.parametrize('variant', sorted(fused.VARIANTS))
+def test_arrays_past_int32_offsets_never_reach_the_kernel(variant, caplog):
+  # Triton's offsets are int32: an array of 2**31 entries is the most a kernel can address
+  # (last offset 2**31 - 1). Launched per query chunk, the candidate buffers stay small (8
+  # heads, 1024 queries, at most 769 slots: 6.3M entries), so at 1M tokens the largest array
+  # is the key [8 * 2**20, 64] and the kernel runs.
+  assert _million_tokens(8, variant) == (True, 8 * 2**20 * 64)
+  # 64 heads make the key 2**32 entries: the unfused path runs, with a warning.
   fused._say.cache_clear()  # a message is logged once per process: maybe by another test
   with caplog.at_level('WARNING', logger='topk.fused'):
-    for heads, k in ((16, 64), (8, 128)):
-      assert _million_tokens(heads=heads, k=k) == (False, 2**32)
+    assert _million_tokens(64, variant) == (False, 2**32)
   assert "an array of 4,294,967,296 entries: Triton's int32 offsets" in caplog.text
 
 
+@pytest.mark.parametrize('variant', sorted(fused.VARIANTS))
 @pytest.mark.parametrize('length, runs', [(46340, True), (46341, False)])
-def test_full_mask_past_int32_offsets_never_reaches_the_kernel(length, runs):
-  # A [q_len, kv_len] mask: 46,340**2 entries fit in int32 offsets, 46,341**2 do not.
+def test_full_mask_past_int32_offsets_never_reaches_the_kernel(length, runs, variant):
+  # A [q_len, kv_len] mask: 46,340**2 entries fit in int32 offsets, 46,341**2 do not; every
+  # launch takes all of it (the kernels index it by their rows). Chunks of 1324 queries divide
+  # 46,340: no padded query rows.
   spec = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
   mask = jax.ShapeDtypeStruct((1, 1, length, length), bool)
-  attend = lambda q, mask: topk.topk_attention(q, q, q, k=8, mask=mask, query_chunk_size=length)
-  assert fused.runs_kernel(_lowered_for_cuda(attend, spec, mask)) == runs
+  attend = lambda q, mask: topk.topk_attention(q, q, q, k=8, mask=mask, query_chunk_size=1324,
+                                               fused_options=fused.FusedOptions(variant=variant))
+  assert fused.runs_kernel(_lowered_for_cuda(attend, spec, mask), variant) == runs
   assert (length**2 <= select_gpu.MAX_ENTRIES) == runs
   if not runs:
     with pytest.raises(ValueError, match='does not take an array of 2,147,488,281 entries'):

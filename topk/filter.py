@@ -37,9 +37,11 @@ masked ones counted separately, as above) and no score is NaN or infinite (`s * 
 row is 0 exactly then); keys past the diagonal that the causal loop skips are masked and come
 after every visited key, so they never displace a kept one. Other rows come back in `redo`.
 
-Triton's int32 offsets: no operand or output may have 2**31 entries or more; `unsupported`
-says so (at abstract shapes) and `candidates` refuses them. Exactness is up to the score
-product's rounding, as in `fused` (Triton's and XLA's products may round differently).
+Triton's int32 offsets: no operand or output of a launch may have 2**31 entries or more;
+`topk_attention` launches the kernel per query chunk, so only the key or a full mask or bias
+can reach that; `unsupported` says so (at abstract shapes) and `candidates` refuses them.
+Exactness is up to the score product's rounding, as in `fused` (Triton's and XLA's products may
+round differently).
 """
 import dataclasses
 import math
@@ -122,24 +124,26 @@ def _load(ref, index, rows, cols, row_ok, col_ok, other):
                            cols if lk != 1 else pl.ds(0, 1)], mask=ok, other=other)
 
 
-def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, flat_refs, values_ref,
-            slots_ref, above_ref, ties_ref, redo_ref, *, k: int, heads: int, bias_heads, mask_heads,
-            is_causal: bool, q_len: int, opt: Options, precision: Any, plain_only: bool):
-  """One block of queries; refs as `fused._kernel`, `flat_refs` 1-d copies of the key and of
-  the bias and masks (None where absent) for the sample's gathers; outputs flat
-  `[rows * (buffer + 1)]` (column `buffer` of each row is the spare slot masked-out lanes point
-  at) and per row."""
+def _kernel(start_ref, q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, flat_refs,
+            values_ref, slots_ref, above_ref, ties_ref, redo_ref, *, k: int, heads: int,
+            bias_heads, mask_heads, is_causal: bool, q_len: int, opt: Options, precision: Any,
+            plain_only: bool):
+  """One block of queries; refs as `fused._kernel` (rows of the masks, bias and causality from
+  the launch's first row `start`), `flat_refs` 1-d copies of the key and of the bias and masks
+  (None where absent) for the sample's gathers; outputs flat `[rows * (buffer + 1)]` (column
+  `buffer` of each row is the spare slot masked-out lanes point at) and per row."""
   block_q, tile, groups, stride, buffer = (opt.block_q, opt.key_tile, opt.groups, opt.stride,
                                            opt.buffer)
   r0, bh = pl.program_id(0) * block_q, pl.program_id(1)
   b, h = bh // heads, bh % heads
   kv_len = key_ref.shape[1]
-  rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  g0 = start_ref[0] + r0  # the block's first row in `can.query`
+  rows = g0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
   row_ok = (rows < q_len)[:, None]
   q = plgpu.load(q_ref.at[bh, pl.ds(r0, block_q), :])
   entry = lambda counts: (b if counts[0] != 1 else 0) * counts[1] + (h if counts[1] != 1 else 0)
   # Keys visited: up to the block's last row when causal.
-  end = jnp.minimum(r0 + block_q, kv_len) if is_causal else kv_len
+  end = jnp.minimum(g0 + block_q, kv_len) if is_causal else kv_len
 
   def masked(s, cols, causal, load):
     """`s` with the bias added and the masks applied (`load(ref, entry, other)` loads one)."""
@@ -165,7 +169,7 @@ def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, flat_refs, val
     else:
       keys = plgpu.load(key_ref.at[bh, pl.ds(c0, width), :])
     s = plgpu.dot(q, keys, trans_b=True, precision=precision)
-    load = lambda ref, index, other: _load(ref, index, pl.ds(r0, block_q), pl.ds(c0, width),
+    load = lambda ref, index, other: _load(ref, index, pl.ds(g0, block_q), pl.ds(c0, width),
                                            row_ok, inside if edge else True, other)
     return masked(s, cols, causal, load), cols, inside
 
@@ -228,7 +232,7 @@ def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, flat_refs, val
   first = (bh * pl.num_programs(0) * block_q + r0)  # this block's first row in the outputs
   base = (first + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)) * width
   spare = (base + buffer)[:, None]
-  clean_end = (jnp.minimum((r0 + 1) // tile, kv_len // tile) if is_causal else kv_len // tile)
+  clean_end = (jnp.minimum((g0 + 1) // tile, kv_len // tile) if is_causal else kv_len // tile)
   tiles = pl.cdiv(end, tile)
 
   def plain(causal, edge):
@@ -301,13 +305,13 @@ def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, flat_refs, val
 
 
 def largest_array(can: inputs.Canonical, k: int, options: Options = Options()) -> int:
-  """Entries of the largest array the kernel takes or writes for these inputs and options."""
-  b, h, lq, d = can.query.shape
-  lk = can.key.shape[2]
-  opt = options.resolve(k, lk)
-  rows = b * h * pl.cdiv(lq, opt.block_q) * opt.block_q
+  """Entries of the largest array one launch for a query chunk (`can.chunk_size` queries) takes
+  or writes for these inputs and options (as `topk.fused.largest_array`)."""
+  b, h, _, d = can.query.shape
+  opt = options.resolve(k, can.key.shape[2])
+  rows = b * h * pl.cdiv(can.chunk_size, opt.block_q) * opt.block_q
   given = (can.mask, can.bias, can.key_padding_mask, can.query_padding_mask)
-  return max(rows * max(d, opt.buffer + 1), b * h * lk * d,
+  return max(rows * max(d, opt.buffer + 1), math.prod(can.key.shape),
              *(math.prod(x.shape) for x in given if x is not None))
 
 
@@ -319,55 +323,50 @@ def unsupported(can: inputs.Canonical, k: int, options: Options = Options()) -> 
 
 def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpret: bool = False,
                options: Options = Options(), plain_only: bool = False) -> Candidates:
-  """Steps 1 and 2 for every query: `Candidates` `[B, H, Lq_pad, buffer]` and `[B, H, Lq_pad]`.
+  """Steps 1 and 2 for every query, in one launch: `Candidates` `[B, H, Lq_pad, buffer]` and
+  `[B, H, Lq_pad]`.
 
   `plain_only` (for the operation count only: not exact) drops the loop for masked ties.
   """
+  can = fused_variant.all_queries(can)
   reason = unsupported(can, k, options)
   if reason is not None:
     raise ValueError(f'topk.filter.candidates: the kernel does not take {reason}.')
-  return _candidates(can, k, precision, options, interpret, plain_only)
+  return _candidates(can, k, precision, options, interpret, can.query, 0, plain_only)
 
 
 def _candidates(can: inputs.Canonical, k: int, precision: Any, options: Options,
-                interpret: bool, plain_only: bool = False) -> Candidates:
-  """`candidates` of inputs it takes (`unsupported(can, k, options)` None): positional, as
+                interpret: bool, query: jax.Array, start: Any,
+                plain_only: bool = False) -> Candidates:
+  """`candidates` of the query rows `query [B, H, C, D]` from row `start` of `can.query`, in one
+  launch (`unsupported(can, k, options)` None for `can.chunk_size = C`): positional, as
   `fused_variant.Variant.candidates`."""
-  b, h, lq, d = can.query.shape
-  lk = can.key.shape[2]
-  opt = options.resolve(k, lk)
-  block_q = opt.block_q
-  lq_b = pl.cdiv(lq, block_q) * block_q
-  q = inputs.scale_query(can.query)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, lq_b - lq), (0, 0))).reshape(b * h, lq_b, d)
-  flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
-  int8 = lambda x: None if x is None else x.astype(jnp.int8)
-  operands = (q, can.key.reshape(b * h, lk, d), flat(can.bias), int8(flat(can.mask)),
-              None if can.key_padding_mask is None else int8(can.key_padding_mask[:, None, :]),
-              None if can.query_padding_mask is None else int8(can.query_padding_mask[:, :, None]))
-  operands = (*operands, *(None if x is None else x.reshape(-1)
-                            for x in (operands[1], *operands[2:6])))
+  b, h, c, _ = query.shape
+  opt = options.resolve(k, can.key.shape[2])
+  operands = fused_variant.operands(can, query, start, opt.block_q)
+  operands = (*operands, *(None if x is None else x.reshape(-1) for x in operands[2:]))
   present = [x is not None for x in operands]
 
   def kernel(*refs):
     refs = iter(refs)
     ins = [next(refs) if p else None for p in present]
-    _kernel(*ins[:6], ins[6:], *refs, k=k, heads=h, q_len=lq, opt=opt, precision=precision,
-            is_causal=can.is_causal, plain_only=plain_only,
+    _kernel(*ins[:7], ins[7:], *refs, k=k, heads=h, q_len=can.q_len, opt=opt,
+            precision=precision, is_causal=can.is_causal, plain_only=plain_only,
             bias_heads=(1, 1) if can.bias is None else can.bias.shape[:2],
             mask_heads=(1, 1) if can.mask is None else can.mask.shape[:2])
 
-  rows, width = b * h * lq_b, opt.buffer + 1
+  c_b = operands[1].shape[1]
+  rows, width = b * h * c_b, opt.buffer + 1
   values, slots, above, ties, redo = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((rows * width,), jnp.float32),
                  jax.ShapeDtypeStruct((rows * width,), jnp.int32),
                  *(jax.ShapeDtypeStruct((rows,), jnp.int32) for _ in range(3))),
-      grid=(lq_b // block_q, b * h), interpret=interpret, name=KERNEL_NAME,
+      grid=(c_b // opt.block_q, b * h), interpret=interpret, name=KERNEL_NAME,
       compiler_params=plgpu.CompilerParams(num_warps=opt.num_warps,
                                            num_stages=opt.num_stages),
   )(*(x for x in operands if x is not None))
-  per_query = lambda x, *tail: x.reshape(b, h, lq_b, *tail)[:, :, :lq]
+  per_query = lambda x, *tail: x.reshape(b, h, c_b, *tail)[:, :, :c]
   return Candidates(per_query(values, width)[..., :opt.buffer],
                     per_query(slots, width)[..., :opt.buffer], per_query(above),
                     per_query(ties), per_query(redo) != 0)

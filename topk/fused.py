@@ -26,8 +26,10 @@ comes back flagged in `redo`; `merge` redoes such rows with the unfused selectio
 `platforms` chooses the kernel only for a configuration that `compiles` (checked once, on a
 small copy of the inputs), so a Triton failure costs speed, not the program.
 
-Memory: besides the outputs, the kernel writes the candidate buffers (float32 and int32):
-O(Lq * k), never `[Lq, kv_len]`.
+Launches: `topk_attention` launches the kernel once per query chunk (`Variant.candidates`
+takes the chunk's queries and its first row), so the candidate buffers (float32 and int32) are
+O(C * k) per chunk, never `[Lq, kv_len]`, and no buffer nears Triton's int32 offsets at any
+length; `candidates` and `kept_top_k` launch once for all queries.
 
 Variants: `VARIANTS` maps a name to the functions `topk_attention` calls for a fused kernel
 (`topk.fused_variant.Variant`): this module's kernel is 'compact' (the default), `topk.filter`'s
@@ -99,23 +101,25 @@ BISECTION_STEPS = 20
 _TIE_SHIFT = 16
 
 
-def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, values_ref, slots_ref,
-            above_ref, ties_ref, bad_ref, *, k: int, heads: int, bias_heads: tuple[int, int],
-            mask_heads: tuple[int, int], is_causal: bool, q_len: int, block_q: int, groups: int,
-            tile: int, buffer: int, precision: Any):
+def _kernel(start_ref, q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, values_ref,
+            slots_ref, above_ref, ties_ref, bad_ref, *, k: int, heads: int,
+            bias_heads: tuple[int, int], mask_heads: tuple[int, int], is_causal: bool,
+            q_len: int, block_q: int, groups: int, tile: int, buffer: int, precision: Any):
   """One block of `block_q` queries of one (batch, head): see the module docstring.
 
-  Refs: `q [BH, Lq_b, D]` (scaled), `key [BH, Lk, D]`, `bias [Nb, Lq|1, Lk|1]` float32 and
+  Refs (`fused_variant.operands`): `start [1]`, the launch's first query row in `can.query`;
+  `q [BH, C_b, D]` (scaled), `key [BH, Lk, D]`, `bias [Nb, Lq|1, Lk|1]` float32 and
   `mask [Nm, Lq|1, Lk|1]` int8 (entry chosen by `bias_heads`/`mask_heads`: their batch and head
-  counts, 1 if broadcast), `kpm [B, 1, Lk]` and `qpm [B, Lq, 1]` int8; outputs: the candidate
-  buffers `values, slots [BH * Lq_b, buffer]` and per row `[BH * Lq_b]` int32: the candidates
-  above the masked score (`above`), the masked ties (`ties`) and the invalid scores (`bad`:
-  NaN, or below the masked score). Absent refs are None.
+  counts, 1 if broadcast), `kpm [B, 1, Lk]` and `qpm [B, Lq, 1]` int8, indexed by the rows of
+  `can.query`; outputs: the candidate buffers `values, slots [BH * C_b, buffer]` and per row
+  `[BH * C_b]` int32: the candidates above the masked score (`above`), the masked ties (`ties`)
+  and the invalid scores (`bad`: NaN, or below the masked score). Absent refs are None.
   """
   bh, r0 = pl.program_id(0), pl.program_id(1) * block_q
   b, h = bh // heads, bh % heads
   kv_len = key_ref.shape[1]
-  rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  g0 = start_ref[0] + r0  # the block's first row in `can.query`: masks, bias, causality
+  rows = g0 + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
   q = plgpu.load(q_ref.at[bh, pl.ds(r0, block_q), :])
   entry = lambda counts: (b if counts[0] != 1 else 0) * counts[1] + (h if counts[1] != 1 else 0)
 
@@ -127,7 +131,7 @@ def _kernel(q_ref, key_ref, bias_ref, mask_ref, kpm_ref, qpm_ref, values_ref, sl
     key_ok = c0 + jax.lax.broadcasted_iota(jnp.int32, (width, 1), 0) < kv_len
     keys = plgpu.load(key_ref.at[bh, pl.ds(c0, width), :], mask=key_ok, other=0)
     s = plgpu.dot(q, keys, trans_b=True, precision=precision)
-    load = functools.partial(_row_block, rows=rows, r0=r0, c0=c0, block_q=block_q, tile=width,
+    load = functools.partial(_row_block, rows=rows, r0=g0, c0=c0, block_q=block_q, tile=width,
                              q_len=q_len, kv_len=kv_len)
     if bias_ref is not None:
       s = s + load(bias_ref, entry(bias_heads), other=0.0)
@@ -241,20 +245,20 @@ class Tiling:
 
 
 def largest_array(can: inputs.Canonical, k: int, tiling: Tiling = Tiling()) -> int:
-  """Entries of the largest array `candidates(can, k, tiling=tiling)` hands the kernel: the query
-  `[B*H, Lq_b, D]` (Lq_pad rounded up to block_q), key `[B*H, Lk, D]`, mask, bias, padding masks,
-  or the candidate buffers `[B*H*Lq_b, buffer]` and counts `[B*H*Lq_b]` it writes.
+  """Entries of the largest array one launch for a query chunk (`can.chunk_size` queries)
+  addresses: its query `[B*H, C_b, D]` (C rounded up to block_q), the key `[B*H, Lk, D]`, the
+  whole mask, bias and padding masks, or the candidate buffers `[B*H*C_b, buffer]` it writes.
 
-  The kernel takes none past `select_gpu.MAX_ENTRIES` (Triton's int32 offsets): the candidate
-  buffers reach it at 1M tokens, 8 heads and k 64 (buffer 256), a full `[Lq_pad, kv_len]` mask
-  or bias past 46,340 tokens. `compiles` cannot see it: it compiles for `PROBE_LENGTH` tokens.
+  The kernel takes none past `select_gpu.MAX_ENTRIES` (Triton's int32 offsets). Launched per
+  query chunk, the buffers stay far below it (8 heads, chunk 1024, buffer 256: 2M entries); the
+  key reaches it at 4M tokens for 8 heads and head_dim 64, a full `[Lq_pad, kv_len]` mask or
+  bias past 46,340 tokens. `compiles` cannot see it: it compiles for `PROBE_LENGTH` tokens.
   """
-  b, h, lq, d = can.query.shape
-  lk = can.key.shape[2]
-  tiling = tiling.resolve(k, lk)
-  rows = b * h * pl.cdiv(lq, tiling.block_q) * tiling.block_q
+  b, h, _, d = can.query.shape
+  tiling = tiling.resolve(k, can.key.shape[2])
+  rows = b * h * pl.cdiv(can.chunk_size, tiling.block_q) * tiling.block_q
   given = (can.mask, can.bias, can.key_padding_mask, can.query_padding_mask)
-  return max(rows * max(d, tiling.buffer), b * h * lk * d,
+  return max(rows * max(d, tiling.buffer), math.prod(can.key.shape),
              *(math.prod(x.shape) for x in given if x is not None))
 
 
@@ -308,8 +312,8 @@ def compiles(can: inputs.Canonical, k: int, precision: Any = None,
   if signature not in _COMPILES:
     variant = VARIANTS[options.variant]
     try:
-      jax.jit(lambda p: variant.candidates(p, k, precision, options.tuning, interpret)).lower(
-          probe).compile()
+      jax.jit(lambda p: variant.candidates(p, k, precision, options.tuning, interpret, p.query,
+                                           0)).lower(probe).compile()
       _COMPILES[signature] = True
     except Exception as error:  # noqa: BLE001 (Triton's and XLA's errors have many types)
       first_line = (str(error).strip().splitlines() or [''])[0]
@@ -325,9 +329,9 @@ def platforms(can: inputs.Canonical, k: int, precision: Any,
   (none if it does not take them, or, on a GPU, if it does not compile for them: `compiles`);
   logs the choice once per distinct message.
 
-  Inputs past the kernel's int32 offsets (`largest_array`) go to the unfused path whole (the
-  kernel is not launched per query chunk: the key, a full mask or bias can be past the limit
-  alone), with a warning: the unfused path is slower and needs a query chunk's dense scores.
+  Inputs past one launch's int32 offsets (`Variant.largest_array`: the key, or a full mask or
+  bias, past the limit alone) go to the unfused path whole, with a warning: it is slower and
+  needs a query chunk's dense scores.
   """
   reason, level = fused_variant.untaken(can, k), logging.INFO
   too_large = None if reason or not options.platforms else fused_variant.too_large(
@@ -346,47 +350,36 @@ def platforms(can: inputs.Canonical, k: int, precision: Any,
   return chosen
 
 
-def _candidates(can: inputs.Canonical, k: int, precision: Any, tiling: Tiling,
-                interpret: bool) -> Candidates:
-  """`candidates` of inputs it takes (`unsupported(can, k, tiling)` None, `1 <= k <= kv_len`)."""
-  b, h, lq, d = can.query.shape
-  lk = can.key.shape[2]
-  tiling = tiling.resolve(k, lk)
+def _candidates(can: inputs.Canonical, k: int, precision: Any, tiling: Tiling, interpret: bool,
+                query: jax.Array, start: Any) -> Candidates:
+  """`candidates` of the query rows `query [B, H, C, D]` from row `start` of `can.query`, in one
+  launch (`unsupported(can, k, tiling)` None for `can.chunk_size = C`, `1 <= k <= kv_len`)."""
+  b, h, c, _ = query.shape
+  tiling = tiling.resolve(k, can.key.shape[2])
   block_q, buffer = tiling.block_q, tiling.buffer
-
-  lq_b = pl.cdiv(lq, block_q) * block_q
-  q_BxHxLqxD = inputs.scale_query(can.query)  # as the unfused scores, rounding included
-  q_BHxLbxD = jnp.pad(q_BxHxLqxD, ((0, 0), (0, 0), (0, lq_b - lq), (0, 0))).reshape(
-      b * h, lq_b, d)
-
-  def flat(x):  # [B|1, H|1, Lq|1, Lk|1] -> [(B|1) * (H|1), Lq|1, Lk|1], and its (B|1, H|1)
-    return None if x is None else x.reshape(-1, *x.shape[2:])
-
-  int8 = lambda x: None if x is None else x.astype(jnp.int8)
-  operands = (q_BHxLbxD, can.key.reshape(b * h, lk, d), flat(can.bias), int8(flat(can.mask)),
-              None if can.key_padding_mask is None else int8(can.key_padding_mask[:, None, :]),
-              None if can.query_padding_mask is None else int8(can.query_padding_mask[:, :, None]))
+  operands = fused_variant.operands(can, query, start, block_q)
   present = [x is not None for x in operands]
 
   def kernel(*refs):
     refs = iter(refs)
     ins = [next(refs) if p else None for p in present]
-    _kernel(*ins, *refs, k=k, heads=h, q_len=lq, block_q=block_q, groups=tiling.groups,
+    _kernel(*ins, *refs, k=k, heads=h, q_len=can.q_len, block_q=block_q, groups=tiling.groups,
             tile=tiling.key_tile, buffer=buffer, precision=precision, is_causal=can.is_causal,
             bias_heads=(1, 1) if can.bias is None else can.bias.shape[:2],
             mask_heads=(1, 1) if can.mask is None else can.mask.shape[:2])
 
-  rows = b * h * lq_b
+  c_b = operands[1].shape[1]
+  rows = b * h * c_b
   values, slots, above, ties, bad = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((rows, buffer), jnp.float32),
                  jax.ShapeDtypeStruct((rows, buffer), jnp.int32),
                  *(jax.ShapeDtypeStruct((rows,), jnp.int32) for _ in range(3))),
-      grid=(b * h, lq_b // block_q), interpret=interpret, name=KERNEL_NAME,
+      grid=(b * h, c_b // block_q), interpret=interpret, name=KERNEL_NAME,
       compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps,
                                            num_stages=tiling.num_stages),
   )(*(x for x in operands if x is not None))
-  per_query = lambda x: x.reshape(b, h, lq_b, *x.shape[1:])[:, :, :lq]
+  per_query = lambda x: x.reshape(b, h, c_b, *x.shape[1:])[:, :, :c]
   return Candidates(*map(per_query, (values, slots, above, ties, bad)))
 
 
@@ -408,10 +401,11 @@ def candidates(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
   kv_len = can.key.shape[2]
   if not 1 <= k <= kv_len:
     raise ValueError(f'topk.fused.candidates: k must be in [1, kv_len = {kv_len}], got {k}.')
+  can = fused_variant.all_queries(can)
   reason = unsupported(can, k, tiling)
   if reason is not None:
     raise ValueError(f'topk.fused.candidates: the kernel does not take {reason}.')
-  return _candidates(can, k, precision, tiling, interpret)
+  return _candidates(can, k, precision, tiling, interpret, can.query, 0)
 
 
 def select(candidates: Candidates, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:

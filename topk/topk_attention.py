@@ -5,12 +5,12 @@ returns the k largest scores with their key indices; the kernel is applied to th
 only (so the normaliser sums over kept keys), dropout to the kept weights, and the kept values
 are mixed. No key is gathered and no score recomputed in the forward. Where `topk.fused` applies
 (`fused_options.platforms`: NVIDIA GPUs by default, unless `fused=False`), a fused kernel
-(`fused_options.variant`) yields each query's kept scores and key indices without writing the
-chunk's scores, and the rest is the same. A `jax.custom_vjp` keeps q, k, v, the bias, the kept
-indices, scores and validity flags (all O(q_len * k) besides the inputs) and, chunk by chunk,
-gathers the kept keys/values again and scatter-adds their gradients, never forming a
-`[C, kv_len]` array; the selection itself is not differentiated. The bias gradient is the
-exact transpose of gathering it at the kept keys.
+(`fused_options.variant`), launched per query chunk, yields each query's kept scores and key
+indices without writing the chunk's scores, and the rest is the same. A `jax.custom_vjp` keeps
+q, k, v, the bias, the kept indices, scores and validity flags (all O(q_len * k) besides the
+inputs) and, chunk by chunk, gathers the kept keys/values again and scatter-adds their
+gradients, never forming a `[C, kv_len]` array; the selection itself is not differentiated.
+The bias gradient is the exact transpose of gathering it at the kept keys.
 
 Masking: masked scores are float32's minimum before selection, so valid keys are kept first and
 kept-but-masked entries get zero weight (and zero gradient). A row with no valid key at all gets
@@ -151,25 +151,25 @@ def _select_chunk(plan: Plan, can: inputs.Canonical, i: jax.Array, q_BxHxCxD: ja
 
 
 def _forward_chunk(plan: Plan, can: inputs.Canonical, rng: jax.Array | None,
-                   state: Any, i: jax.Array, q_BxHxCxD: jax.Array
+                   interpret: bool | None, i: jax.Array, q_BxHxCxD: jax.Array
                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array | None]]:
   """Query chunk `i`: its output float32 `[B, H, C, Dv]` and what the backward keeps of it,
   `(kept key indices, kept masked scores, kept validity or None)` `[B, H, C, k]`.
 
-  `state` is the fused kernel's per-query output (`fused.Variant.candidates`), or None (the
-  unfused path). Selecting from this chunk's rows of it (sliced here, not as a transposed copy
-  for `lax.map`) keeps the selection's temporaries per chunk. Rows the kernel leaves are rare:
-  they are redone in sub-chunks of at most `redo_rows` queries, so that the fused path never
-  holds a whole chunk's scores.
+  `interpret` None: the unfused selection; else one launch of the fused kernel for this chunk's
+  queries (in Pallas' interpreter where True), whose buffers are the chunk's only temporaries
+  of its size. Rows the kernel leaves are rare: they are redone in sub-chunks of at most
+  `redo_rows` queries, so that the fused path never holds a whole chunk's scores.
   """
-  if state is None:
+  if interpret is None:
     kept, idx = _select_chunk(plan, can, i, q_BxHxCxD, 1)
   else:
-    size = can.chunk_size
-    rows = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=2), state)
-    splits = size // math.gcd(size, plan.fused.redo_rows)
-    kernel_rows = fused.VARIANTS[plan.fused.variant].select(rows, plan.k)
-    kept, idx = fused.merge(kernel_rows, lambda: _select_chunk(plan, can, i, q_BxHxCxD, splits))
+    variant = fused.VARIANTS[plan.fused.variant]
+    state = variant.candidates(can, plan.k, plan.precision, plan.fused.tuning, interpret,
+                               q_BxHxCxD, i * can.chunk_size)
+    splits = can.chunk_size // math.gcd(can.chunk_size, plan.fused.redo_rows)
+    kept, idx = fused.merge(variant.select(state, plan.k),
+                            lambda: _select_chunk(plan, can, i, q_BxHxCxD, splits))
   valid = inputs.chunk_validity(can, i)
   if valid is not None:
     shape = idx.shape[:3] + can.key.shape[2:3]
@@ -182,21 +182,19 @@ def _forward_chunk(plan: Plan, can: inputs.Canonical, rng: jax.Array | None,
 def _forward(plan: Plan, can: inputs.Canonical, rng: jax.Array | None
              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array | None]]:
   """All query chunks: float32 `[B, H, Lq_pad, Dv]`, and per chunk `[N, B, H, C, k]` the
-  `_forward_chunk` residuals. Where the fused kernel runs (`fused.platforms`), its state for
-  every query is computed once, before the chunks."""
-  def chunks(state):
+  `_forward_chunk` residuals. The fused kernel selects on the platforms `fused.platforms`
+  chooses, the unfused path elsewhere."""
+  def chunks(interpret):
     xs = (jnp.arange(can.num_chunks), inputs.to_chunks(can.query, can.chunk_size))
-    out, kept = jax.lax.map(lambda a: _forward_chunk(plan, can, rng, state, *a), xs)
+    out, kept = jax.lax.map(lambda a: _forward_chunk(plan, can, rng, interpret, *a), xs)
     return inputs.from_chunks(out), kept
 
   platforms = () if plan.fused is None else fused.platforms(can, plan.k, plan.precision,
                                                             plan.fused)
   if not platforms:
     return chunks(None)
-  variant = fused.VARIANTS[plan.fused.variant]
   with_kernel = {platform: lambda _, interpret=platform not in fused.GPU_PLATFORMS: chunks(
-      variant.candidates(can, plan.k, plan.precision, plan.fused.tuning, interpret))
-                 for platform in platforms}
+      interpret) for platform in platforms}
   return jax.lax.platform_dependent(can.query, default=lambda _: chunks(None), **with_kernel)
 
 
