@@ -2,7 +2,7 @@
 
 1. check: `filter.kept_top_k` against `lax.top_k` of the dense masked scores at --check_length
    (bfloat16 and float32, without and with a causal mask), compiled for the device.
-2. time: at each --lengths, the filter kernel alone (candidates + select) for each --variants
+2. time: at each --lengths, the filter kernel alone (candidates + select) for each --tilings
    against the present kernel (`fused.kept_top_k`, its defaults), forward only, with the mean
    candidates per row (entries >= t) and the fraction of rows flagged for redo.
 
@@ -24,10 +24,10 @@ from benchmarks.attention import DTYPES, machine, median_seconds, write_csv
 from topk import filter as filt
 from topk import fused, inputs
 
-COLUMNS = ('device', 'jax', 'part', 'name', 'dtype', 'length', 'causal', 'ms', 'ratio',
+COLUMNS = ('device', 'jax', 'stage', 'name', 'dtype', 'length', 'causal', 'ms', 'ratio',
            'candidates', 'redo', 'detail')
 # (block_q, key_tile, num_warps, stride)
-VARIANTS = ((64, 64, 4, 8), (64, 128, 8, 8), (128, 64, 8, 8), (32, 128, 4, 8))
+TILINGS = ((64, 64, 4, 8), (64, 128, 8, 8), (128, 64, 8, 8), (32, 128, 4, 8))
 OPTION_NAMES = ('block_q', 'key_tile', 'num_warps', 'stride')
 
 
@@ -61,12 +61,12 @@ def _dense_fn(k, is_causal):
 
 def check(args, dtype, is_causal, interpret):
   q, key = _qk(args.check_length, args.heads, args.head_dim, DTYPES[dtype], seed=1)
-  options = dict(zip(OPTION_NAMES, args.variants[0], strict=True)) | args.small
+  options = dict(zip(OPTION_NAMES, args.tilings[0], strict=True)) | args.small
   kept, idx, redo, above = map(np.asarray, _filter_fn(args.k, is_causal, interpret,
                                                       **options)(q, key))
   want_kept, want_idx = map(np.asarray, _dense_fn(args.k, is_causal)(q, key))
   ok = ~redo
-  row = dict(part='check', name='filter', dtype=dtype, length=args.check_length,
+  row = dict(stage='check', name='filter', dtype=dtype, length=args.check_length,
              causal=is_causal, candidates=float(above.mean()), redo=float(redo.mean()))
   if not ok.any():
     return row | dict(detail='FAIL: every row flagged for redo')
@@ -82,7 +82,7 @@ def timing(args, length, is_causal, interpret, emit):
   q, key = _qk(length, args.heads, args.head_dim, DTYPES[dtype], seed=3)
   time_ms = lambda fn: 1e3 * median_seconds(lambda: jax.block_until_ready(fn(q, key)),
                                             args.repeats)
-  base = dict(part='time', dtype=dtype, length=length, causal=is_causal)
+  base = dict(stage='time', dtype=dtype, length=length, causal=is_causal)
   present = math.nan
   try:
     fn = _fused_fn(args.k, is_causal, interpret)
@@ -92,8 +92,8 @@ def timing(args, length, is_causal, interpret, emit):
   except Exception as e:  # noqa: BLE001 (reported, the rest runs)
     emit(base | dict(name='present fused', detail=f'failed: {type(e).__name__}: '
                      f'{str(e).splitlines()[0][:160]}'))
-  for variant in args.variants:
-    options = dict(zip(OPTION_NAMES, variant, strict=True)) | args.small
+  for tiling in args.tilings:
+    options = dict(zip(OPTION_NAMES, tiling, strict=True)) | args.small
     row = base | dict(name='filter ' + ' '.join(f'{n}={x}' for n, x in options.items()))
     try:
       fn = _filter_fn(args.k, is_causal, interpret, **options)
@@ -110,7 +110,7 @@ def timing(args, length, is_causal, interpret, emit):
 
 def _line(row):
   ms = row.get('ms', math.nan)
-  return (f'{row["part"]:>5} {row["name"][:58]:<58} {row["dtype"]:>8} L={row["length"]:>6} '
+  return (f'{row["stage"]:>5} {row["name"][:58]:<58} {row["dtype"]:>8} L={row["length"]:>6} '
           f'causal={row["causal"]!s:<5} {"" if math.isnan(ms) else f"{ms:9.3f} ms"} '
           f'cand={row.get("candidates", math.nan):.1f} redo={row.get("redo", math.nan):.2e} '
           f'{row.get("detail", "")}')
@@ -118,7 +118,7 @@ def _line(row):
 
 def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--parts', default='check,time')
+  parser.add_argument('--stages', default='check,time')
   parser.add_argument('--lengths', type=lambda s: [int(x) for x in s.split(',')],
                       default=[16384, 65536])
   parser.add_argument('--check_length', type=int, default=2048)
@@ -130,9 +130,9 @@ def _parse(argv):
                       default=[False, True], help='timed causal settings: false,true')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--tolerance', type=float, default=1e-3)
-  parser.add_argument('--variants', type=lambda s: [tuple(int(x) for x in v.split(':'))
+  parser.add_argument('--tilings', type=lambda s: [tuple(int(x) for x in v.split(':'))
                                                     for v in s.split(',')],
-                      default=list(VARIANTS), help='block_q:key_tile:num_warps:stride,...')
+                      default=list(TILINGS), help='block_q:key_tile:num_warps:stride,...')
   parser.add_argument('--small', type=lambda s: dict(
       (kv.split('=')[0], int(kv.split('=')[1])) for kv in s.split(',')) if s else {},
       default={}, help='extra filter options, e.g. groups=16 (tiny CPU runs)')
@@ -142,7 +142,7 @@ def _parse(argv):
 
 def main(argv=None):
   args = _parse(argv)
-  parts = args.parts.split(',')
+  stages = args.stages.split(',')
   device, interpret = machine(), jax.default_backend() != 'gpu'
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}); heads '
         f'{args.heads}, head_dim {args.head_dim}, k {args.k}', flush=True)
@@ -156,10 +156,10 @@ def main(argv=None):
     print(_line(row), flush=True)
     write_csv(args.out, 'filter.csv', COLUMNS, rows)
 
-  if 'check' in parts:
+  if 'check' in stages:
     for dtype, is_causal in itertools.product(args.dtypes, (False, True)):
       emit(check(args, dtype, is_causal, interpret))
-  if 'time' in parts:
+  if 'time' in stages:
     for length, is_causal in itertools.product(args.lengths, args.causal):
       timing(args, length, is_causal, interpret, emit)
   return rows

@@ -1,6 +1,7 @@
 """The fused score-and-select kernel on one GPU: checks, the exact selections, block sizes.
 
-Three parts, each on fresh random inputs (`[1, L, heads, head_dim]`, no mask unless said):
+Three stages (--stages), each on fresh random inputs (`[1, L, heads, head_dim]`, no mask unless
+said):
 
 1. checks: `topk.fused.kept_top_k` against `lax.top_k` of the dense masked scores (float32 and
    bfloat16, without and with a causal mask) and every exact selection of `topk.select.METHODS`
@@ -8,11 +9,11 @@ Three parts, each on fresh random inputs (`[1, L, heads, head_dim]`, no mask unl
    differently, so kept scores are compared to a tolerance and indices by the fraction that agree.
 2. selection: the median time of each exact method on `[rows, L]` scores (what one query chunk
    of the unfused path selects from), float32 and bfloat16.
-3. tuning: the median forward time of the kernel for each variant of a grid of its options
-   (`block_q`, `key_tile`, `num_warps`, `num_stages`) at --length, against the unfused path's
-   scores-and-selection loop and cuDNN flash attention's forward at the same length.
+3. tuning: the median forward time of the kernel for each tiling (--tilings) of a grid of its
+   options (`block_q`, `key_tile`, `num_warps`, `num_stages`) at --length, against the unfused
+   path's scores-and-selection loop and cuDNN flash attention's forward at the same length.
 
-Writes fused.csv and the fastest variant's options to fused_options.json under --out, as
+Writes fused.csv and the fastest tiling's options to fused_options.json under --out, as
 `{"compact": {...}}` (the --fused_options flag of benchmarks.attention and
 benchmarks.model_step), and prints a table.
 On CPU the kernel runs in Pallas' interpreter: only tiny shapes are practical (a test does that).
@@ -37,9 +38,9 @@ import numpy as np
 from benchmarks.attention import DTYPES, machine, median_seconds, write_csv
 from topk import fused, inputs, select
 
-COLUMNS = ('device', 'jax', 'part', 'name', 'dtype', 'length', 'ms', 'ratio', 'detail')
+COLUMNS = ('device', 'jax', 'stage', 'name', 'dtype', 'length', 'ms', 'ratio', 'detail')
 # The tuning grid: (block_q, key_tile, num_warps, num_stages); the first is the default.
-VARIANTS = ((16, 128, 4, 2), (32, 128, 4, 2), (64, 128, 4, 2), (32, 64, 4, 2), (32, 256, 4, 2),
+TILINGS = ((16, 128, 4, 2), (32, 128, 4, 2), (64, 128, 4, 2), (32, 64, 4, 2), (32, 256, 4, 2),
             (16, 256, 4, 2), (64, 128, 8, 2), (32, 128, 2, 2), (16, 64, 2, 2))
 OPTION_NAMES = ('block_q', 'key_tile', 'num_warps', 'num_stages')
 
@@ -73,7 +74,7 @@ def check_kernel(args: argparse.Namespace, dtype: str, is_causal: bool) -> dict[
   kept, idx, redo, want_kept, want_idx = map(np.asarray, (kept, idx, redo, want_kept, want_idx))
   ok = ~redo
   if not ok.any():
-    return dict(part='check', name='kernel causal' if is_causal else 'kernel', dtype=dtype,
+    return dict(stage='check', name='kernel causal' if is_causal else 'kernel', dtype=dtype,
                 length=args.check_length, detail='FAIL: every row was left to the unfused path')
   error = float(np.max(np.abs(kept[ok] - want_kept[ok]) / (1 + np.abs(want_kept[ok]))))
   agree = float(np.mean(idx[ok] == want_idx[ok]))
@@ -81,7 +82,7 @@ def check_kernel(args: argparse.Namespace, dtype: str, is_causal: bool) -> dict[
   detail = (f'{"PASS" if passed else "FAIL"}: max relative kept-score error {error:.2e} (<= '
             f'{args.tolerance:g}), indices equal {agree:.4%} (>= 99%), rows redone unfused '
             f'{redo.mean():.2%}')
-  return dict(part='check', name='kernel causal' if is_causal else 'kernel', dtype=dtype,
+  return dict(stage='check', name='kernel causal' if is_causal else 'kernel', dtype=dtype,
               length=args.check_length, detail=detail)
 
 
@@ -118,7 +119,7 @@ def selection_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
       ms = 1e3 * median_seconds(lambda fn=fn, s=scores: jax.block_until_ready(fn(s, args.k)),
                                 args.repeats)
       base = base or ms
-      rows.append(dict(part='select', name=name, dtype=dtype, length=args.length, ms=ms,
+      rows.append(dict(stage='select', name=name, dtype=dtype, length=args.length, ms=ms,
                        ratio=ms / base, detail=f'[{args.rows}, {args.length}] k {args.k}; ' + (
                            'equal to lax.top_k' if same else
                            'values equal, tie order differs' if same_values else
@@ -137,8 +138,8 @@ def _unfused_scores_and_select(args: argparse.Namespace) -> Callable[..., Any]:
 
 
 def tuning_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, int]]:
-  """Times each variant of `VARIANTS` (and the baselines) at --length; returns the rows and the
-  fastest variant's options."""
+  """Times each tiling of `TILINGS` (and the baselines) at --length; returns the rows and the
+  fastest tiling's options."""
   dtype = args.dtypes[0]
   q, key, v = _qkv(args.length, args.heads, args.head_dim, DTYPES[dtype], seed=3)
   time_ms = lambda fn, *a: 1e3 * median_seconds(lambda: jax.block_until_ready(fn(*a)),
@@ -149,13 +150,13 @@ def tuning_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
     baselines['cudnn flash forward'] = (jax.jit(functools.partial(
         jax.nn.dot_product_attention, implementation='cudnn')), (q, key, v))
   for name, (fn, operands) in baselines.items():
-    rows.append(dict(part='tune', name=name, dtype=dtype, length=args.length,
+    rows.append(dict(stage='tune', name=name, dtype=dtype, length=args.length,
                      ms=time_ms(fn, *operands), detail=f'methods {dict(select.DEFAULT_METHODS)}'))
   best, best_ms = None, math.inf
   interpret = jax.default_backend() != 'gpu'
-  for variant in args.variants:
-    options = dict(zip(OPTION_NAMES, variant, strict=True))
-    row = dict(part='tune', name=' '.join(f'{n}={x}' for n, x in options.items()), dtype=dtype,
+  for tiling in args.tilings:
+    options = dict(zip(OPTION_NAMES, tiling, strict=True))
+    row = dict(stage='tune', name=' '.join(f'{n}={x}' for n, x in options.items()), dtype=dtype,
                length=args.length)
     try:
       fn = _kernel_fn(args.k, False, interpret, **options)
@@ -164,7 +165,7 @@ def tuning_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
       compile_s = time.perf_counter() - start
       row['ms'] = time_ms(fn, q, key)
       row['detail'] = f'compile+first run {compile_s:.1f} s; rows redone unfused {redo:.2%}'
-    except Exception as e:  # a variant Triton rejects (e.g. out of shared memory) is reported
+    except Exception as e:  # a tiling Triton rejects (e.g. out of shared memory) is reported
       row['detail'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}'
       row['ms'] = math.nan
     rows.append(row)
@@ -179,13 +180,13 @@ def tuning_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
 
 def _line(row: dict[str, Any]) -> str:
   ms = row.get('ms', math.nan)
-  return (f'{row["part"]:>6} {row["name"][:60]:<60} {row["dtype"]:>8} L={row["length"]:>6} '
+  return (f'{row["stage"]:>6} {row["name"][:60]:<60} {row["dtype"]:>8} L={row["length"]:>6} '
           f'{"" if math.isnan(ms) else f"{ms:9.3f} ms"} {row.get("detail", "")}')
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--parts', default='check,select,tune')
+  parser.add_argument('--stages', default='check,select,tune')
   parser.add_argument('--length', type=int, default=16384, help='keys (and queries) when timing')
   parser.add_argument('--check_length', type=int, default=2048)
   parser.add_argument('--rows', type=int, default=4096, help='score rows per selection')
@@ -197,9 +198,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--tolerance', type=float, default=1e-3,
                       help="kept scores' error relative to 1 + |score| that the check allows")
-  parser.add_argument('--variants', type=lambda s: [tuple(int(x) for x in v.split(':'))
+  parser.add_argument('--tilings', type=lambda s: [tuple(int(x) for x in v.split(':'))
                                                     for v in s.split(',')],
-                      default=list(VARIANTS),
+                      default=list(TILINGS),
                       help='block_q:key_tile:num_warps:num_stages,... (default: the grid)')
   parser.add_argument('--out', default='benchmarks/out')
   args = parser.parse_args(argv)
@@ -212,20 +213,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   """Runs the parts; returns the CSV's rows (dicts keyed by `COLUMNS`)."""
   args = _parse(argv)
-  parts = args.parts.split(',')
+  stages = args.stages.split(',')
   device = machine()
   print(f'device: {device}; jax {jax.__version__} ({jax.default_backend()}); heads {args.heads}, '
         f'head_dim {args.head_dim}, k {args.k}', flush=True)
   rows, best = [], None
-  if 'check' in parts:
+  if 'check' in stages:
     for dtype, is_causal in itertools.product(args.dtypes, (False, True)):
       rows.append(check_kernel(args, dtype, is_causal))
       print(_line(rows[-1]), flush=True)
-  if 'select' in parts:
+  if 'select' in stages:
     for row in selection_rows(args):
       rows.append(row)
       print(_line(row), flush=True)
-  if 'tune' in parts:
+  if 'tune' in stages:
     tuned, best = tuning_rows(args)
     rows += tuned
   for r in rows:

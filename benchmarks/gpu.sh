@@ -29,7 +29,7 @@ options="$out/fused_options.json"
 # 2K (bfloat16, float32, causal and not), then timed alone against the present kernel at 16K and
 # 64K for two block shapes, with candidates per row and redo fraction; filter.csv after each row.
 # shellcheck disable=SC2086
-"$python" -m benchmarks.filter --out "$out" --variants 64:64:4:8,64:128:8:8 ${FILTER_ARGS:-} \
+"$python" -m benchmarks.filter --out "$out" --tilings 64:64:4:8,64:128:8:8 ${FILTER_ARGS:-} \
   2>&1 | tee "$out/filter.log"
 status=$((status | PIPESTATUS[0]))
 [ -f "$options" ] || echo '{}' >"$options"

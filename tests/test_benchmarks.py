@@ -248,15 +248,15 @@ FUSED_TINY = ['--length', '128', '--check_length', '64', '--heads', '1', '--head
 
 @pytest.mark.slow
 def test_fused_checks_selections_and_tuning_on_cpu(tmp_path):
-  rows = fused_bench.main([*FUSED_TINY, '--variants', '16:16:4:2,16:32:2:2', '--out',
+  rows = fused_bench.main([*FUSED_TINY, '--tilings', '16:16:4:2,16:32:2:2', '--out',
                            str(tmp_path)])
-  checks = [r for r in rows if r['part'] == 'check']
+  checks = [r for r in rows if r['stage'] == 'check']
   assert len(checks) == 4 and all(r['detail'].startswith('PASS') for r in checks)
-  selections = [r for r in rows if r['part'] == 'select']
+  selections = [r for r in rows if r['stage'] == 'select']
   assert {r['name'] for r in selections} >= {'lax', 'two_stage', 'pallas'}
   assert all('equal to lax.top_k' in r['detail'] for r in selections)
-  variants = [r for r in rows if r['part'] == 'tune' and 'block_q' in r['name']]
-  assert len(variants) == 2 and all(r['ms'] > 0 for r in variants)
+  tilings = [r for r in rows if r['stage'] == 'tune' and 'block_q' in r['name']]
+  assert len(tilings) == 2 and all(r['ms'] > 0 for r in tilings)
   with open(tmp_path / 'fused_options.json') as f:
     best = json.load(f)
   assert best in [{'compact': {'block_q': 16, 'key_tile': 16, 'num_warps': 4, 'num_stages': 2}},
@@ -268,9 +268,9 @@ def test_fused_checks_selections_and_tuning_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_gpu_script_writes_every_benchmark_to_out(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
-             FUSED_ARGS=' '.join([*FUSED_TINY, '--parts', 'tune', '--variants', '16:16:4:2']),
-             FILTER_ARGS='--parts time --lengths 64 --causal false --heads 1 --head_dim 16 '
-                         '--k 4 --dtypes float32 --repeats 1 --variants 16:16:4:2 '
+             FUSED_ARGS=' '.join([*FUSED_TINY, '--stages', 'tune', '--tilings', '16:16:4:2']),
+             FILTER_ARGS='--stages time --lengths 64 --causal false --heads 1 --head_dim 16 '
+                         '--k 4 --dtypes float32 --repeats 1 --tilings 16:16:4:2 '
                          '--small groups=16',
              ATTENTION_ARGS=' '.join([*TINY, '--forms', 'chunked', '--budget_s', '0']),
              FILTER_ATTENTION_ARGS=' '.join([*TINY, '--lengths', '64', '--dtypes', 'float32']),

@@ -165,11 +165,11 @@ def test_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
   from benchmarks import filter as bench  # noqa: PLC0415
   rows = bench.main(['--check_length', '48', '--lengths', '64', '--causal', 'true',
                      '--heads', '1', '--head_dim', '16', '--k', '4', '--dtypes', 'float32',
-                     '--repeats', '1', '--variants', '16:16:4:2', '--small', 'groups=16',
+                     '--repeats', '1', '--tilings', '16:16:4:2', '--small', 'groups=16',
                      '--out', str(tmp_path)])
-  checks = [r for r in rows if r['part'] == 'check']
+  checks = [r for r in rows if r['stage'] == 'check']
   assert len(checks) == 2 and all(r['detail'].startswith('PASS') for r in checks)
-  timed = [r for r in rows if r['part'] == 'time']
+  timed = [r for r in rows if r['stage'] == 'time']
   assert [r['name'][:6] for r in timed] == ['presen', 'filter']
   assert all(r['ms'] > 0 for r in timed) and timed[1]['candidates'] >= 4
   assert (tmp_path / 'filter.csv').read_text().count('\n') == len(rows) + 1
