@@ -46,7 +46,8 @@ bench: setup
 	$(PYTHON) -m benchmarks.attention
 	$(PYTHON) -m benchmarks.select
 
-# On one GPU: attention forms and full-size training steps, about 8 minutes (README "GPU and TPU").
+# On one GPU: the fused kernels, attention forms and full-size training steps, about 9 minutes
+# (README "GPU and TPU").
 bench-gpu: setup
 	PYTHON=$(PYTHON) bash benchmarks/gpu.sh
 

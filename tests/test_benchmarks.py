@@ -1,4 +1,5 @@
-"""Tests of benchmarks.attention, .fused, .model_step and benchmarks/gpu.sh on CPU, tiny shapes.
+"""Tests of benchmarks.attention, .fused, .model_step, .compile_memory, .ptxas and
+benchmarks/gpu.sh on CPU, tiny shapes.
 
 The GPU-only forms (cuDNN flash) must appear as skip rows here; the benchmarks must import
 neither TensorFlow nor (benchmarks.attention) ml-collections, which GPU images often lack.
@@ -13,7 +14,7 @@ import sys
 import pytest
 
 import config_cli
-from benchmarks import attention, model_step
+from benchmarks import attention, compile_memory, model_step, ptxas
 from benchmarks import fused as fused_bench
 from topk import fused as fused_module
 
@@ -274,14 +275,17 @@ def test_gpu_script_writes_every_benchmark_to_out(tmp_path):
                          '--small groups=16',
              ATTENTION_ARGS=' '.join([*TINY, '--forms', 'chunked', '--budget_s', '0']),
              FILTER_ATTENTION_ARGS=' '.join([*TINY, '--lengths', '64', '--dtypes', 'float32']),
+             COMPILE_MEMORY_ARGS='--lengths 256 --heads 1 --head_dim 16 --k 4 --chunk 64',
              MODEL_STEP_ARGS='--tasks listops --kinds topk --preset smoke --budget_s 0')
   result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh')], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   for name in ('fused.csv', 'fused.log', 'fused_options.json', 'filter.csv', 'attention.csv',
                'attention.log', 'filter_attention.log', 'filter_attention/attention.csv',
-               'model_step.csv', 'model_step.log'):
+               'model_step.csv', 'model_step.log', 'model_step_filter/model_step.csv',
+               'ptxas.log', 'compile_memory.csv', 'compile_memory.log'):
     assert (tmp_path / name).stat().st_size > 0, name
+  assert 'no GPU here' in (tmp_path / 'ptxas.log').read_text()
   # The tuned options reach the attention benchmark.
   for log in ('attention.log', 'filter_attention.log'):
     assert "fused kernel options {'compact': {'block_q': 16, 'key_tile': 16" in (
@@ -301,3 +305,57 @@ def test_gpu_script_writes_every_benchmark_to_out(tmp_path):
   assert [(r['config'], r['dtype'], r['fused']) for r in rows] == [
       ('configs/listops.py:topk,smoke', 'bfloat16', 'True'),
       ('configs/listops.py:topk,smoke', 'bfloat16', 'False')]
+  # The ListOps step with the filter variant (here cut by the time budget of 0 s).
+  _, rows = _read_csv(str(tmp_path / 'model_step_filter' / 'model_step.csv'))
+  assert [(r['config'], r['fused'], r['skipped'][:12]) for r in rows] == [
+      ('configs/listops.py:topk,smoke', 'True', 'time budget:')]
+
+
+def test_compile_memory_rows_say_which_path_compiled(tmp_path):
+  rows = compile_memory.main(['--lengths', '512', '--heads', '2', '--head_dim', '16', '--k', '8',
+                              '--chunk', '128', '--out', str(tmp_path)])
+  # On CPU the fused variants compile in Pallas' interpreter (--fused_platforms cpu by default).
+  assert [(r['form'], r['kernel']) for r in rows] == [
+      ('topk', False), ('topk_fused', True), ('topk_filter', True)]
+  assert all(r['temp_mib'] > 0 and r['arg_mib'] > 0 and r['fits'] for r in rows)
+  columns, written = _read_csv(str(tmp_path / 'compile_memory.csv'))
+  assert tuple(columns) == compile_memory.COLUMNS and len(written) == 3
+  # Left on CUDA only, the fused forms compile the unfused path here, and say so.
+  rows = compile_memory.main(['--lengths', '512', '--heads', '2', '--head_dim', '16', '--k', '8',
+                              '--forms', 'topk_filter', '--fused_platforms', 'cuda',
+                              '--out', str(tmp_path)])
+  assert [r['kernel'] for r in rows] == [False]
+
+
+PTXAS_OUTPUT = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'topk_filter_candidates' for 'sm_90a'
+ptxas info    : Function properties for topk_filter_candidates
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, 24576 bytes smem, 464 bytes cmem[0]
+ptxas info    : Compiling entry function 'loop_add_fusion' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion
+    8 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads
+ptxas info    : Used 255 registers, 380 bytes cmem[0]
+"""
+
+
+def test_ptxas_output_and_ptx_are_parsed():
+  assert ptxas.parse_ptxas(PTXAS_OUTPUT) == [
+      dict(entry='topk_filter_candidates', target='sm_90a', registers=168, spill_stores=0,
+           spill_loads=0, stack_bytes=0, smem_bytes=24576),
+      dict(entry='loop_add_fusion', target='sm_90a', registers=255, spill_stores=40,
+           spill_loads=36, stack_bytes=8, smem_bytes=0)]
+  ptx = ('//\n.version 8.4\n.target sm_90a\n.address_size 64\n\n'
+         '.visible .entry topk_fused_candidates(\n\t.param .u64 p0\n)\n{\n\tret;\n}\n')
+  assert ptxas.ptx_target(ptx) == 'sm_90a' and ptxas.ptx_target('.version 8.4') is None
+  assert ptxas.defines(ptx, fused_module.KERNEL_NAME)
+  assert not ptxas.defines(ptx, 'topk_filter_candidates')
+
+
+def test_ptxas_without_a_gpu_says_so_and_the_child_compiles(tmp_path, capsys):
+  assert ptxas.main(['--out', str(tmp_path)]) == []
+  assert 'no GPU here' in capsys.readouterr().out
+  # The child's part: both variants' programs compile (on CPU without their kernels).
+  assert ptxas.main(['--length', '64', '--heads', '1', '--head_dim', '16', '--k', '4',
+                     f'--compile_into={tmp_path}']) == []
