@@ -12,6 +12,8 @@ excluded), and both times as ratios to a baseline form of the same length and dt
               'compact'; NVIDIA GPU)
   topk_filter the same with the fused variant 'filter' (`topk.filter`, off by default in the
               library; NVIDIA GPU)
+  topk_filter_mix  'filter' selecting and mixing in a second kernel (`topk.select_mix`,
+              `FusedOptions.mix_in_kernel`; off by default; NVIDIA GPU)
   cudnn       cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`;
               NVIDIA GPU, bfloat16/float16 only)
   torch       PyTorch's `scaled_dot_product_attention` on the same device, when torch is
@@ -50,8 +52,10 @@ MIB = 2**20
 GIB = 2**30
 PROJECT_FORMS = ('vanilla', 'chunked', 'topk')  # the forms `topk.make_attention_fn` builds
 # 'topk' with a fused kernel (`topk_attention(fused_options=...)`), by form: its variant (a key
-# of `topk.fused.VARIANTS`); the form 'topk' runs `fused=False`.
-FUSED_FORMS = {'topk_fused': 'compact', 'topk_filter': 'filter'}
+# of `topk.fused.VARIANTS`) and whether it selects and mixes in a kernel
+# (`FusedOptions.mix_in_kernel`); the form 'topk' runs `fused=False`.
+FUSED_FORMS = {'topk_fused': ('compact', False), 'topk_filter': ('filter', False),
+               'topk_filter_mix': ('filter', True)}
 FORMS = ('qk_product', *PROJECT_FORMS, *FUSED_FORMS, 'cudnn', 'torch')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Defaults per platform: CPU keeps benchmarks/README.md's table; any accelerator gets the GPU study.
@@ -135,9 +139,10 @@ def _jax_form(form: str, dtype: str, args: argparse.Namespace) -> Callable[..., 
   if form == 'topk':
     return topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk, fused=False)
   if form in FUSED_FORMS:
+    variant, mix_in_kernel = FUSED_FORMS[form]
     fn = topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk,
-                                fused_options=fused_options(args, FUSED_FORMS[form]))
-    _check_fused(fn, dtype, args, FUSED_FORMS[form])
+                                fused_options=fused_options(args, variant, mix_in_kernel))
+    _check_fused(fn, dtype, args, variant)
     return fn
   options = {'chunked': dict(query_chunk_size=args.chunk), 'vanilla': {}}[form]
   return topk.make_attention_fn(form, **options)
@@ -418,10 +423,11 @@ def add_fused_options(parser: argparse.ArgumentParser) -> None:
                            "comma-separated; 'cpu' runs it in Pallas' interpreter")
 
 
-def fused_options(args: argparse.Namespace, variant: str) -> fused.FusedOptions:
+def fused_options(args: argparse.Namespace, variant: str,
+                  mix_in_kernel: bool = False) -> fused.FusedOptions:
   """`variant`'s options (a key of `topk.fused.VARIANTS`) as `add_fused_options`' flags give."""
   return fused.FusedOptions(variant=variant, platforms=args.fused_platforms,
-                            tuning=args.fused_options.get(variant))
+                            tuning=args.fused_options.get(variant), mix_in_kernel=mix_in_kernel)
 
 
 def _fused_options(text: str) -> dict[str, object]:

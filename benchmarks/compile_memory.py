@@ -1,11 +1,12 @@
 """Memory of top-k attention's forward+backward at lengths too long to run, as XLA compiles it.
 
 Each --forms entry (`topk`, the unfused path; `topk_fused` and `topk_filter`, the fused variants
-'compact' and 'filter') is lowered and compiled, never run, for abstract `[1, L, heads, head_dim]`
-inputs at each --lengths; `memory_analysis()` gives its temporaries, arguments and outputs. Column
-`kernel`: whether the lowered program holds the variant's kernel (`topk.fused.runs_kernel`):
-where a launch's arrays pass Triton's int32 offsets, `topk_attention` runs the unfused path
-instead, and the row must say so. `fits`: temp + arguments + outputs <= --memory_limit_gib.
+'compact' and 'filter'; `topk_filter_mix`, 'filter' with `mix_in_kernel`) is lowered and compiled,
+never run, for abstract `[1, L, heads, head_dim]` inputs at each --lengths; `memory_analysis()`
+gives its temporaries, arguments and outputs. Column `kernel`: whether the lowered program holds the
+variant's kernel (`topk.fused.runs_kernel`): where a launch's arrays pass Triton's int32 offsets,
+`topk_attention` runs the unfused path instead, and the row must say so. `fits`: temp + arguments +
+outputs <= --memory_limit_gib.
 
 On a GPU the kernels compile with Triton; on CPU (--fused_platforms cpu, the default there) they
 compile in Pallas' interpreter, whose padded float32 copies of the inputs a GPU does not make.
@@ -38,9 +39,9 @@ COLUMNS = ('device', 'jax', 'form', 'length', 'dtype', 'kernel', 'temp_mib', 'ar
 
 def measure(form: str, length: int, args: argparse.Namespace) -> dict:
   """One row: `form`'s forward+backward compiled at `length` (arguments as `_parse` gives)."""
-  variant = FUSED_FORMS.get(form)
+  variant, mix_in_kernel = FUSED_FORMS.get(form, (None, False))
   options = dict(fused=False) if variant is None else dict(
-      fused_options=fused_options(args, variant))
+      fused_options=fused_options(args, variant, mix_in_kernel))
   fn = topk.make_attention_fn('topk', k=args.k, query_chunk_size=args.chunk, **options)
   spec = jax.ShapeDtypeStruct((1, length, args.heads, args.head_dim), DTYPES[args.dtype])
   start = time.perf_counter()

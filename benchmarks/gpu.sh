@@ -49,12 +49,14 @@ status=$((status | PIPESTATUS[0]))
   ${COMPILE_MEMORY_ARGS:-} 2>&1 | tee "$out/compile_memory.log"
 status=$((status | PIPESTATUS[0]))
 
-# topk_attention with the filter variant (form topk_filter) against the compact kernel, the
-# unfused path and cuDNN flash: forward and forward+backward at 16K and 64K in bfloat16, no
-# length search; its own time budget (100 s) keeps it within about 2 minutes.
+# topk_attention with the filter variant (forms topk_filter, and topk_filter_mix: selecting and
+# mixing in a kernel) against the compact kernel, the unfused path and cuDNN flash: forward and
+# forward+backward at 16K and 64K in bfloat16, no length search; its own time budget (100 s)
+# keeps it within about 2 minutes.
 # shellcheck disable=SC2086
 "$python" -m benchmarks.attention --out "$out/filter_attention" --fused_options "$options" \
-  --forms cudnn,topk,topk_fused,topk_filter --lengths 16384,65536 --dtypes bfloat16 \
+  --forms cudnn,topk,topk_fused,topk_filter,topk_filter_mix --lengths 16384,65536 \
+  --dtypes bfloat16 \
   --no-search_longest --no-time_longest --budget_s 100 ${FILTER_ATTENTION_ARGS:-} \
   2>&1 | tee "$out/filter_attention.log"
 status=$((status | PIPESTATUS[0]))

@@ -116,7 +116,8 @@ INTERPRETED = ['--fused_platforms', 'cpu,cuda', '--fused_options',
 
 @pytest.mark.slow
 @pytest.mark.parametrize('form, variant', [('topk_fused', 'compact'),
-                                           ('topk_filter', 'filter')])
+                                           ('topk_filter', 'filter'),
+                                           ('topk_filter_mix', 'filter')])
 def test_attention_fused_form_is_skipped_where_the_kernel_does_not_run(monkeypatch, tmp_path,
                                                                        form, variant):
   # A GPU where the kernel does not compile (on this CPU Triton fails like that): topk_attention
@@ -297,7 +298,7 @@ def test_gpu_script_writes_every_benchmark_to_out(tmp_path):
   # path's and cuDNN flash's (on CPU only the unfused path runs).
   _, rows = _read_csv(str(tmp_path / 'filter_attention' / 'attention.csv'))
   assert [(r['form'], r['length']) for r in rows] == [
-      (form, '64') for form in ('cudnn', 'topk', 'topk_fused', 'topk_filter')]
+      (form, '64') for form in ('cudnn', 'topk', 'topk_fused', 'topk_filter', 'topk_filter_mix')]
   assert float(rows[1]['fwd_ms']) > 0 and float(rows[1]['fwd_bwd_ms']) > 0
   assert 'NVIDIA GPUs only' in rows[3]['skipped']
   _, rows = _read_csv(str(tmp_path / 'model_step.csv'))
@@ -316,10 +317,10 @@ def test_compile_memory_rows_say_which_path_compiled(tmp_path):
                               '--chunk', '128', '--out', str(tmp_path)])
   # On CPU the fused variants compile in Pallas' interpreter (--fused_platforms cpu by default).
   assert [(r['form'], r['kernel']) for r in rows] == [
-      ('topk', False), ('topk_fused', True), ('topk_filter', True)]
+      ('topk', False), ('topk_fused', True), ('topk_filter', True), ('topk_filter_mix', True)]
   assert all(r['temp_mib'] > 0 and r['arg_mib'] > 0 and r['fits'] for r in rows)
   columns, written = _read_csv(str(tmp_path / 'compile_memory.csv'))
-  assert tuple(columns) == compile_memory.COLUMNS and len(written) == 3
+  assert tuple(columns) == compile_memory.COLUMNS and len(written) == 4
   # Left on CUDA only, the fused forms compile the unfused path here, and say so.
   rows = compile_memory.main(['--lengths', '512', '--heads', '2', '--head_dim', '16', '--k', '8',
                               '--forms', 'topk_filter', '--fused_platforms', 'cuda',

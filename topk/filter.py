@@ -30,7 +30,8 @@ block, the fastest, so the programs running together share one head's keys in L2
    entries (`== NEG`) apart, the first k of them in the last k slots (as `fused`).
 3. select (outside the kernel, `select`): `lax.top_k` of each row's buffer (unfilled slots at
    -inf), whose candidates are in key order, masked ones after the others: ties go to the
-   lower key.
+   lower key. With `FusedOptions.mix_in_kernel`, `topk.select_mix`'s kernel selects the same
+   entries and mixes their values instead (`VARIANT.select_and_mix`).
 
 Verification: a row is exact iff its count of entries `>= t` is between k and the room (the
 masked ones counted separately, as above) and no score is NaN or infinite (`s * 0` summed per
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from topk import fused_variant, inputs, select_gpu
+from topk import fused_variant, inputs, select_gpu, select_mix
 
 KERNEL_NAME = 'topk_filter_candidates'
 BISECTION_STEPS = 20
@@ -390,8 +391,14 @@ def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
   return select(candidates(can, k, precision, interpret=interpret, options=options), k)
 
 
+def _select_and_mix(cands: Candidates, value: jax.Array, k: int, weights_dtype: Any,
+                    interpret: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  return select_mix.select_and_mix(cands, value, k, weights_dtype, interpret=interpret)
+
+
 # The kernel as `topk.fused.VARIANTS['filter']`.
-VARIANT = fused_variant.Variant(_candidates, select, largest_array, Options, KERNEL_NAME)
+VARIANT = fused_variant.Variant(_candidates, select, largest_array, Options, KERNEL_NAME,
+                                _select_and_mix)
 
 
 def triton_modules(fn: Any, *args: Any) -> list[str]:

@@ -22,7 +22,7 @@ and writes only a small buffer of candidates per query, `[B, H, Lq, buffer]`:
    keys whose scores differ by that much may swap.
 
 A row whose buffer overflows, or that holds a NaN score or one below `NEG` (a bias of -inf),
-comes back flagged in `redo`; `merge` redoes such rows with the unfused selection. On a GPU,
+comes back flagged in `redo`; `merge` takes such rows from the unfused selection. On a GPU,
 `platforms` chooses the kernel only for a configuration that `compiles` (checked once, on a
 small copy of the inputs), so a Triton failure costs speed, not the program.
 
@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -433,17 +434,16 @@ def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *,
   return select(candidates(can, k, precision, interpret=interpret, tiling=tiling), k)
 
 
-def merge(fused: tuple[jax.Array, jax.Array, jax.Array],
-          unfused: Any) -> tuple[jax.Array, jax.Array]:
-  """The kernel's `(kept, indices, redo)` of some rows, with the rows flagged in `redo` taken
-  from `unfused()` (a thunk giving `(kept, indices)` of the same rows), only run if one is."""
-  kept, idx, redo = fused
-
+def merge(rows: tuple[jax.Array, ...], redo: jax.Array,
+          unfused: Callable[[], tuple[jax.Array, ...]]) -> tuple[jax.Array, ...]:
+  """The kernel's per-row arrays `rows` (each `[B, H, C, ...]`), with the rows flagged in
+  `redo [B, H, C]` taken from `unfused()` (a thunk giving the same arrays for the same rows),
+  which runs only if some row is flagged."""
   def redo_rows():
-    again = unfused()
-    return (jnp.where(redo[..., None], again[0], kept), jnp.where(redo[..., None], again[1], idx))
+    flag = lambda x: redo.reshape(redo.shape + (1,) * (x.ndim - redo.ndim))
+    return tuple(jnp.where(flag(x), again, x) for x, again in zip(rows, unfused(), strict=True))
 
-  return jax.lax.cond(jnp.any(redo), redo_rows, lambda: (kept, idx))
+  return jax.lax.cond(jnp.any(redo), redo_rows, lambda: tuple(rows))
 
 
 # The fused kernels by name (`FusedOptions.variant`): 'compact', the bound-then-compaction
@@ -470,11 +470,16 @@ class FusedOptions:
     redo_rows: queries per sub-chunk (at most; a divisor of the query chunk) in which the rows
       the kernel leaves are redone: their dense scores would otherwise be the fused path's
       largest temporary.
+    mix_in_kernel: select the kept keys and mix their values in a second kernel (the
+      variant's `select_and_mix`: 'filter' has one, `topk.select_mix`) instead of `lax.top_k`
+      of the candidate buffers and XLA's gathers; for the softmax kernel without dropout (the
+      XLA mix runs otherwise). Off by default: not yet timed on a GPU.
   """
   variant: str = 'compact'
   platforms: tuple[str, ...] = ('cuda',)
   tuning: Tiling | filt.Options | None = None
   redo_rows: int = 128
+  mix_in_kernel: bool = False
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -492,6 +497,11 @@ class FusedOptions:
                        f'{tuning_type.__module__}.{tuning_type.__qualname__}, got '
                        f'{self.tuning!r}.')
     inputs.check_positive_int(self.redo_rows, 'topk.fused.FusedOptions: redo_rows')
+    inputs.check_bool(self.mix_in_kernel, 'topk.fused.FusedOptions: mix_in_kernel')
+    if self.mix_in_kernel and VARIANTS[self.variant].select_and_mix is None:
+      raise ValueError(f'topk.fused.FusedOptions: variant {self.variant!r} has no kernel that '
+                       'selects and mixes (mix_in_kernel=True); variants that do: '
+                       f'{sorted(v for v, x in VARIANTS.items() if x.select_and_mix)}.')
 
 
 def check_options(options: Any) -> None:

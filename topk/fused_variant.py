@@ -30,13 +30,16 @@ class Variant(NamedTuple):
     query chunk, so that no candidate buffer reaches Triton's int32 offsets); tuning_type: the
     frozen dataclass of the kernel's tuning options (`FusedOptions.tuning`), whose no-argument
     instance is the default; kernel_name: the `pallas_call`'s name, which lowered programs that
-    run the kernel hold.
+    run the kernel hold; select_and_mix: None, or `(state, value [B, H, Lk, Dv], k,
+    weights_dtype, interpret) -> (out float32 [B, H, C, Dv], kept, indices, redo)`, `select`
+    and the softmax-weighted mix of the kept values in a kernel (kept entries in any order).
   """
   candidates: Callable[[inputs.Canonical, int, Any, Any, bool, jax.Array, Any], Any]
   select: Callable[[Any, int], tuple[jax.Array, jax.Array, jax.Array]]
   largest_array: Callable[[inputs.Canonical, int, Any], int]
   tuning_type: type
   kernel_name: str
+  select_and_mix: Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]] | None = None
 
 
 def power_of_2(x: int) -> bool:

@@ -91,6 +91,8 @@ class Plan:
     precision: the score and mixing products' precision.
     selection, recall_target, method: the unfused selection (`select.unchecked_top_k`).
     fused: the fused kernel's options where it may run (exact selection only), else None.
+    mix_in_kernel: the fused path selects and mixes in the variant's second kernel
+      (`FusedOptions.mix_in_kernel`, for the softmax kernel without dropout).
   """
   k: int
   kernel: Callable[[jax.Array], jax.Array]
@@ -100,6 +102,7 @@ class Plan:
   recall_target: float
   method: str | None
   fused: fused.FusedOptions | None
+  mix_in_kernel: bool = False
 
 
 def _kept_weights(plan: Plan, kept: jax.Array, multiplier: jax.Array | None) -> jax.Array:
@@ -158,24 +161,37 @@ def _forward_chunk(plan: Plan, can: inputs.Canonical, rng: jax.Array | None,
 
   `interpret` None: the unfused selection; else one launch of the fused kernel for this chunk's
   queries (in Pallas' interpreter where True), whose buffers are the chunk's only temporaries
-  of its size. Rows the kernel leaves are rare: they are redone in sub-chunks of at most
-  `redo_rows` queries, so that the fused path never holds a whole chunk's scores.
+  of its size, then `lax.top_k` of the buffers and the mix in XLA, or (`plan.mix_in_kernel`)
+  the variant's select-and-mix kernel. Rows the kernels leave are rare: they are redone in
+  sub-chunks of at most `redo_rows` queries, so that the fused path never holds a whole
+  chunk's scores.
   """
+  multiplier = _multiplier(plan, rng, i, (*q_BxHxCxD.shape[:3], plan.k))
+
+  def mixed(kept, idx):  # (kept, idx, out [B, H, C, Dv]) in XLA
+    weights = _kept_weights(plan, kept, multiplier)
+    return kept, idx, _mix_rows(weights, idx, can.value, can.weights_dtype)
+
   if interpret is None:
-    kept, idx = _select_chunk(plan, can, i, q_BxHxCxD, 1)
+    kept, idx, out_BxHxCxDv = mixed(*_select_chunk(plan, can, i, q_BxHxCxD, 1))
   else:
     variant = fused.VARIANTS[plan.fused.variant]
     state = variant.candidates(can, plan.k, plan.precision, plan.fused.tuning, interpret,
                                q_BxHxCxD, i * can.chunk_size)
     splits = can.chunk_size // math.gcd(can.chunk_size, plan.fused.redo_rows)
-    kept, idx = fused.merge(variant.select(state, plan.k),
-                            lambda: _select_chunk(plan, can, i, q_BxHxCxD, splits))
+    unfused = lambda: _select_chunk(plan, can, i, q_BxHxCxD, splits)
+    if plan.mix_in_kernel:
+      out_BxHxCxDv, kept, idx, redo = variant.select_and_mix(
+          state, can.value, plan.k, can.weights_dtype, interpret)
+      kept, idx, out_BxHxCxDv = fused.merge((kept, idx, out_BxHxCxDv), redo,
+                                            lambda: mixed(*unfused()))
+    else:
+      kept, idx, redo = variant.select(state, plan.k)
+      kept, idx, out_BxHxCxDv = mixed(*fused.merge((kept, idx), redo, unfused))
   valid = inputs.chunk_validity(can, i)
   if valid is not None:
     shape = idx.shape[:3] + can.key.shape[2:3]
     valid = jnp.take_along_axis(jnp.broadcast_to(valid, shape), idx, axis=-1)
-  weights = _kept_weights(plan, kept, _multiplier(plan, rng, i, idx.shape))
-  out_BxHxCxDv = _mix_rows(weights, idx, can.value, can.weights_dtype)
   return out_BxHxCxDv, (idx, kept, valid)
 
 
@@ -314,9 +330,11 @@ def topk_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       force_fp32_for_softmax=force_fp32_for_softmax)
   k = min(k, can.key.shape[2])
   # The kernel selects exactly; an approximate selection stays on the unfused path.
+  fused_options = fused_options if fused and selection == 'exact' else None
   plan = Plan(k=k, kernel=kernel_fn, dropout=dropout, precision=precision, selection=selection,
-              recall_target=recall_target, method=method,
-              fused=fused_options if fused and selection == 'exact' else None)
+              recall_target=recall_target, method=method, fused=fused_options,
+              mix_in_kernel=(fused_options is not None and fused_options.mix_in_kernel
+                             and kernel == 'softmax' and dropout is None))
   out, idx, kept = _attend(plan, can, None if dropout is None else dropout_rng)
   if module is not None:
     def per_query(x):  # [B, H, Lq_pad, k] -> [batch..., H, q_len, k]
