@@ -105,10 +105,16 @@ def test_clustered_scores_and_lengths_off_the_block():
 
 
 def test_options_are_checked():
+  # Sizes when the options are built; their relation to k where k is known.
+  for options, message in ((dict(block_q=24), 'block_q must be a power of two'),
+                           (dict(groups=8), 'groups must be a power of two'),
+                           (dict(key_tile=2**15), 'key_tile must be below 32768'),
+                           (dict(stride=0), 'stride must be an integer >= 1'),
+                           (dict(num_warps=2.5), 'num_warps must be an integer >= 1')):
+    with pytest.raises(ValueError, match=message):
+      filt.Options(**options)
   spec = jax.ShapeDtypeStruct((1, 32, 1, 16), jnp.float32)
-  for k, options, message in ((4, dict(block_q=24), 'block_q must be a power of two'),
-                              (4, dict(groups=8), 'groups must be a power of two'),
-                              (4, dict(rank=5), r'rank must be in \[1, min\(k, groups\)\]'),
+  for k, options, message in ((4, dict(rank=5), r'rank must be in \[1, min\(k, groups\)\]'),
                               (33, {}, r'k must be in \[1, kv_len = 32\]')):
     with pytest.raises(ValueError, match=message):
       jax.eval_shape(lambda x, k=k, options=options: filt.kept_top_k(

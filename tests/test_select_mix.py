@@ -6,6 +6,8 @@ Candidates come from the filter kernel with small tiles (as tests/test_filter.py
 several tiles, plain blocks and blocks that keep masked ties both occur, and the buffers hold a
 few dozen entries.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +154,24 @@ def test_lowers_for_cuda():
   names = [text.split('tt.func public @')[1].split('(')[0]
            for text in filt.triton_modules(attend, spec, spec, spec)]
   assert names == [filt.KERNEL_NAME, select_mix.KERNEL_NAME, select_gpu.KERNEL_NAME]
+
+
+def test_compiles_probes_the_mixing_kernel_too(monkeypatch):
+  # Where the select-and-mix kernel fails to compile, the fused path is not chosen.
+  monkeypatch.setattr(fused, '_COMPILES', {})
+  monkeypatch.setattr(fused, 'PROBE_LENGTH', 32)
+
+  def fails(*args, **kwargs):
+    raise RuntimeError('no such Triton op')
+
+  answers = []
+
+  def trace(x):
+    can = inputs.canonicalize(x, x, x)
+    answers.extend(fused.compiles(can, 4, options=o, interpret=True)
+                   for o in (_options(), dataclasses.replace(_options(), mix_in_kernel=False)))
+    return x
+
+  monkeypatch.setattr(select_mix, 'select_and_mix', fails)
+  jax.eval_shape(trace, jax.ShapeDtypeStruct((1, 48, 1, 16), jnp.float32))
+  assert answers == [False, True]

@@ -90,7 +90,22 @@ class Options:
   num_warps: int = 4
   num_stages: int = 2
 
+  def __post_init__(self):
+    for name in ('block_q', 'key_tile', 'groups'):
+      size = getattr(self, name)
+      if not (size is None and name == 'groups') and not (
+          isinstance(size, int) and size >= 16 and fused_variant.power_of_2(size)):
+        raise ValueError(f'topk.filter: {name} must be a power of two >= 16, got {size!r}.')
+    if self.key_tile >= 1 << (_TIE_SHIFT - 1):
+      raise ValueError(f'topk.filter: key_tile must be below {1 << (_TIE_SHIFT - 1)} (packed '
+                       f'counts), got {self.key_tile}.')
+    for name in ('stride', 'rank', 'buffer', 'num_warps', 'num_stages'):
+      if getattr(self, name) is not None:
+        inputs.check_positive_int(getattr(self, name), f'topk.filter: {name}')
+
   def resolve(self, k: int, kv_len: int) -> 'Options':
+    """These options for `k` of `kv_len` keys, the rule's defaults filled in; raises ValueError
+    unless `1 <= k <= kv_len` and `rank <= min(k, groups)`."""
     if not 1 <= k <= kv_len:
       raise ValueError(f'topk.filter: k must be in [1, kv_len = {kv_len}], got {k}.')
     rank = self.rank or (k if k <= 32 else -(-k // 2))
@@ -98,18 +113,8 @@ class Options:
     rank = self.rank or min(rank, groups)  # groups given: the rule's rank, at most groups
     buffer = self.buffer or -(-3 * self.stride * rank // 128) * 128
     buffer = max(buffer, 2 * k)
-    for name in ('block_q', 'key_tile'):
-      size = getattr(self, name)
-      if not (isinstance(size, int) and size >= 16 and size & (size - 1) == 0):
-        raise ValueError(f'topk.filter: {name} must be a power of two >= 16, got {size!r}.')
-    if not (groups >= 16 and groups & (groups - 1) == 0):
-      raise ValueError(f'topk.filter: groups must be a power of two >= 16, got {groups!r}.')
-    if not (isinstance(self.stride, int) and self.stride >= 1):
-      raise ValueError(f'topk.filter: stride must be a positive int, got {self.stride!r}.')
-    if not 1 <= rank <= min(k, groups):
+    if not rank <= min(k, groups):
       raise ValueError(f'topk.filter: rank must be in [1, min(k, groups)], got {rank}.')
-    if self.key_tile >= 1 << (_TIE_SHIFT - 1):
-      raise ValueError('topk.filter: key_tile too large.')
     return dataclasses.replace(self, rank=rank, groups=groups, buffer=buffer)
 
 

@@ -289,7 +289,7 @@ _COMPILES: dict[tuple, bool] = {}
 
 def compiles(can: inputs.Canonical, k: int, precision: Any = None,
              options: 'FusedOptions | None' = None, *, interpret: bool = False) -> bool:
-  """Whether `options`' kernel (default `FusedOptions()`) compiles, on the default backend, for
+  """Whether `options`' kernels (default `FusedOptions()`) compile, on the default backend, for
   inputs like these (the same dtype, head_dim, masks, bias and broadcasting, `k` and options, at
   `PROBE_LENGTH` tokens).
 
@@ -312,9 +312,15 @@ def compiles(can: inputs.Canonical, k: int, precision: Any = None,
   signature = (probe, k, repr(precision), options, interpret, jax.default_backend())
   if signature not in _COMPILES:
     variant = VARIANTS[options.variant]
+
+    def kernels(p):  # every kernel `options` runs, on the probe
+      state = variant.candidates(p, k, precision, options.tuning, interpret, p.query, 0)
+      if options.mix_in_kernel:
+        return variant.select_and_mix(state, p.value, k, p.weights_dtype, interpret)
+      return state
+
     try:
-      jax.jit(lambda p: variant.candidates(p, k, precision, options.tuning, interpret, p.query,
-                                           0)).lower(probe).compile()
+      jax.jit(kernels).lower(probe).compile()
       _COMPILES[signature] = True
     except Exception as error:  # noqa: BLE001 (Triton's and XLA's errors have many types)
       first_line = (str(error).strip().splitlines() or [''])[0]
