@@ -195,3 +195,18 @@ def masked_case(dtype: Any, q_len: int = 40, kv_len: int = 200, heads: int = 2, 
       key_padding_mask=jnp.arange(kv_len) < jnp.array([[kv_len], [5]]),
       query_padding_mask=jnp.arange(q_len) < jnp.array([[q_len], [33]]))
   return (q, k, v), masks
+
+
+def value_and_grads(fn, args: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """`fn(*args)` reduced by a fixed random projection, and its gradients to every argument."""
+  out = jax.eval_shape(fn, *args)
+  proj = jnp.asarray(np.random.default_rng(9).standard_normal(out.shape), jnp.float32)
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * proj)
+  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+
+def assert_close(got: Any, want: Any, tolerance: float) -> None:
+  """Every leaf of `got` equals `want`'s within `tolerance` (relative and absolute)."""
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
+      got, want)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import masked_case, reference_topk
+from conftest import assert_close, masked_case, reference_topk, value_and_grads
 
 import topk
 from topk import filter as filt
@@ -206,19 +206,6 @@ def _attention_case(dtype, length=56, heads=2, depth=16):
   return (q, k, v, bias), masks, combined
 
 
-def _value_and_grads(fn, args):
-  """`fn(q, k, v, bias)` and the gradients of a fixed projection of it to all four."""
-  proj = jnp.asarray(np.random.default_rng(9).standard_normal(args[0].shape), jnp.float32)
-  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * proj)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
-
-
-def _assert_close(got, want, tolerance):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
-      got, want)
-
-
 @pytest.mark.slow  # the interpreted kernel inside attention, forward and backward
 @pytest.mark.parametrize('dtype, k, options, tolerance', [
     (jnp.float32, 6, {}, 1e-5),
@@ -233,11 +220,11 @@ def test_topk_attention_with_the_filter_equals_unfused_and_reference(dtype, k, o
       q, key, v, bias=bias, k=k, query_chunk_size=16, fused=fused,  # 16 does not divide 56
       fused_options=_on_cpu(**options), **masks)
   assert fused.runs_kernel(jax.jit(fn).lower(*args), 'filter')
-  got = _value_and_grads(fn, args)
-  _assert_close(got, _value_and_grads(lambda *a: fn(*a, fused=False), args), tolerance)
+  got = value_and_grads(fn, args)
+  assert_close(got, value_and_grads(lambda *a: fn(*a, fused=False), args), tolerance)
   reference = lambda q, key, v, bias: reference_topk(
       *(x.astype(jnp.float32) for x in (q, key, v)), k, mask=combined, bias=bias)[0]
-  _assert_close(got, _value_and_grads(reference, args), 2 * tolerance)
+  assert_close(got, value_and_grads(reference, args), 2 * tolerance)
   if options:  # the redo path ran: the kernel flagged rows of these inputs
     statics = dict(is_causal=True)
     arrays = {n: x for n, x in masks.items() if n != 'is_causal'}

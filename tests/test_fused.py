@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import masked_case
+from conftest import assert_close, masked_case, value_and_grads
 
 import topk
 from topk import fused, inputs, select_gpu
@@ -91,13 +91,6 @@ def test_groups_without_valid_keys_do_not_loosen_the_bound(kv_len, masked_groups
   np.testing.assert_allclose(kept, want_kept, rtol=1e-6, atol=1e-6)
 
 
-def _value_and_grads(fn, args):
-  loss = lambda *a: jnp.sum(jnp.sin(fn(*a)))
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
-
-
-
-
 @pytest.mark.parametrize('dtype, k, chunk, options, dropout, tolerance', [
     (jnp.float32, 8, 16, {}, 0.1, 1e-5),  # dropout acts on the kept weights, after selection
     # Most rows overflow (as in the test above) and are redone by the unfused path; launches of
@@ -109,11 +102,8 @@ def test_topk_attention_equals_unfused(dtype, k, chunk, options, dropout, tolera
   fn = lambda *a, fused=True: topk.topk_attention(
       *a, k=k, query_chunk_size=chunk, dropout_rate=dropout, dropout_rng=jax.random.key(1),
       fused=fused, fused_options=on_cpu(**options), **masks)
-  got = _value_and_grads(fn, args)
-  want = _value_and_grads(lambda *a: fn(*a, fused=False), args)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
-      got, want)
+  assert_close(value_and_grads(fn, args),
+               value_and_grads(lambda *a: fn(*a, fused=False), args), tolerance)
 
 
 def test_k_at_least_kv_len_equals_dense():
@@ -122,10 +112,10 @@ def test_k_at_least_kv_len_equals_dense():
           & masks.pop('key_padding_mask')[:, None, None, :]
           & masks.pop('query_padding_mask')[:, None, :, None])
   del masks['is_causal']
-  got = _value_and_grads(lambda *a: topk.topk_attention(
+  got = value_and_grads(lambda *a: topk.topk_attention(
       *a, k=64, query_chunk_size=16, mask=mask, fused_options=on_cpu(), **masks), args)
-  want = _value_and_grads(lambda *a: topk.dot_product_attention(*a, mask=mask, **masks), args)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+  want = value_and_grads(lambda *a: topk.dot_product_attention(*a, mask=mask, **masks), args)
+  assert_close(got, want, 1e-5)
 
 
 def _traced(fn, depth=16):

@@ -20,7 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INDIRECT = {'jaxlib': 'jax loads it', 'importlib-resources': 'tensorflow-datasets imports it to '
             'prepare a dataset without declaring it', 'array-record': 'tfds.data_source reads the '
             'prepared ArrayRecord files with it'}
-OPTIONAL = {'torch'}  # benchmarks compare against it when it is installed
+# Imported where installed: benchmarks compare against torch; benchmarks.ptxas finds ptxas in
+# the nvidia-cuda-nvcc wheel of jax's CUDA extra.
+OPTIONAL = {'torch', 'nvidia'}
 
 
 def normalize(name: str) -> str:

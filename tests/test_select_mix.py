@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import masked_case
+from conftest import assert_close, masked_case, value_and_grads
 
 import topk
 from topk import filter as filt
@@ -86,6 +86,51 @@ def test_ties_masked_rows_and_value_width_other_than_head_dim():
   assert got[0].shape == (2, 1, 24, 24)
 
 
+def test_hand_made_buffers_signed_zeros_and_garbage_in_unfilled_slots():
+  # Rows of every kind, k 4 of 16 slots (masked ties in slots 12-15): plain, full, with masked
+  # ties, only masked, overflowed or empty (redone: not compared), and buffers whose scores tie in every
+  # way (0.0 against -0.0 included). Unfilled slots hold NaN, inf and keys past kv_len: the
+  # kernel must neither keep nor gather them.
+  rng = np.random.default_rng(3)
+  neg = inputs.NEG
+  values = np.full((8, 16), np.nan, np.float32)
+  values[:, 1::3] = np.inf
+  slots = np.full((8, 16), 10**6, np.int32)
+  slots[:, ::2] = -5
+  rows = {0: [0.0, -0.0, 1.0, 0.0, -0.0, 1.0, -1.0, 0.0, -0.0, 1.0],  # plain, above 10
+          1: list(rng.integers(-2, 3, 16).astype(float)),  # full: above 16
+          5: [3.0, 1.0],  # above 2, and 2 masked ties
+          6: list(rng.standard_normal(7)),
+          7: [2.0, 2.0, 2.0, 2.0, 2.0]}
+  above, ties = np.zeros(8, np.int32), np.zeros(8, np.int32)
+  for r, row in rows.items():
+    values[r, :len(row)] = row
+    slots[r, :len(row)] = rng.permutation(32)[:len(row)]
+    above[r] = len(row)
+  ties[5], ties[3] = 2, 6  # row 3: only masked keys (more than k of them)
+  values[5, 12:14] = values[3, 12:16] = neg
+  slots[5, 12:14], slots[3, 12:16] = (20, 21), (7, 8, 9, 10)
+  above[4], values[4], slots[4] = 40, np.nan, 10**6  # overflowed, garbage: redone
+  redo = np.isin(np.arange(8), (2, 4))  # row 2 holds nothing: fewer than k, redone too
+  cands = filt.Candidates(*(jnp.asarray(x)[None, None] for x in (values, slots, above, ties,
+                                                                 redo)))
+  value = jnp.asarray(rng.standard_normal((1, 1, 32, 16)), jnp.float32)
+
+  def both(cands, value):
+    got = select_mix.select_and_mix(cands, value, 4, jnp.float32, interpret=True)
+    kept, idx, redo = filt.select(cands, 4)
+    return got, (_mix_rows(jax.nn.softmax(kept), idx, value, jnp.float32), kept, idx, redo)
+
+  got, want = jax.tree.map(np.asarray, jax.jit(both)(cands, value))
+  ok = ~redo[None, None]
+  assert np.isfinite(got[0][ok]).all()  # the redone row's output is the caller's to replace
+  for a, b in zip(_by_score(*got[1:3]), _by_score(*want[1:3]), strict=True):
+    np.testing.assert_array_equal(a[ok], b[ok])
+  np.testing.assert_allclose(got[0][ok], want[0][ok], rtol=1e-6, atol=1e-6)
+  # Row 0 keeps the three 1.0s and the first +0.0 (below it: -0.0, as lax.top_k orders them).
+  assert sorted(got[2][0, 0, 0]) == sorted(slots[0, [0, 2, 5, 9]])
+
+
 def test_arguments_are_checked():
   cands = filt.Candidates(jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, 1, 4, 16), jnp.int32),
                           *(jnp.zeros((1, 1, 4), t) for t in (jnp.int32, jnp.int32, bool)))
@@ -108,12 +153,6 @@ def _options(**tuning):
                             mix_in_kernel=True)
 
 
-def _value_and_grads(fn, args):
-  proj = jnp.asarray(np.random.default_rng(9).standard_normal(args[0].shape), jnp.float32)
-  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * proj)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
-
-
 @pytest.mark.slow  # both interpreted kernels inside attention, forward and backward
 @pytest.mark.parametrize('dtype, chunk, tuning, tolerance', [
     (jnp.float32, 16, {}, 1e-5),
@@ -125,11 +164,8 @@ def test_topk_attention_mixing_in_the_kernel_equals_unfused(dtype, chunk, tuning
   fn = lambda *a, fused=True: topk.topk_attention(
       *a, k=8, query_chunk_size=chunk, fused=fused, fused_options=_options(**tuning), **masks)
   assert select_mix.KERNEL_NAME in jax.jit(fn).lower(*args).as_text(debug_info=True)
-  got = _value_and_grads(fn, args)
-  want = _value_and_grads(lambda *a: fn(*a, fused=False), args)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
-      got, want)
+  assert_close(value_and_grads(fn, args),
+               value_and_grads(lambda *a: fn(*a, fused=False), args), tolerance)
 
 
 def test_other_kernels_and_dropout_mix_in_xla():

@@ -6,8 +6,9 @@ key indices, in key order, masked keys after the rest). `topk.filter.select` the
 Here one kernel instance per block of `block_rows` queries does both, in registers:
 
 1. the exact k-th largest candidate by a radix select: scores become order-preserving int32
-   keys (the sign bit decides, negatives with their other bits flipped, -0 as +0, unfilled
-   slots the least key), and 32 count-and-compare steps fix the k-th key's bits from the top;
+   keys (the sign bit decides, negatives with their other bits flipped: `lax.top_k`'s total
+   order, -0 below +0; unfilled slots the least key), and 32 count-and-compare steps fix the
+   k-th key's bits from the top;
 2. the kept entries: every candidate above it, then the equal ones in slot order until k are
    kept (ties go to the lower slot, hence the lower key, as `lax.top_k`);
 3. softmax over the kept scores (float32), the weights rounded to the weights dtype as
@@ -38,8 +39,8 @@ _INT_MIN = -2**31
 
 
 def _keys(scores: jax.Array) -> jax.Array:
-  """Order-preserving int32 keys of float32 scores (-0 and +0 alike)."""
-  bits = jax.lax.bitcast_convert_type(scores + 0.0, jnp.int32)
+  """Int32 keys of float32 scores in `lax.top_k`'s order (a total order: -0 below +0)."""
+  bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
   return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
@@ -92,7 +93,8 @@ def _kernel(values_ref, slots_ref, above_ref, ties_ref, value_ref, out_ref, kept
       acc, position, equal_seen = carry
       at = jnp.where(row_ok, row * buffer + j, 0)
       s = plgpu.load(values_ref.at[at], mask=row_ok, other=-jnp.inf)
-      key = plgpu.load(slots_ref.at[at], mask=row_ok, other=0)
+      # Clipped: a redone row may count slots the filter kernel never wrote.
+      key = jnp.clip(plgpu.load(slots_ref.at[at], mask=row_ok, other=0), 0, kv_len - 1)
       if is_tie_slot:
         here = row_ok & (j >= room) & (j < room + ties)
       else:
