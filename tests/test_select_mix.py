@@ -88,9 +88,9 @@ def test_ties_masked_rows_and_value_width_other_than_head_dim():
 
 def test_hand_made_buffers_signed_zeros_and_garbage_in_unfilled_slots():
   # Rows of every kind, k 4 of 16 slots (masked ties in slots 12-15): plain, full, with masked
-  # ties, only masked, overflowed or empty (redone: not compared), and buffers whose scores tie in every
-  # way (0.0 against -0.0 included). Unfilled slots hold NaN, inf and keys past kv_len: the
-  # kernel must neither keep nor gather them.
+  # ties, only masked, overflowed or empty (redone: not compared), and buffers whose scores tie
+  # in every way (0.0 against -0.0 included). Unfilled slots hold NaN, inf and keys past
+  # kv_len: the kernel must neither keep nor gather them.
   rng = np.random.default_rng(3)
   neg = inputs.NEG
   values = np.full((8, 16), np.nan, np.float32)
