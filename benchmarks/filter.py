@@ -1,7 +1,8 @@
 """The one-pass filter kernel (`topk.filter`, experimental, off by default) on one GPU.
 
 1. check: `filter.kept_top_k` against `lax.top_k` of the dense masked scores at --check_length
-   (bfloat16 and float32, without and with a causal mask), compiled for the device.
+   (bfloat16 and float32, without and with a causal mask), compiled for the device; and the
+   select-and-mix kernel (`topk.select_mix`) against `filter.select` and the XLA mix.
 2. time: at each --lengths, the filter kernel alone (candidates + select) for each --tilings
    against the present kernel (`fused.kept_top_k`, its defaults), forward only, with the mean
    candidates per row (entries >= t) and the fraction of rows flagged for redo.
@@ -22,7 +23,8 @@ import numpy as np
 
 from benchmarks.attention import DTYPES, machine, median_seconds, write_csv
 from topk import filter as filt
-from topk import fused, inputs
+from topk import fused, inputs, select_mix
+from topk.topk_attention import _mix_rows
 
 COLUMNS = ('device', 'jax', 'stage', 'name', 'dtype', 'length', 'causal', 'ms', 'ratio',
            'candidates', 'redo', 'detail')
@@ -75,6 +77,44 @@ def check(args, dtype, is_causal, interpret):
   passed = error <= args.tolerance and agree >= 0.99 and np.isfinite(kept[ok]).all()
   return row | dict(detail=f'{"PASS" if passed else "FAIL"}: max relative kept-score error '
                     f'{error:.2e} (<= {args.tolerance:g}), indices equal {agree:.4%} (>= 99%)')
+
+
+def _mix_fn(k, is_causal, interpret, **options):
+  """The select-and-mix kernel on the filter's candidates, and `filter.select` with the XLA mix
+  of the same candidates (`topk_attention`'s two ways to finish the forward)."""
+  def run(q, key, value):
+    can = inputs.canonicalize(q, key, value, is_causal=is_causal)
+    cands = filt.candidates(can, k, interpret=interpret, options=filt.Options(**options))
+    out, kept, idx, redo = select_mix.select_and_mix(cands, can.value, k, can.weights_dtype,
+                                                     interpret=interpret)
+    want_kept, want_idx, _ = filt.select(cands, k)
+    want = _mix_rows(jax.nn.softmax(want_kept), want_idx, can.value, can.weights_dtype)
+    # Both by descending score, ties by key: the kernel keeps slot order.
+    order = lambda kept, idx: jax.lax.sort((-kept, idx), num_keys=2)[1]
+    return out, want, order(kept, idx), order(want_kept, want_idx), redo
+  return jax.jit(run)
+
+
+def check_mix(args, dtype, is_causal, interpret):
+  """The select-and-mix kernel against `filter.select` and the XLA mix, on the device."""
+  q, key = _qk(args.check_length, args.heads, args.head_dim, DTYPES[dtype], seed=1)
+  value = _qk(args.check_length, args.heads, args.head_dim, DTYPES[dtype], seed=2)[0]
+  options = dict(zip(OPTION_NAMES, args.tilings[0], strict=True)) | args.small
+  out, want, idx, want_idx, redo = map(np.asarray, _mix_fn(args.k, is_causal, interpret,
+                                                           **options)(q, key, value))
+  ok = ~redo
+  row = dict(stage='check', name='select_mix', dtype=dtype, length=args.check_length,
+             causal=is_causal, redo=float(redo.mean()))
+  if not ok.any():
+    return row | dict(detail='FAIL: every row flagged for redo')
+  # Weights rounded to bfloat16 may round one step apart where Triton's exp differs from XLA's.
+  tolerance = args.tolerance if dtype == 'float32' else 2e-2
+  error = float(np.max(np.abs(out[ok] - want[ok])) / (1 + np.max(np.abs(want[ok]))))
+  agree = float(np.mean(np.all(idx[ok] == want_idx[ok], axis=-1)))
+  passed = error <= tolerance and agree >= 0.99 and np.isfinite(out[ok]).all()
+  return row | dict(detail=f'{"PASS" if passed else "FAIL"}: max output error {error:.2e} '
+                    f'(<= {tolerance:g}, relative to the largest), rows with the same kept '
+                    f'keys {agree:.4%} (>= 99%)')
 
 
 def timing(args, length, is_causal, interpret, emit):
@@ -159,6 +199,7 @@ def main(argv=None):
   if 'check' in stages:
     for dtype, is_causal in itertools.product(args.dtypes, (False, True)):
       emit(check(args, dtype, is_causal, interpret))
+      emit(check_mix(args, dtype, is_causal, interpret))
   if 'time' in stages:
     for length, is_causal in itertools.product(args.lengths, args.causal):
       timing(args, length, is_causal, interpret, emit)

@@ -30,8 +30,9 @@ status=$((status | PIPESTATUS[0]))
 options="$out/fused_options.json"
 
 # The experimental one-pass filter kernel (topk.filter, off by default): checked on the device at
-# 2K (bfloat16, float32, causal and not), then timed alone against the present kernel at 16K and
-# 64K for two block shapes, with candidates per row and redo fraction; filter.csv after each row.
+# 2K (bfloat16, float32, causal and not), with the select-and-mix kernel (topk.select_mix), then
+# timed alone against the present kernel at 16K and 64K for two block shapes, with candidates
+# per row and redo fraction; filter.csv after each row.
 # shellcheck disable=SC2086
 "$python" -m benchmarks.filter --out "$out" --tilings 64:64:4:8,64:128:8:8 ${FILTER_ARGS:-} \
   2>&1 | tee "$out/filter.log"

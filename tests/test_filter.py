@@ -174,7 +174,8 @@ def test_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
                      '--repeats', '1', '--tilings', '16:16:4:2', '--small', 'groups=16',
                      '--out', str(tmp_path)])
   checks = [r for r in rows if r['stage'] == 'check']
-  assert len(checks) == 2 and all(r['detail'].startswith('PASS') for r in checks)
+  assert [r['name'] for r in checks] == ['filter', 'select_mix'] * 2
+  assert all(r['detail'].startswith('PASS') for r in checks)
   timed = [r for r in rows if r['stage'] == 'time']
   assert [r['name'][:6] for r in timed] == ['presen', 'filter']
   assert all(r['ms'] > 0 for r in timed) and timed[1]['candidates'] >= 4
