@@ -41,7 +41,7 @@ from topk import fused, inputs, select
 COLUMNS = ('device', 'jax', 'stage', 'name', 'dtype', 'length', 'ms', 'ratio', 'detail')
 # The tuning grid: (block_q, key_tile, num_warps, num_stages); the first is the default.
 TILINGS = ((16, 128, 4, 2), (32, 128, 4, 2), (64, 128, 4, 2), (32, 64, 4, 2), (32, 256, 4, 2),
-            (16, 256, 4, 2), (64, 128, 8, 2), (32, 128, 2, 2), (16, 64, 2, 2))
+           (16, 256, 4, 2), (64, 128, 8, 2), (32, 128, 2, 2), (16, 64, 2, 2))
 OPTION_NAMES = ('block_q', 'key_tile', 'num_warps', 'num_stages')
 
 

@@ -208,6 +208,7 @@ def test_compiles_probes_the_mixing_kernel_too(monkeypatch):
                    for o in (_options(), dataclasses.replace(_options(), mix_in_kernel=False)))
     return x
 
-  monkeypatch.setattr(select_mix, 'select_and_mix', fails)
+  monkeypatch.setitem(fused.VARIANTS, 'filter',
+                      fused.VARIANTS['filter']._replace(select_and_mix=fails))
   jax.eval_shape(trace, jax.ShapeDtypeStruct((1, 48, 1, 16), jnp.float32))
   assert answers == [False, True]

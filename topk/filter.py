@@ -396,14 +396,9 @@ def kept_top_k(can: inputs.Canonical, k: int, precision: Any = None, *, interpre
   return select(candidates(can, k, precision, interpret=interpret, options=options), k)
 
 
-def _select_and_mix(cands: Candidates, value: jax.Array, k: int, weights_dtype: Any,
-                    interpret: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  return select_mix.select_and_mix(cands, value, k, weights_dtype, interpret=interpret)
-
-
 # The kernel as `topk.fused.VARIANTS['filter']`.
 VARIANT = fused_variant.Variant(_candidates, select, largest_array, Options, KERNEL_NAME,
-                                _select_and_mix)
+                                select_mix.select_and_mix)
 
 
 def triton_modules(fn: Any, *args: Any) -> list[str]:

@@ -314,9 +314,10 @@ def compiles(can: inputs.Canonical, k: int, precision: Any = None,
     variant = VARIANTS[options.variant]
 
     def kernels(p):  # every kernel `options` runs, on the probe
-      state = variant.candidates(p, k, precision, options.tuning, interpret, p.query, 0)
+      state = variant.candidates(fused_variant.prepared(p), k, precision, options.tuning,
+                                 interpret, p.query, 0)
       if options.mix_in_kernel:
-        return variant.select_and_mix(state, p.value, k, p.weights_dtype, interpret)
+        return variant.select_and_mix(state, p.value, k, p.weights_dtype, interpret=interpret)
       return state
 
     try:

@@ -31,7 +31,7 @@ class Variant(NamedTuple):
     frozen dataclass of the kernel's tuning options (`FusedOptions.tuning`), whose no-argument
     instance is the default; kernel_name: the `pallas_call`'s name, which lowered programs that
     run the kernel hold; select_and_mix: None, or `(state, value [B, H, Lk, Dv], k,
-    weights_dtype, interpret) -> (out float32 [B, H, C, Dv], kept, indices, redo)`, `select`
+    weights_dtype, *, interpret) -> (out float32 [B, H, C, Dv], kept, indices, redo)`, `select`
     and the softmax-weighted mix of the kept values in a kernel (kept entries in any order).
   """
   candidates: Callable[[inputs.Canonical, int, Any, Any, bool, jax.Array, Any], Any]
@@ -73,6 +73,14 @@ def all_queries(can: inputs.Canonical) -> inputs.Canonical:
   return dataclasses.replace(can, chunk_size=can.query.shape[2])
 
 
+def prepared(can: inputs.Canonical) -> inputs.Canonical:
+  """`can` with its masks as the int8 the kernels load (Triton takes no bool pointers):
+  converted once per call, so that the per-chunk launches (`operands`) convert nothing."""
+  int8 = lambda x: None if x is None else x.astype(jnp.int8)
+  return dataclasses.replace(can, mask=int8(can.mask), key_padding_mask=int8(can.key_padding_mask),
+                             query_padding_mask=int8(can.query_padding_mask))
+
+
 def operands(can: inputs.Canonical, query: jax.Array, start: Any, block_q: int
              ) -> tuple[jax.Array | None, ...]:
   """The operands of one launch for the query rows `query [B, H, C, D]` that start at row
@@ -82,7 +90,7 @@ def operands(can: inputs.Canonical, query: jax.Array, start: Any, block_q: int
   `[B*H, Lk, D]`, the bias `[Nb, Lq_pad|1, Lk|1]` float32 and mask `[Nm, Lq_pad|1, Lk|1]` int8
   (`Nb`, `Nm`: their batch times head counts, 1 where broadcast), and the padding masks
   `[B, 1, Lk]`, `[B, Lq_pad, 1]` int8, all of `can`'s queries (the kernels index them by
-  `start`)."""
+  `start`). The int8 conversions are no-ops for `prepared` inputs."""
   b, h, c, d = query.shape
   c_b = -(-c // block_q) * block_q
   q = jnp.pad(inputs.scale_query(query), ((0, 0), (0, 0), (0, c_b - c), (0, 0)))

@@ -21,12 +21,12 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from topk import fused, inputs, select
+from topk import fused, fused_variant, inputs, select
 
 # `topk_attention`'s argument `fused` (a bool) hides the module there.
 from topk.fused import FusedOptions
@@ -153,14 +153,21 @@ def _select_chunk(plan: Plan, can: inputs.Canonical, i: jax.Array, q_BxHxCxD: ja
   return inputs.from_chunks(kept), inputs.from_chunks(idx)
 
 
+class _Launch(NamedTuple):
+  """How the fused kernels run: on the call's inputs as `fused_variant.prepared` gives them
+  (once per call, not per chunk), in Pallas' interpreter where `interpret`."""
+  prepared: inputs.Canonical
+  interpret: bool
+
+
 def _forward_chunk(plan: Plan, can: inputs.Canonical, rng: jax.Array | None,
-                   interpret: bool | None, i: jax.Array, q_BxHxCxD: jax.Array
+                   launch: _Launch | None, i: jax.Array, q_BxHxCxD: jax.Array
                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array | None]]:
   """Query chunk `i`: its output float32 `[B, H, C, Dv]` and what the backward keeps of it,
   `(kept key indices, kept masked scores, kept validity or None)` `[B, H, C, k]`.
 
-  `interpret` None: the unfused selection; else one launch of the fused kernel for this chunk's
-  queries (in Pallas' interpreter where True), whose buffers are the chunk's only temporaries
+  `launch` None: the unfused selection; else one launch of the fused kernel for this chunk's
+  queries, whose buffers are the chunk's only temporaries
   of its size, then `lax.top_k` of the buffers and the mix in XLA, or (`plan.mix_in_kernel`)
   the variant's select-and-mix kernel. Rows the kernels leave are rare: they are redone in
   sub-chunks of at most `redo_rows` queries, so that the fused path never holds a whole
@@ -172,17 +179,17 @@ def _forward_chunk(plan: Plan, can: inputs.Canonical, rng: jax.Array | None,
     weights = _kept_weights(plan, kept, multiplier)
     return kept, idx, _mix_rows(weights, idx, can.value, can.weights_dtype)
 
-  if interpret is None:
+  if launch is None:
     kept, idx, out_BxHxCxDv = mixed(*_select_chunk(plan, can, i, q_BxHxCxD, 1))
   else:
     variant = fused.VARIANTS[plan.fused.variant]
-    state = variant.candidates(can, plan.k, plan.precision, plan.fused.tuning, interpret,
-                               q_BxHxCxD, i * can.chunk_size)
+    state = variant.candidates(launch.prepared, plan.k, plan.precision, plan.fused.tuning,
+                               launch.interpret, q_BxHxCxD, i * can.chunk_size)
     splits = can.chunk_size // math.gcd(can.chunk_size, plan.fused.redo_rows)
     unfused = lambda: _select_chunk(plan, can, i, q_BxHxCxD, splits)
     if plan.mix_in_kernel:
       out_BxHxCxDv, kept, idx, redo = variant.select_and_mix(
-          state, can.value, plan.k, can.weights_dtype, interpret)
+          state, can.value, plan.k, can.weights_dtype, interpret=launch.interpret)
       kept, idx, out_BxHxCxDv = fused.merge((kept, idx, out_BxHxCxDv), redo,
                                             lambda: mixed(*unfused()))
     else:
@@ -200,9 +207,9 @@ def _forward(plan: Plan, can: inputs.Canonical, rng: jax.Array | None
   """All query chunks: float32 `[B, H, Lq_pad, Dv]`, and per chunk `[N, B, H, C, k]` the
   `_forward_chunk` residuals. The fused kernel selects on the platforms `fused.platforms`
   chooses, the unfused path elsewhere."""
-  def chunks(interpret):
+  def chunks(launch):
     xs = (jnp.arange(can.num_chunks), inputs.to_chunks(can.query, can.chunk_size))
-    out, kept = jax.lax.map(lambda a: _forward_chunk(plan, can, rng, interpret, *a), xs)
+    out, kept = jax.lax.map(lambda a: _forward_chunk(plan, can, rng, launch, *a), xs)
     return inputs.from_chunks(out), kept
 
   platforms = () if plan.fused is None else fused.platforms(can, plan.k, plan.precision,
@@ -210,7 +217,7 @@ def _forward(plan: Plan, can: inputs.Canonical, rng: jax.Array | None
   if not platforms:
     return chunks(None)
   with_kernel = {platform: lambda _, interpret=platform not in fused.GPU_PLATFORMS: chunks(
-      interpret) for platform in platforms}
+      _Launch(fused_variant.prepared(can), interpret)) for platform in platforms}
   return jax.lax.platform_dependent(can.query, default=lambda _: chunks(None), **with_kernel)
 
 
